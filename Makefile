@@ -1,0 +1,76 @@
+# Tunnels developer entry points.  Every target is idempotent and quick when nothing changed:
+# the virtualenv is rebuilt only when pyproject.toml is newer than its stamp file.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.tunnels-installed
+SRC    := tunnel tests bench twisted
+
+# Debian packages for the command-line clients the tests drive: command -> package.
+DEB_TOOLS := curl:curl openssl:openssl nc:netcat-openbsd socat:socat nghttpd:nghttp2-server
+
+.PHONY: all venv deps lint types test fuzz bench soak demo clean plugins
+
+all: test
+
+venv: $(STAMP)
+
+# A plain PEP 660 editable install hides twisted/plugins from Twisted's plugin discovery (it
+# scans sys.path directories for twisted/plugins/), so use the "compat" mode, which puts the
+# project root on sys.path through a .pth file.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64"
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	@$(MAKE) --no-print-directory plugins
+	@touch $@
+
+# Regenerate Twisted's plugin cache (dropin.cache) so `twistd --help` lists our plugins.
+plugins:
+	@$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+deps:
+	@missing=""; \
+	for pair in $(DEB_TOOLS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "deps: not root, skipping apt-get install of:$$missing (tests needing them skip)"; \
+	  exit 0; \
+	fi; \
+	echo "deps: installing$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	{ apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+	  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $$missing; } \
+	  >/dev/null || echo "deps: apt-get failed; tests needing$$missing will skip"
+
+lint: venv
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
+
+types: venv
+	$(VENV)/bin/mypy tunnel
+
+test: deps venv lint types
+	$(VENV)/bin/pytest -q
+
+fuzz: venv
+	$(PY) -m tests.fuzz
+
+bench: venv
+	$(PY) -m bench
+
+SOAK_ARGS ?=
+soak: venv
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
+demo: venv
+	$(PY) -m tunnel.demo
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -f twisted/plugins/dropin.cache $(STAMP)
+	find $(SRC) -name __pycache__ -type d -prune -exec rm -rf {} +
