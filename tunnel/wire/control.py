@@ -250,7 +250,7 @@ def decode_message(payload: bytes) -> ControlMessage | None:
             continue
         value = body[name]
         allowed = _FIELD_TYPES[name]
-        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             raise ControlError(f"{kind}: member {name!r} has the wrong type")
         kwargs[name] = value
     try:

@@ -309,6 +309,13 @@ class Multiplexer:
         return stream.state if stream is not None else StreamState.CLOSED
 
     @property
+    def closed(self) -> bool:
+        """
+        Whether the link is over.
+        """
+        return self.state is LinkState.CLOSED
+
+    @property
     def control_backlog(self) -> int:
         """
         Octets of control frames waiting for `data_to_send`.
@@ -557,7 +564,7 @@ class Multiplexer:
         try:
             for frame in self._decoder.feed(data):
                 self._handle(frame, events)
-                if self.state is LinkState.CLOSED:
+                if self.closed:
                     break
             if self._control_size > self.settings.max_control_backlog:
                 raise ProtocolError(
