@@ -255,9 +255,7 @@ class Multiplexer:
         self._reset_stamp = clock()
         #: How many peer streams were refused for exceeding MAX_STREAMS or a drain.
         self.refused_streams = 0
-        self._queue(
-            _f.encode_hello(_MIN_VERSION, PROTOCOL_VERSION, self.settings.advertised())
-        )
+        self._queue(_f.encode_hello(_MIN_VERSION, PROTOCOL_VERSION, self.settings.advertised()))
 
     # -- inspection ----------------------------------------------------------------------
 
