@@ -1,0 +1,371 @@
+"""
+The relay's public TLS front: read the ClientHello, route by SNI, then terminate TLS.
+
+Each accepted connection is buffered (bounded) while `ClientHelloParser` reads the first
+flight.  The router maps the `ClientHello` to a `Route` (TLS context + protocol factory) or
+None.  With a route, a `TLSMemoryBIOProtocol` using the route's context is attached to the
+TCP transport and replays the buffered bytes; the route's protocol sees only plaintext.
+Without one, the client gets a fatal ``unrecognized_name`` alert; garbage gets
+``decode_error`` (or, if it is not TLS at all, a plain abort).
+
+Bounds: the ClientHello size, the time from accept to the end of the TLS handshake
+(``handshake_timeout``, enforced with ``abortConnection``: Twisted's TLS ``loseConnection``
+waits for the peer and can hang), and the number of connections still handshaking
+(``max_pending_handshakes``; past it, new connections are aborted at once).
+
+Route factories are not started or stopped by the dispatcher (``doStart``/``doStop``): their
+owner does that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from OpenSSL import SSL
+from twisted.internet import protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._clienthello import (
+    ALERT_DECODE_ERROR,
+    ALERT_INTERNAL_ERROR,
+    ALERT_UNRECOGNIZED_NAME,
+    ClientHello,
+    ClientHelloError,
+    ClientHelloParser,
+    NotTLS,
+    alert_record,
+)
+
+__all__ = ["Route", "Router", "SNIDispatchFactory"]
+
+_log = Logger()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a public TLS connection goes once its ClientHello is known."""
+
+    context: SSL.Context
+    """The server TLS context to terminate the connection with."""
+    factory: IProtocolFactory
+    """Builds the protocol that receives the decrypted bytes (its transport is the TLS layer,
+    so ``transport.negotiatedProtocol`` tells it the ALPN result)."""
+
+
+Router = Callable[[ClientHello], Route | None]
+"""Maps a ClientHello to a Route, or None to refuse with ``unrecognized_name``."""
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _RouteConnectionCreator:
+    """Creates each server ``SSL.Connection`` from the context its route chose."""
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        context: SSL.Context = tlsProtocol.routeContext
+        return SSL.Connection(context, None)
+
+
+class _RoutedTLS(BufferingTLSTransport):
+    """A TLS layer whose ``SSL.Connection`` uses the context of its route."""
+
+    def __init__(
+        self, factory: TLSMemoryBIOFactory, wrapped: IProtocol, context: SSL.Context
+    ) -> None:
+        self.routeContext = context
+        super().__init__(factory, wrapped)
+
+
+@implementer(IHandshakeListener)
+class _HandshakeWatch(protocol.Protocol):
+    """
+    Sits between the TLS layer and the route's protocol until the handshake completes.
+
+    It tells the dispatcher when the handshake finishes (or the connection is lost first),
+    then takes itself out of the path: the TLS layer talks to the inner protocol directly.
+    The inner protocol's transport is the TLS layer itself, never this object.
+    """
+
+    def __init__(self, owner: _SNIDispatchProtocol, inner: IProtocol) -> None:
+        self._owner = owner
+        self._inner = inner
+        self.tls: _RoutedTLS | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self._inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:  # pragma: no cover - only after handshake
+        self._inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._owner._handshakeFinished(completed=False)
+        self._inner.connectionLost(reason)
+
+    def handshakeCompleted(self) -> None:
+        self._owner._handshakeFinished(completed=True)
+        tls = self.tls
+        if tls is not None and cast(object, tls.wrappedProtocol) is self:
+            tls.wrappedProtocol = self._inner
+        if IHandshakeListener.providedBy(self._inner):
+            self._inner.handshakeCompleted()
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self._inner, "logPrefix", None)
+        return prefix() if callable(prefix) else self._inner.__class__.__name__
+
+
+def _abortTransport(transport: object) -> None:
+    """``abortConnection()`` on a TCP transport (or TLS layer): close now, never wait."""
+    cast(ITCPTransport, transport).abortConnection()
+
+
+# Connection states.
+_READING_HELLO = "reading-hello"
+_TLS = "tls"
+_CLOSING = "closing"
+
+
+class _SNIDispatchProtocol(protocol.Protocol):
+    """One public connection, from accept until it is handed to a TLS layer."""
+
+    factory: SNIDispatchFactory
+
+    def __init__(self, factory: SNIDispatchFactory) -> None:
+        self.factory = factory
+        self._state = _READING_HELLO
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._parser = ClientHelloParser(factory.max_hello_size)
+        self._timer: IDelayedCall | None = None
+        self._counted = False
+        self._tls: _RoutedTLS | None = None
+        self._server_name: str | None = None
+
+    # -- connection setup ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        transport = self.transport
+        assert transport is not None
+        if ITCPTransport.providedBy(transport):
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:  # pragma: no cover - socket already gone
+                pass
+        if f.pending >= f.max_pending_handshakes:
+            f._refusedOverload(transport.getPeer())
+            self._state = _CLOSING
+            _abortTransport(transport)
+            return
+        f.pending += 1
+        self._counted = True
+        self._timer = f.reactor.callLater(f.handshake_timeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self._refuseLog("handshake timeout")
+        self._state = _CLOSING
+        # abortConnection, never loseConnection: TLS close waits for the peer.
+        if self.transport is not None:
+            _abortTransport(self.transport)
+
+    def _handshakeFinished(self, completed: bool) -> None:
+        """The TLS handshake completed, or the connection ended before it did."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._counted:
+            self._counted = False
+            self.factory.pending -= 1
+
+    # -- reading the ClientHello -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == _TLS:
+            # Only reached when the transport's protocol could not be swapped.
+            assert self._tls is not None
+            cast(IProtocol, self._tls).dataReceived(data)
+            return
+        if self._state != _READING_HELLO:
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        try:
+            hello = self._parser.feed(data)
+            if hello is None and self._buffered > self.factory.max_buffer:
+                raise ClientHelloError(ALERT_DECODE_ERROR, "too many bytes before ClientHello")
+        except NotTLS as e:
+            self._refuseLog(f"not TLS: {e.message}")
+            self._abort()
+            return
+        except ClientHelloError as e:
+            self._refuseLog(f"bad ClientHello: {e.message}")
+            self._refuse(e.alert)
+            return
+        if hello is not None:
+            self._server_name = hello.server_name
+            self._dispatch(hello)
+
+    def _dispatch(self, hello: ClientHello) -> None:
+        try:
+            route = self.factory.router(hello)
+        except Exception:
+            _log.failure(
+                "SNI router raised for {peer} (SNI {sni!r}); refusing",
+                peer=self._peer(),
+                sni=hello.server_name,
+            )
+            route = None
+        if route is None:
+            self._refuseLog("no route" if hello.server_name else "no SNI")
+            self._refuse(ALERT_UNRECOGNIZED_NAME)
+            return
+        transport = self.transport
+        assert transport is not None
+        try:
+            inner = route.factory.buildProtocol(transport.getPeer())
+        except Exception:
+            _log.failure("route factory raised for SNI {sni!r}", sni=hello.server_name)
+            inner = None
+        if inner is None:
+            self._refuseLog("route factory refused the connection")
+            self._refuse(ALERT_INTERNAL_ERROR)
+            return
+        watch = _HandshakeWatch(self, inner)
+        tls = _RoutedTLS(self.factory._tlsFactory, watch, route.context)
+        watch.tls = tls
+        self._tls = tls
+        self._state = _TLS
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        # Hand the TCP transport to the TLS layer.  Swapping transport.protocol removes
+        # this object from the per-chunk path (Twisted's TCP, SSL-less, transports read it
+        # on every doRead); otherwise keep forwarding.
+        if getattr(transport, "protocol", None) is self:
+            transport.protocol = tls  # type: ignore[attr-defined]
+        tlsp = cast(IProtocol, tls)
+        tlsp.makeConnection(transport)
+        if data and tls.connected and not tls.disconnecting:
+            tlsp.dataReceived(data)
+
+    # -- refusing --------------------------------------------------------------------------
+
+    def _refuse(self, alert: int) -> None:
+        """Send a fatal alert and close; the handshake timer still bounds the close."""
+        self._state = _CLOSING
+        self._buffer.clear()
+        transport = self.transport
+        assert transport is not None
+        transport.write(alert_record(alert))
+        transport.loseConnection()
+
+    def _abort(self) -> None:
+        self._state = _CLOSING
+        self._buffer.clear()
+        if self.transport is not None:
+            _abortTransport(self.transport)
+
+    def _peer(self) -> str:
+        try:
+            peer = self.transport.getPeer() if self.transport is not None else None
+        except Exception:  # pragma: no cover
+            return "?"
+        host = getattr(peer, "host", None)
+        port = getattr(peer, "port", None)
+        return f"{host}:{port}" if host is not None else str(peer)
+
+    def _refuseLog(self, reason: str) -> None:
+        _log.info(
+            "TLS front refused {peer}: {reason} (SNI {sni!r})",
+            peer=self._peer(),
+            reason=reason,
+            sni=self._server_name,
+        )
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._state == _TLS and self._tls is not None:
+            # Not swapped: the TLS layer (and through it the watch) learns of it from us.
+            cast(IProtocol, self._tls).connectionLost(reason)
+        else:
+            self._handshakeFinished(completed=False)
+        self._buffer.clear()
+        self._state = _CLOSING
+
+
+class SNIDispatchFactory(protocol.Factory):
+    """
+    Listening factory for the relay's public TLS port.
+
+    ``router(hello)`` picks the `Route` for each connection, or None to refuse it with an
+    ``unrecognized_name`` alert.  It is called at most once per connection, on the reactor
+    thread; an exception in it is logged and counts as None.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        router: Router,
+        reactor: IReactorTime,
+        *,
+        handshake_timeout: float = 10.0,
+        max_pending_handshakes: int = 1024,
+        max_hello_size: int = 16384,
+    ) -> None:
+        if handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+        if max_pending_handshakes < 1:
+            raise ValueError("max_pending_handshakes must be at least 1")
+        self.router = router
+        self.reactor = reactor
+        self.handshake_timeout = handshake_timeout
+        self.max_pending_handshakes = max_pending_handshakes
+        self.max_hello_size = max_hello_size
+        # Raw bytes held while the hello arrives: the hello plus record headers, with room
+        # for clients that split it into a few records.
+        self.max_buffer = 2 * max_hello_size + 2**14
+        self.pending = 0
+        """Connections accepted whose TLS handshake has not completed yet."""
+        self.refused_overload = 0
+        """Connections aborted because ``max_pending_handshakes`` was reached."""
+        self._overload_logged_at: float | None = None
+        self._overload_unlogged = 0
+        # One TLS factory for every route: the context comes from each connection's route,
+        # so no per-route (or per-connection) factory is needed.
+        self._tlsFactory = TLSMemoryBIOFactory(
+            _RouteConnectionCreator(), isClient=False, wrappedFactory=self, clock=reactor
+        )
+
+    def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
+        return _SNIDispatchProtocol(self)
+
+    def _refusedOverload(self, peer: IAddress) -> None:
+        self.refused_overload += 1
+        self._overload_unlogged += 1
+        now = self.reactor.seconds()
+        if self._overload_logged_at is None or now - self._overload_logged_at >= 1.0:
+            _log.warn(
+                "TLS front refused {count} connection(s) (latest from {peer}): "
+                "{pending} handshakes pending, the limit",
+                count=self._overload_unlogged,
+                peer=peer,
+                pending=self.pending,
+            )
+            self._overload_logged_at = now
+            self._overload_unlogged = 0
