@@ -3,5 +3,8 @@
 from twisted.application.service import ServiceMaker
 
 tunnelagent = ServiceMaker(
-    "Tunnels agent", "tunnel.agent.tap", "Agent: dials a relay and forwards local ports", "tunnelagent"
+    "Tunnels agent",
+    "tunnel.agent.tap",
+    "Agent: dials a relay and forwards local ports",
+    "tunnelagent",
 )
