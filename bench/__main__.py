@@ -1,0 +1,100 @@
+"""``python -m bench`` (``make bench``): measure every registered path, write the report.
+
+python -m bench [--quick] [--only direct,ssh-R,...] [--runs N] [--out DIR] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import refs, report
+from bench.measure import Settings, measure_path
+from bench.paths import load_paths
+from bench.util import BENCH_DIR, ensure_tools
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, start the backends, measure each path, write the results."""
+    registry = load_paths()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 run, smaller sizes")
+    parser.add_argument("--only", help="comma-separated path names (see --list)")
+    parser.add_argument("--runs", type=int, help="repetitions per measurement (default 3)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--list", action="store_true", help="list the paths and exit")
+    parser.add_argument("--no-install", action="store_true", help="do not apt/pip install")
+    a = parser.parse_args(argv)
+    if a.list:
+        for name, cls in registry.items():
+            print(f"{name:20} {cls.title}")
+        return 0
+    names = a.only.split(",") if a.only else list(registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(registry)}")
+    settings = Settings.quick() if a.quick else Settings()
+    if a.runs:
+        settings.runs = a.runs
+    if not a.no_install:
+        for problem in ensure_tools():
+            _log(f"bench: {problem}")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    workdir = Path(tempfile.mkdtemp(prefix="tunnels-bench-"))
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": report.machine(),
+        "settings": dataclasses.asdict(settings),
+        "backends": [],
+        "paths": {},
+    }
+    t_start = time.monotonic()
+    ctx = None
+    try:
+        ctx, backend_cmds = refs.start_backends(workdir, settings.runs == 1 and a.quick)
+        results["backends"] = backend_cmds
+        for name in names:
+            path = registry[name](ctx)
+            _log(f"bench: {name} ({path.title})")
+            entry: dict[str, Any] = {"title": path.title, "setup": [], "metrics": {}}
+            try:
+                path.start()
+                entry["setup"] = path.setup_commands
+                r = measure_path(path, settings, _log)
+                entry.update(metrics=r.summary(), commands=r.commands, errors=r.errors)
+            except Exception as exc:
+                entry.update(setup=path.setup_commands, commands={}, errors=[f"start: {exc}"])
+                _log(f"  ERROR {exc}")
+            finally:
+                path.stop()
+            results["paths"][name] = entry
+    finally:
+        if ctx is not None:
+            ctx.procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["seconds"] = round(time.monotonic() - t_start, 1)
+    files = report.write(results, a.out)
+    print(report.markdown(results))
+    _log(f"bench: {results['seconds']}s; wrote " + ", ".join(str(p) for p in files.values()))
+    return 1 if any(p["errors"] for p in results["paths"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Measurements.  Each takes a started ``BenchPath`` and returns samples for its metrics.
+
+Every measurement is bounded in time and count.  CPU is ``utime+stime`` of ``path.pids()``
+(and descendants) read from /proc before and after; clients' CPU is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.paths import BenchPath, Endpoint, HttpTarget
+from bench.util import LOOPBACK, cpu_seconds, hosts_file, run, with_hosts
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported quantity: ``higher`` says whether bigger is better."""
+
+    key: str
+    label: str
+    unit: str
+    higher: bool
+
+
+METRICS: list[Metric] = [
+    Metric("http_rps", "HTTP keep-alive req/s", "req/s", True),
+    Metric("http_p50_ms", "HTTP p50", "ms", False),
+    Metric("http_p99_ms", "HTTP p99", "ms", False),
+    Metric("http_cpu_us_per_req", "CPU per request", "µs/req", False),
+    Metric("download_MBps", "1 GiB download", "MB/s", True),
+    Metric("download_cpu_ms_per_MB", "CPU per MB (download)", "ms/MB", False),
+    Metric("tcp1_MBps", "TCP 1 stream", "MB/s", True),
+    Metric("tcp1_cpu_ms_per_MB", "CPU per MB (TCP 1)", "ms/MB", False),
+    Metric("tcp100_MBps", "TCP 100 streams", "MB/s", True),
+    Metric("tcp100_cpu_ms_per_MB", "CPU per MB (TCP 100)", "ms/MB", False),
+    Metric("connect_p50_ms", "connect+1st byte p50", "ms", False),
+    Metric("connect_p99_ms", "connect+1st byte p99", "ms", False),
+]
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+
+
+@dataclass
+class Settings:
+    """Sizes and counts of one run (``quick()`` for the ``--quick`` variant)."""
+
+    runs: int = 3
+    wrk_seconds: int = 5
+    wrk_threads: int = 2
+    wrk_connections: int = 50
+    download_bytes: int = 1 << 30
+    tcp1_bytes: int = 1 << 30
+    tcp100_streams: int = 100
+    tcp100_bytes: int = 16 << 20
+    connect_count: int = 1000
+
+    @classmethod
+    def quick(cls) -> Settings:
+        """One run with smaller sizes: a smoke test that finishes in about a minute."""
+        return cls(
+            runs=1,
+            wrk_seconds=2,
+            download_bytes=256 << 20,
+            tcp1_bytes=256 << 20,
+            tcp100_bytes=4 << 20,
+            connect_count=200,
+        )
+
+
+@dataclass
+class PathResult:
+    """Samples per metric for one path, the exact commands used, and any errors."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+    commands: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, key: str, value: float, unit: str | None = None) -> None:
+        """Append one sample."""
+        self.samples.setdefault(key, []).append(value)
+        self.units[key] = unit or METRIC_BY_KEY[key].unit
+
+    def summary(self) -> dict[str, dict[str, float | str | list[float]]]:
+        """``{metric: {median, min, max, unit, samples}}``."""
+        return {
+            k: {
+                "median": statistics.median(v),
+                "min": min(v),
+                "max": max(v),
+                "unit": self.units[k],
+                "samples": v,
+            }
+            for k, v in self.samples.items()
+            if v
+        }
+
+
+def _cpu(path: BenchPath, fn: Callable[[], float]) -> tuple[float, float]:
+    """Run ``fn`` (returning a work amount); return (its result, forwarding CPU seconds)."""
+    pids = path.pids()
+    before = cpu_seconds(pids)
+    work = fn()
+    return work, cpu_seconds(pids) - before
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"cannot parse wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Requests/s, p50/p99 (ms), request count and error count from ``wrk --latency``."""
+    res = {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+        "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+    }
+    errors = 0.0
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(float(x) for x in m.groups())
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += float(m.group(1))
+    res["errors"] = errors
+    return res
+
+
+def http_rps(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None:
+    """``wrk -tT -cC -dDs --latency`` on ``/small``."""
+    hosts = hosts_file([t.hostname], path.dir) if t.needs_resolve else None
+    argv = [
+        "wrk", f"-t{s.wrk_threads}", f"-c{s.wrk_connections}", f"-d{s.wrk_seconds}s",
+        "--timeout", "10s", "--latency", f"{t.base_url}/small",
+    ]  # fmt: skip
+    cmd = with_hosts(argv, hosts)
+    r.commands["http"] = " ".join(argv)
+    box: dict[str, float] = {}
+
+    def go() -> float:
+        p = run(cmd, s.wrk_seconds + 60)
+        if p.returncode:
+            raise RuntimeError(f"wrk failed: {p.stderr.strip()[-300:]}")
+        box.update(parse_wrk(p.stdout))
+        return box["requests"]
+
+    requests, cpu = _cpu(path, go)
+    if box["errors"]:
+        r.errors.append(f"wrk: {box['errors']:.0f} errors")
+    r.add("http_rps", box["rps"])
+    r.add("http_p50_ms", box["p50"])
+    r.add("http_p99_ms", box["p99"])
+    if path.pids():
+        r.add("http_cpu_us_per_req", cpu / requests * 1e6)
+
+
+def download(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None:
+    """``curl -o /dev/null`` of ``/big`` (a byte range of it when smaller than 1 GiB)."""
+    argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", "120"]
+    argv += ["-w", "%{speed_download} %{size_download} %{http_code}"]
+    if t.cafile:
+        argv += ["--cacert", t.cafile]
+    if t.needs_resolve:
+        argv += ["--resolve", f"{t.hostname}:{t.port}:{LOOPBACK}"]
+    if s.download_bytes < 1 << 30:
+        argv += ["-r", f"0-{s.download_bytes - 1}"]
+    argv.append(f"{t.base_url}/big")
+    r.commands["download"] = " ".join(a if " " not in a else repr(a) for a in argv)
+    box: list[float] = []
+
+    def go() -> float:
+        p = run(argv, 180)
+        if p.returncode:
+            raise RuntimeError(f"curl failed: {p.stderr.strip()[-300:]}")
+        speed, size, code = p.stdout.split()
+        if code not in ("200", "206") or int(size) != s.download_bytes:
+            raise RuntimeError(f"curl: HTTP {code}, {size} bytes")
+        box.append(float(speed))
+        return float(size)
+
+    size, cpu = _cpu(path, go)
+    r.add("download_MBps", box[0] / MB)
+    if path.pids():
+        r.add("download_cpu_ms_per_MB", cpu * 1e3 / (size / MB))
+
+
+def _client(args: list[str], timeout: float) -> dict[str, object]:
+    p = run([sys.executable, "-m", "bench.client", *args], timeout, cwd=str(_ROOT))
+    if p.returncode:
+        raise RuntimeError(f"bench.client {args[0]} failed: {(p.stderr or p.stdout)[-300:]}")
+    out: dict[str, object] = json.loads(p.stdout)
+    return out
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tls_args(e: Endpoint) -> list[str]:
+    return ["--sni", e.sni, "--ca", e.cafile or ""] if e.sni else []
+
+
+def tcp_download(
+    path: BenchPath, e: Endpoint, streams: int, size: int, key: str, r: PathResult
+) -> None:
+    """``streams`` parallel raw-TCP downloads of ``size`` bytes each from the data server."""
+    args = ["download", e.host, str(e.port), f"--size={size}", f"--streams={streams}"]
+    args += _tls_args(e)
+    r.commands[key] = "python -m bench.client " + " ".join(args)
+    box: dict[str, object] = {}
+
+    def go() -> float:
+        box.update(_client(args, 300))
+        return float(box["bytes"])  # type: ignore[arg-type]
+
+    total, cpu = _cpu(path, go)
+    r.add(f"{key}_MBps", float(box["MBps"]))  # type: ignore[arg-type]
+    if path.pids():
+        r.add(f"{key}_cpu_ms_per_MB", cpu * 1e3 / (total / MB))
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def connect_latency(path: BenchPath, e: Endpoint, count: int, r: PathResult) -> None:
+    """``count`` sequential connect + 1-byte echo round trips; p50 and p99."""
+    args = ["connect", e.host, str(e.port), f"--count={count}", *_tls_args(e)]
+    r.commands["connect"] = "python -m bench.client " + " ".join(args)
+    samples: list[float] = _client(args, 30 + count * 0.5)["samples_ms"]  # type: ignore[assignment]
+    r.add("connect_p50_ms", _percentile(samples, 0.50))
+    r.add("connect_p99_ms", _percentile(samples, 0.99))
+
+
+def measure_path(path: BenchPath, s: Settings, log: Callable[[str], None]) -> PathResult:
+    """Run every measurement the path supports ``s.runs`` times; errors are recorded."""
+    r = PathResult()
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if (t := path.http) is not None:
+        steps.append(("http", lambda: http_rps(path, t, s, r)))
+        steps.append(("download", lambda: download(path, t, s, r)))
+    if (e := path.tcp) is not None:
+        steps.append(("tcp1", lambda: tcp_download(path, e, 1, s.tcp1_bytes, "tcp1", r)))
+        n, size = s.tcp100_streams, s.tcp100_bytes
+        steps.append(("tcp100", lambda: tcp_download(path, e, n, size, "tcp100", r)))
+    if (ec := path.echo) is not None:
+        count = min(s.connect_count, path.connect_count or s.connect_count)
+        steps.append(("connect", lambda: connect_latency(path, ec, count, r)))
+    for name, step in steps:
+        for i in range(s.runs):
+            t0 = time.monotonic()
+            try:
+                step()
+            except Exception as exc:  # record and go on: one broken metric is not a broken run
+                r.errors.append(f"{name} run {i + 1}: {exc}")
+                log(f"  {name} run {i + 1}: ERROR {exc}")
+                break
+            log(f"  {name} run {i + 1}/{s.runs}: {time.monotonic() - t0:.1f}s")
+    for key, (unit, samples) in path.extra(s.runs).items():
+        for v in samples:
+            r.add(key, v, unit)
+    return r

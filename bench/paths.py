@@ -1,0 +1,224 @@
+"""The "path" abstraction: one way for bytes to get from a client to the loopback servers.
+
+A path is started once, measured by every function in ``bench.measure`` that it supports,
+then stopped.  To add one (for example our relay + agent), subclass ``BenchPath``, decorate it
+with ``@register``, and put its module in ``PATH_MODULES``::
+
+    @register
+    class TunnelTls(BenchPath):
+        name = "tunnel-tls"
+        title = "Tunnels TLS (twistd tunnelrelay + tunnelagent)"
+
+        def start(self) -> None:
+            relay = self.spawn(["twistd", "-n", "tunnelrelay", ...], "relay.log")
+            ...  # wait until ready; the targets are self.ctx.nginx_port / data_port / echo_port
+            self.http = HttpTarget(f"https://{tid}.tunnel.localhost:{port}", cafile=ca)
+            self.tcp = Endpoint("127.0.0.1", port, sni=f"{tid}.tunnel.localhost", cafile=ca)
+
+``pids()`` defaults to every process started through ``self.spawn``; their descendants are
+included in the CPU accounting automatically.  Override ``extra()`` for measurements only
+one path has (``forward()`` warm/cold time, RSS per idle connection, ...).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+from bench.util import LOOPBACK, ProcessGroup, free_port, wait_port
+
+# Modules whose import registers path classes, in the order they are run.
+PATH_MODULES: list[str] = ["bench.paths", "bench.refs"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A raw-TCP address on loopback; with ``sni`` the client speaks TLS with that name."""
+
+    host: str
+    port: int
+    sni: str | None = None
+    cafile: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    """Where the HTTP measurements go: ``base_url + "/small"`` and ``base_url + "/big"``.
+
+    A host name in ``base_url`` (``x.bench.localhost``) is made to resolve to 127.0.0.1 for
+    the clients (curl ``--resolve``; wrk in a private mount namespace), never via DNS.
+    """
+
+    base_url: str
+    cafile: str | None = None
+
+    @property
+    def hostname(self) -> str:
+        """The URL's host name (also the TLS SNI name and the Host header)."""
+        return urlsplit(self.base_url).hostname or LOOPBACK
+
+    @property
+    def port(self) -> int:
+        """The URL's port."""
+        u = urlsplit(self.base_url)
+        return u.port or (443 if u.scheme == "https" else 80)
+
+    @property
+    def needs_resolve(self) -> bool:
+        """True when the host is a name rather than a loopback IP literal."""
+        return self.hostname not in (LOOPBACK, "localhost", "::1")
+
+
+@dataclass
+class Context:
+    """What every path can use: the loopback servers, the TLS material, the run's settings."""
+
+    workdir: Path
+    nginx_port: int
+    data_port: int
+    echo_port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    domain: str = "bench.localhost"
+    quick: bool = False
+    procs: ProcessGroup = field(default_factory=ProcessGroup)
+
+
+class BenchPath(abc.ABC):
+    """One benchmarked path.  ``start()`` sets ``http``, ``tcp`` and ``echo`` (or leaves None
+    for what the path cannot carry); measurements skip what is None."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    #: Sequential connections for connect+first-byte latency (None: the run's default).
+    connect_count: ClassVar[int | None] = None
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.dir = ctx.workdir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.procs = ProcessGroup()
+        self.http: HttpTarget | None = None
+        self.tcp: Endpoint | None = None
+        self.echo: Endpoint | None = None
+        self.setup_commands: list[str] = []
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the forwarding processes; return once the path carries traffic."""
+
+    def stop(self) -> None:
+        """End every process this path started (by PID)."""
+        self.procs.stop_all()
+
+    def pids(self) -> list[int]:
+        """The forwarding processes whose CPU time is charged to this path."""
+        return self.procs.pids
+
+    def extra(self, runs: int) -> dict[str, tuple[str, list[float]]]:
+        """Path-specific measurements: ``{metric: (unit, samples)}``.  None by default."""
+        return {}
+
+    def spawn(
+        self, argv: Sequence[str], log: str, stdin: int | None = subprocess.DEVNULL
+    ) -> subprocess.Popen[bytes]:
+        """Start a forwarding process (logged to ``self.dir / log``) and record its command."""
+        self.setup_commands.append(" ".join(_quote(a) for a in argv))
+        return self.procs.spawn(argv, log=self.dir / log, stdin=stdin)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+REGISTRY: dict[str, type[BenchPath]] = {}
+
+
+def register(cls: type[BenchPath]) -> type[BenchPath]:
+    """Class decorator: make a path selectable by ``--only NAME``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"duplicate bench path {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def load_paths() -> dict[str, type[BenchPath]]:
+    """Import ``PATH_MODULES`` and return the registry, in registration order."""
+    for mod in PATH_MODULES:
+        importlib.import_module(mod)
+    return REGISTRY
+
+
+@register
+class Direct(BenchPath):
+    """Clients talk to nginx and the loopback servers directly: the ceiling."""
+
+    name = "direct"
+    title = "direct loopback"
+
+    def start(self) -> None:
+        self.http = HttpTarget(f"http://{LOOPBACK}:{self.ctx.nginx_port}")
+        self.tcp = Endpoint(LOOPBACK, self.ctx.data_port)
+        self.echo = Endpoint(LOOPBACK, self.ctx.echo_port)
+
+
+@register
+class Delay(BenchPath):
+    """Direct, through ``bench.delayproxy`` adding 50 ms each way (100 ms RTT).
+
+    Its single-stream throughput is the capacity of the delay path itself, so tunnel paths
+    run over the same proxy can be reported as a share of it.
+    """
+
+    name = "delay-100ms"
+    title = "direct via delay proxy (50 ms each way)"
+    connect_count = 50
+    delay_ms: ClassVar[float] = 50.0
+
+    def start(self) -> None:
+        ports = {
+            free_port(): self.ctx.nginx_port,
+            free_port(): self.ctx.data_port,
+            free_port(): self.ctx.echo_port,
+        }
+        argv = [sys.executable, "-m", "bench.delayproxy", f"--delay-ms={self.delay_ms:g}"]
+        argv += [f"{a}:{b}" for a, b in ports.items()]
+        proc = self.spawn(argv, "delayproxy.log", stdin=subprocess.DEVNULL)
+        web, data, echo = ports
+        for p in ports:
+            _wait_alive(proc, p)
+        self.http = HttpTarget(f"http://{LOOPBACK}:{web}")
+        self.tcp = Endpoint(LOOPBACK, data)
+        self.echo = Endpoint(LOOPBACK, echo)
+
+
+def _wait_alive(proc: subprocess.Popen[bytes], port: int, timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+    wait_port(port, timeout=timeout)
+
+
+def wait_json_line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> dict[str, object]:
+    """Read one JSON line from a process started with ``stdout=PIPE``."""
+    import select
+
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"{proc.args!r}: no ready line after {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{proc.args!r} exited with {proc.wait()}")
+    out: dict[str, object] = json.loads(line)
+    return out

@@ -1,0 +1,150 @@
+"""Results: JSON (everything), Markdown (the table for docs/performance.md), PNG (ratios)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from bench.measure import METRICS, Metric
+from bench.util import run
+
+Results = dict[str, Any]
+
+
+def machine() -> dict[str, str]:
+    """CPU, cores, kernel and the versions of the programs measured."""
+    cpu = "unknown"
+    try:
+        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = m.group(1) if m else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+    for name, argv in {
+        "nginx": ["nginx", "-v"],
+        "haproxy": ["haproxy", "-v"],
+        "openssh": ["ssh", "-V"],
+        "wrk": ["wrk", "--version"],
+        "curl": ["curl", "--version"],
+    }.items():
+        try:
+            p = run(argv, 10)
+            info[name] = ((p.stdout or "") + (p.stderr or "")).strip().splitlines()[0]
+        except (OSError, IndexError):
+            info[name] = "missing"
+    return info
+
+
+def _fmt(v: float) -> str:
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _cell(stat: dict[str, Any] | None, runs: int) -> str:
+    if not stat:
+        return "-"
+    if runs > 1 and len(stat["samples"]) > 1:
+        return f"{_fmt(stat['median'])} ({_fmt(stat['min'])}-{_fmt(stat['max'])})"
+    return _fmt(stat["median"])
+
+
+def markdown(results: Results) -> str:
+    """One table, paths as rows; each cell ``median (min-max)``."""
+    runs = results["settings"]["runs"]
+    paths = results["paths"]
+    cols: list[Metric] = [m for m in METRICS if any(m.key in p["metrics"] for p in paths.values())]
+    head = "| path | " + " | ".join(f"{m.label} ({m.unit})" for m in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, p in paths.items():
+        cells = [_cell(p["metrics"].get(m.key), runs) for m in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    errs = [f"- {n}: {e}" for n, p in paths.items() for e in p["errors"]]
+    if errs:
+        out += "\nErrors:\n\n" + "\n".join(errs) + "\n"
+    return out
+
+
+CHART_METRICS = [
+    "http_rps",
+    "http_p99_ms",
+    "download_MBps",
+    "tcp1_MBps",
+    "tcp100_MBps",
+    "connect_p50_ms",
+    "http_cpu_us_per_req",
+    "download_cpu_ms_per_MB",
+]
+
+
+def ratio(results: Results, path: str, base: str, key: str) -> float | None:
+    """How ``path`` compares with ``base`` on ``key``; > 1 is better, whatever the metric."""
+    a = results["paths"].get(path, {}).get("metrics", {}).get(key)
+    b = results["paths"].get(base, {}).get("metrics", {}).get(key)
+    if not a or not b or not a["median"] or not b["median"]:
+        return None
+    higher = next(m.higher for m in METRICS if m.key == key)
+    r: float = a["median"] / b["median"] if higher else b["median"] / a["median"]
+    return r
+
+
+def chart(results: Results, out: Path, baselines: tuple[str, ...] = ("direct", "ssh-R")) -> bool:
+    """Grouped bars of ``ratio()`` against each baseline (one panel each); False if no
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    bases = [b for b in baselines if b in results["paths"]]
+    if not bases:
+        return False
+    labels = {m.key: m.label for m in METRICS}
+    fig, axes = plt.subplots(len(bases), 1, figsize=(12, 4.5 * len(bases)), squeeze=False)
+    for ax, base in zip(axes[:, 0], bases, strict=True):
+        others = [p for p in results["paths"] if p != base]
+        keys = [k for k in CHART_METRICS if any(ratio(results, p, base, k) for p in others)]
+        width = 0.8 / max(1, len(others))
+        for i, p in enumerate(others):
+            xs = [j + i * width for j in range(len(keys))]
+            ys = [ratio(results, p, base, k) or 0.0 for k in keys]
+            ax.bar(xs, ys, width, label=p)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + width * (len(others) - 1) / 2 for j in range(len(keys))])
+        ax.set_xticklabels([labels[k] for k in keys], rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"vs {base} (>1 = better)")
+        ax.set_title(f"Ratio to {base} (medians; latency and CPU inverted)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(results: Results, out_dir: Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``ratios.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
+    files["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    files["md"].write_text(markdown(results))
+    png = out_dir / "ratios.png"
+    if chart(results, png):
+        files["png"] = png
+    return files
