@@ -220,11 +220,15 @@ def encode_message(message: ControlMessage) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
 def _load_object(payload: bytes, what: str) -> dict[str, Any]:
     if len(payload) > MAX_CONTROL_SIZE:
         raise ControlError(f"{what} of {len(payload)} octets is too large")
     try:
-        body = json.loads(payload)
+        body = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as e:
         raise ControlError(f"{what} is not JSON: {e}") from None
     if not isinstance(body, dict):
@@ -300,6 +304,7 @@ class StreamInfo:
             or len(client) != 2
             or not isinstance(client[0], str)
             or not isinstance(client[1], int)
+            or isinstance(client[1], bool)
         ):
             client = ["", 0]
         return cls(tunnel_id, client[0], client[1])

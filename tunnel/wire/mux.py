@@ -72,6 +72,9 @@ class LinkSettings:
     initial_window: int = 256 * 1024
     #: The largest a stream's receive window may grow to by auto-tuning.
     max_window: int = 16 * 1024 * 1024
+    #: The most that all streams' windows together may have grown above `initial_window`,
+    #: so that a link holds at most max_streams * initial_window + this in receive buffers.
+    max_link_growth: int = 64 * 1024 * 1024
     #: Octets of control frames (echoes, window updates, resets) that may wait unsent
     #: because the peer does not read; beyond it the link ends with ENHANCE_YOUR_CALM.
     max_control_backlog: int = 1 << 20
@@ -237,12 +240,16 @@ class Multiplexer:
         self._ready: deque[_Stream] = deque()
         self._control: list[bytes] = []
         self._control_size = 0
+        #: Octets of queued frames that answer the peer (echoes, credit, refusals): the
+        #: backlog a peer that does not read can grow.
+        self._reply_size = 0
+        self._hello_written = False
         self._next_stream_id = 1 if client else 2
         self._last_peer_stream_id = 0
         self._peer_opened = 0
         self._local_opened = 0
         # Until the peer's HELLO: the protocol's defaults.
-        self._peer_max_frame = _f.DEFAULT_MAX_FRAME_SIZE
+        self._peer_max_frame = _f.MIN_MAX_FRAME_SIZE
         self._peer_max_streams = 0
         self._peer_initial_window = 256 * 1024
         self._peer_draining = False
@@ -255,6 +262,8 @@ class Multiplexer:
         self._reset_stamp = clock()
         #: How many peer streams were refused for exceeding MAX_STREAMS or a drain.
         self.refused_streams = 0
+        #: How much the live streams' receive windows have grown above their initial size.
+        self.window_growth = 0
         self._queue(_f.encode_hello(_MIN_VERSION, PROTOCOL_VERSION, self.settings.advertised()))
 
     # -- inspection ----------------------------------------------------------------------
@@ -421,12 +430,21 @@ class Multiplexer:
         if stream is None or length <= 0:
             return
         final = stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED)
+        recv = stream.recv
+        before = recv.size
         try:
-            increment = stream.recv.consumed(length, self._clock(), self.rtt, final)
+            increment = recv.consumed(
+                length,
+                self._clock(),
+                self.rtt,
+                final,
+                self.settings.max_link_growth - self.window_growth,
+            )
         except ValueError as e:
             raise LocalProtocolError(str(e)) from None
+        self.window_growth += recv.size - before
         if increment:
-            self._queue(_f.encode_window(stream_id, increment))
+            self._reply(_f.encode_window(stream_id, increment))
 
     def ping(self) -> bytes:
         """
@@ -494,6 +512,8 @@ class Multiplexer:
         out = self._control
         self._control = []
         self._control_size = 0
+        self._reply_size = 0
+        self._hello_written = True
         ready = self._ready
         if ready and self.state is not LinkState.CLOSED:
             max_frame = self._peer_max_frame
@@ -564,10 +584,10 @@ class Multiplexer:
                 self._handle(frame, events)
                 if self.closed:
                     break
-            if self._control_size > self.settings.max_control_backlog:
+            if self._reply_size > self.settings.max_control_backlog:
                 raise ProtocolError(
                     ErrorCode.ENHANCE_YOUR_CALM,
-                    f"{self._control_size} octets of control replies are not being read",
+                    f"{self._reply_size} octets of replies to the peer are not being read",
                 )
         except ProtocolError as e:
             self._terminate(e.code, e.message, remote=False, events=events, send_goaway=True)
@@ -627,8 +647,8 @@ class Multiplexer:
             self._check_past(frame, "DATA")
             return
         payload = frame.payload
+        _transition(stream, StreamInput.RECV_DATA, remote=True)
         if payload:
-            _transition(stream, StreamInput.RECV_DATA, remote=True)
             if not stream.recv.received(len(payload)):
                 raise ProtocolError(
                     ErrorCode.FLOW_CONTROL_ERROR,
@@ -669,10 +689,14 @@ class Multiplexer:
         if stream_id <= self._last_peer_stream_id:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"OPEN reuses stream id {stream_id}")
         self._last_peer_stream_id = stream_id
-        if self._local_goaway or self._peer_opened >= self.settings.max_streams:
+        if (
+            self._local_goaway
+            or self._peer_draining
+            or self._peer_opened >= self.settings.max_streams
+        ):
             self.refused_streams += 1
             self._spend_reset_token()
-            self._queue(_f.encode_reset(stream_id, ErrorCode.REFUSED_STREAM))
+            self._reply(_f.encode_reset(stream_id, ErrorCode.REFUSED_STREAM))
             return
         self._streams[stream_id] = _Stream(
             stream_id,
@@ -708,7 +732,7 @@ class Multiplexer:
                 self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
                 events.append(PingAcknowledged(sample))
         else:
-            self._queue(_f.encode_ping(frame.payload, ack=True))
+            self._reply(_f.encode_ping(frame.payload, ack=True))
 
     def _on_goaway(self, frame: _f.Frame, events: list[Event]) -> None:
         self._require_link_frame(frame)
@@ -759,6 +783,7 @@ class Multiplexer:
         if self._streams.pop(stream.id, None) is None:
             return
         stream.state = StreamState.CLOSED
+        self.window_growth -= stream.recv.size - self.settings.initial_window
         stream.pending.clear()
         stream.pending_size = 0
         stream.fin_queued = False
@@ -771,6 +796,10 @@ class Multiplexer:
     def _queue(self, frame: bytes) -> None:
         self._control.append(frame)
         self._control_size += len(frame)
+
+    def _reply(self, frame: bytes) -> None:
+        self._queue(frame)
+        self._reply_size += len(frame)
 
     def _spend_reset_token(self) -> None:
         now = self._clock()
@@ -794,8 +823,11 @@ class Multiplexer:
             events.append(StreamReset(stream.id, code, remote=remote))
         self._ready.clear()
         self.state = LinkState.CLOSED
-        self._control = []
-        self._control_size = 0
+        # Our HELLO still goes first if it was never written, so that the peer reads the
+        # GOAWAY's code rather than a complaint about a missing HELLO.
+        self._control = self._control[:1] if not self._hello_written else []
+        self._control_size = sum(len(frame) for frame in self._control)
+        self._reply_size = 0
         if send_goaway:
             self._queue(_f.encode_goaway(self._last_peer_stream_id, code, message))
         events.append(LinkTerminated(code, message, remote))

@@ -55,12 +55,21 @@ class ReceiveWindow:
         self.unconsumed += length
         return True
 
-    def consumed(self, length: int, now: float, rtt: float | None, final: bool) -> int:
+    def consumed(
+        self,
+        length: int,
+        now: float,
+        rtt: float | None,
+        final: bool,
+        growth_budget: int | None = None,
+    ) -> int:
         """
         Account for `length` octets that the application has consumed.
 
         @param final: the peer has ended the stream, so no credit needs to go back.
         @param rtt: the link's smoothed round-trip time, or None before it is measured.
+        @param growth_budget: how much more the window may grow (the link's budget); None
+            for no limit beyond `max_size`.
         @return: the increment to grant in a WINDOW frame now, or 0 for none.
         @raise ValueError: more was consumed than had arrived.
         """
@@ -73,6 +82,8 @@ class ReceiveWindow:
         growth = 0
         if rtt is not None and now - self.last_update < 2 * rtt and self.size < self.max_size:
             growth = min(self.size, self.max_size - self.size)
+            if growth_budget is not None:
+                growth = max(0, min(growth, growth_budget))
         increment = self.unacknowledged + growth
         self.size += growth
         self.available += increment

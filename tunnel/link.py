@@ -1,0 +1,627 @@
+"""
+The Twisted adapter around the sans-IO multiplexer: a link protocol and its streams.
+
+`LinkProtocol` owns one `tunnel.wire.Multiplexer` and one transport (the TLS connection
+between agent and relay). Each stream of the link is a `Stream`: a real `ITransport`,
+`IConsumer` and `IPushProducer`, modelled on Twisted's `H2Stream`, so that ordinary protocols
+and `splice` can be attached to it.
+
+Flow control runs end to end:
+
+- Credit on a stream goes back to the peer only when the protocol attached to the stream has
+  consumed the data: delivered it by `dataReceived` without pausing the stream. A paused
+  stream buffers at most its window and returns no credit, so the peer's sender stops.
+- A stream whose queued output passes `HIGH_WATER` pauses the producer registered on it (the
+  socket that feeds it) until the link has framed the queue below `LOW_WATER`.
+- The link is itself a producer for its transport: when the socket's buffer is full, the link
+  stops framing DATA (control frames wait in the multiplexer, whose backlog is bounded).
+  One stream's pause never pauses the link, nor any other stream.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet import address, error, interfaces
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnel.wire import (
+    ControlReceived,
+    DataReceived,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    LinkSettings,
+    LinkTerminated,
+    LocalProtocolError,
+    Multiplexer,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+from tunnel.wire.errors import describe
+
+__all__ = ["HIGH_WATER", "LOW_WATER", "LinkProtocol", "Stream", "StreamResetError", "splice"]
+
+#: Octets queued on a stream beyond which its producer is paused.
+HIGH_WATER = 128 * 1024
+#: Octets queued on a stream below which its paused producer resumes.
+LOW_WATER = 32 * 1024
+#: Octets of DATA framed per write to the link's transport.
+_WRITE_BUDGET = 256 * 1024
+
+_log = Logger()
+
+
+class StreamResetError(error.ConnectionLost):
+    """
+    The stream was reset: by the peer, by this side, or because its link ended.
+    """
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(f"stream reset: {describe(code)}{': ' + message if message else ''}")
+        #: The `ErrorCode` (or unknown integer) the stream was reset with.
+        self.code = code
+
+
+@implementer(
+    interfaces.ITransport,
+    interfaces.IConsumer,
+    interfaces.IPushProducer,
+)
+class Stream:
+    """
+    One stream of a link, as a Twisted transport.
+
+    Attach a protocol with `attach`; until then, received data is buffered (within the
+    window: no credit goes back for it).
+    """
+
+    def __init__(self, link: LinkProtocol, stream_id: int, peer: address.IPv4Address | address.IPv6Address | None):
+        self.link = link
+        self.stream_id = stream_id
+        self.protocol: Any = None
+        self._peer = peer
+        self._buffer: deque[bytes] = deque()
+        self._paused = False
+        #: Octets delivered while paused by the consumer itself; credited at resume.
+        self._owed = 0
+        self._delivering = False
+        self._remote_ended = False
+        self._remote_end_delivered = False
+        self._local_ended = False
+        self._discarding = False
+        self._closed = False
+        self._producer: interfaces.IPushProducer | None = None
+        self._producer_paused = False
+        self.disconnecting = False
+
+    # -- attaching -------------------------------------------------------------------------
+
+    def attach(self, protocol: Any) -> None:
+        """
+        Connect `protocol` to this stream and deliver whatever arrived before.
+        """
+        self.protocol = protocol
+        protocol.makeConnection(self)
+        if not self._paused:
+            self._drain()
+
+    # -- ITransport --------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """
+        Queue data for the peer. Writes after `loseConnection` or a reset are dropped, as a
+        TCP transport drops them.
+        """
+        if self._closed or self._local_ended or not data:
+            return
+        link = self.link
+        try:
+            link.mux.send(self.stream_id, data)
+        except LocalProtocolError:
+            return
+        link.flush()
+        if (
+            self._producer is not None
+            and not self._producer_paused
+            and link.mux.pending(self.stream_id) > HIGH_WATER
+        ):
+            self._producer_paused = True
+            link._blocked[self.stream_id] = self
+            self._producer.pauseProducing()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        """
+        Half-close: the peer gets a FIN after the queued data; reading goes on.
+        """
+        if self._closed or self._local_ended:
+            return
+        self._local_ended = True
+        self.link.mux.end_stream(self.stream_id)
+        self.link.flush()
+        self._maybe_finished()
+
+    def loseConnection(self) -> None:
+        """
+        Close after the queued data is sent. Data still arriving is discarded (its credit is
+        returned, so the peer is never stuck on a closed stream).
+        """
+        if self._closed:
+            return
+        self.disconnecting = True
+        self._discarding = True
+        if self._buffer:
+            dropped = sum(len(b) for b in self._buffer) - self._owed
+            self._buffer.clear()
+            self._credit(dropped + self._owed)
+            self._owed = 0
+        self.loseWriteConnection()
+        self._maybe_finished()
+
+    def abortConnection(self, code: int = ErrorCode.CANCEL) -> None:
+        """
+        Reset the stream at once; queued data is dropped.
+        """
+        if self._closed:
+            return
+        self.link.mux.reset_stream(self.stream_id, code)
+        self.link.flush()
+        self._finish(Failure(StreamResetError(code, "reset by this side")))
+
+    def getPeer(self) -> Any:
+        return self._peer or self.link.transport.getPeer()  # type: ignore[union-attr]
+
+    def getHost(self) -> Any:
+        return self.link.transport.getHost()  # type: ignore[union-attr]
+
+    # -- IConsumer ---------------------------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if not streaming:
+            raise ValueError("streams accept streaming (push) producers only")
+        self._producer = producer
+        self._producer_paused = False
+        if self.link.mux.pending(self.stream_id) > HIGH_WATER:
+            self._producer_paused = True
+            self.link._blocked[self.stream_id] = self
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self._producer_paused = False
+        self.link._blocked.pop(self.stream_id, None)
+
+    # -- IPushProducer (the consumer of our received data pauses us) ------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._owed:
+            owed, self._owed = self._owed, 0
+            self._credit(owed)
+        self._drain()
+        self.link.flush()
+
+    def stopProducing(self) -> None:
+        # A transport calls this on its producer as it closes, *before* its protocol's
+        # connectionLost says whether the close was clean; that decides FIN or RESET.
+        self._paused = True
+
+    # -- called by the link ------------------------------------------------------------------
+
+    def _credit(self, length: int) -> None:
+        if length and not self._closed:
+            self.link.mux.consumed(self.stream_id, length)
+
+    def _data_received(self, data: bytes) -> None:
+        if self._discarding:
+            self._credit(len(data))
+        elif self._paused or self.protocol is None or self._buffer:
+            self._buffer.append(data)
+        else:
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        self._delivering = True
+        try:
+            self.protocol.dataReceived(data)
+        finally:
+            self._delivering = False
+        if self._paused:
+            self._owed += len(data)
+        else:
+            self._credit(len(data))
+
+    def _drain(self) -> None:
+        buffer = self._buffer
+        while buffer and not self._paused and not self._closed and self.protocol is not None:
+            self._deliver(buffer.popleft())
+        if not buffer and self._remote_ended and not self._remote_end_delivered:
+            self._deliver_end()
+
+    def _remote_end(self) -> None:
+        self._remote_ended = True
+        if not self._buffer and self.protocol is not None:
+            self._deliver_end()
+
+    def _deliver_end(self) -> None:
+        self._remote_end_delivered = True
+        if self.protocol is not None and not self._discarding:
+            reader = getattr(self.protocol, "readConnectionLost", None)
+            if reader is not None and interfaces.IHalfCloseableProtocol.providedBy(self.protocol):
+                reader()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if self._local_ended and self._remote_end_delivered and not self._closed:
+            self._finish(Failure(error.ConnectionDone("stream closed")))
+
+    def _reset(self, code: int, message: str) -> None:
+        self._finish(Failure(StreamResetError(code, message)))
+
+    def _finish(self, reason: Failure) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        self.link._forget(self)
+        self._producer = None
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connectionLost(reason)
+
+
+class LinkProtocol(Protocol):
+    """
+    One end of a link, over a connected transport. Subclasses implement the hooks
+    `linkReady`, `controlReceived`, `streamOpened`, `goAwayReceived` and `linkLost`.
+
+    @param keepalive_interval: seconds of silence from the peer before we ping it.
+    @param keepalive_timeout: seconds of silence after which the link is declared dead.
+    """
+
+    #: The multiplexer; created in `connectionMade`.
+    mux: Multiplexer
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        *,
+        client: bool,
+        settings: LinkSettings | None = None,
+        keepalive_interval: float = 5.0,
+        keepalive_timeout: float = 15.0,
+    ) -> None:
+        self.reactor = reactor
+        self.client = client
+        self.settings = settings or LinkSettings()
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.streams: dict[int, Stream] = {}
+        self._blocked: dict[int, Stream] = {}
+        self._paused = False
+        self._receiving = False
+        self._closing = False
+        self._last_received = 0.0
+        self._last_ping = 0.0
+        self._keepalive: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
+        self.terminated: tuple[int, str, bool] | None = None
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def linkReady(self) -> None:
+        """
+        Both HELLOs are exchanged; streams may be opened.
+        """
+
+    def controlReceived(self, payload: bytes) -> None:
+        """
+        A CONTROL frame arrived.
+        """
+
+    def streamOpened(self, stream: Stream, metadata: bytes) -> None:
+        """
+        The peer opened `stream`. The default resets it.
+        """
+        stream.abortConnection(ErrorCode.REFUSED_STREAM)
+
+    def goAwayReceived(self, code: int, message: str) -> None:
+        """
+        The peer is draining (`code` NO_ERROR) or ending the link.
+        """
+
+    def linkLost(self, reason: Failure) -> None:
+        """
+        The link is gone; every stream has been reset.
+        """
+
+    # -- Protocol ----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.mux = Multiplexer(
+            client=self.client, settings=self.settings, clock=self.reactor.seconds
+        )
+        transport = self.transport
+        assert transport is not None
+        set_nodelay(transport)
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._last_received = self.reactor.seconds()
+        self.mux.ping()
+        self._last_ping = self._last_received
+        self.flush()
+        self._schedule_keepalive()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_received = self.reactor.seconds()
+        self._receiving = True
+        try:
+            events = self.mux.receive_data(data)
+            self._dispatch(events)
+        finally:
+            self._receiving = False
+        self.flush()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._cancel_timers()
+        events = self.mux.connection_lost(str(reason.value)) if hasattr(self, "mux") else []
+        self._dispatch(events)
+        for stream in list(self.streams.values()):
+            stream._reset(ErrorCode.CANCEL, "link lost")
+        self.linkLost(reason)
+
+    # -- IPushProducer (our transport's buffer is full) --------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.flush()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def openStream(self, metadata: bytes, peer: address.IPv4Address | address.IPv6Address | None = None) -> Stream:
+        """
+        Open a stream to the peer.
+
+        @raise tunnel.wire.StreamLimitError: the peer accepts no more streams now.
+        @raise tunnel.wire.LocalProtocolError: the link is not open.
+        """
+        stream_id = self.mux.open_stream(metadata)
+        stream = Stream(self, stream_id, peer)
+        self.streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def sendControl(self, payload: bytes) -> None:
+        """
+        Send a CONTROL frame; silently dropped on a link that is over.
+        """
+        if self.mux.closed:
+            return
+        self.mux.send_control(payload)
+        self.flush()
+
+    def goAway(self, code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
+        """
+        Drain (NO_ERROR) or end the link with `code`; an ended link's transport is closed
+        once the GOAWAY is written, and aborted if that takes more than a second.
+        """
+        self._dispatch(self.mux.go_away(code, message))
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Write what the multiplexer has to send, unless the transport asked us to pause or we
+        are in the middle of processing input (then it happens once at the end).
+        """
+        if self._receiving or self._paused:
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        mux = self.mux
+        while mux.has_data_to_send and not self._paused:
+            data = mux.data_to_send(_WRITE_BUDGET)
+            if not data:
+                break
+            transport.write(data)
+        if self._blocked:
+            for stream_id, stream in list(self._blocked.items()):
+                if mux.pending(stream_id) < LOW_WATER:
+                    del self._blocked[stream_id]
+                    producer = stream._producer
+                    stream._producer_paused = False
+                    if producer is not None:
+                        producer.resumeProducing()
+        if mux.closed and not self._closing:
+            self._closing = True
+            # The GOAWAY is written; a TLS loseConnection can wait forever for the peer's
+            # close_notify, so abort if it has not finished soon.
+            transport.loseConnection()
+            self._abort_call = self.reactor.callLater(1.0, self._abort)
+
+    def abort(self) -> None:
+        """
+        Drop the transport at once.
+        """
+        self._abort()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        transport = self.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _dispatch(self, events: list[Event]) -> None:
+        streams = self.streams
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream._data_received(event.data)  # type: ignore[attr-defined]
+                else:
+                    self.mux.consumed(event.stream_id, len(event.data))  # type: ignore[attr-defined]
+            elif kind is StreamOpened:
+                assert isinstance(event, StreamOpened)
+                stream = Stream(self, event.stream_id, None)
+                streams[event.stream_id] = stream
+                self.streamOpened(stream, event.metadata)
+            elif kind is StreamEnded:
+                stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream._remote_end()
+            elif kind is StreamReset:
+                assert isinstance(event, StreamReset)
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._reset(event.code, "by the peer" if event.remote else "")
+            elif kind is ControlReceived:
+                assert isinstance(event, ControlReceived)
+                self.controlReceived(event.payload)
+            elif kind is HelloReceived:
+                self.linkReady()
+            elif kind is GoAwayReceived:
+                assert isinstance(event, GoAwayReceived)
+                self.goAwayReceived(event.code, event.message)
+            elif kind is LinkTerminated:
+                assert isinstance(event, LinkTerminated)
+                self.terminated = (event.code, event.message, event.remote)
+                side = "peer" if event.remote else "this side"
+                _log.info(
+                    "link ended by {side}: {code} {message}",
+                    side=side,
+                    code=describe(event.code),
+                    message=event.message,
+                )
+
+    def _forget(self, stream: Stream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        self._blocked.pop(stream.stream_id, None)
+
+    def _schedule_keepalive(self) -> None:
+        delay = min(1.0, self.keepalive_interval)
+        self._keepalive = self.reactor.callLater(delay, self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        self._keepalive = None
+        if self.transport is None or self.mux.closed:
+            return
+        now = self.reactor.seconds()
+        silent = now - self._last_received
+        if silent >= self.keepalive_timeout:
+            _log.warn(
+                "link silent for {silent:.1f}s, declaring it dead", silent=silent
+            )
+            self.terminated = (ErrorCode.TIMEOUT, "keepalive timeout", False)
+            self._dispatch(self.mux.go_away(ErrorCode.TIMEOUT, "keepalive timeout"))
+            self._abort()
+            return
+        if silent >= self.keepalive_interval and now - self._last_ping >= self.keepalive_interval:
+            self._last_ping = now
+            self.mux.ping()
+            self.flush()
+        self._schedule_keepalive()
+
+    def _cancel_timers(self) -> None:
+        for call in (self._keepalive, self._abort_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._keepalive = None
+        self._abort_call = None
+
+
+def set_nodelay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on a TCP transport, or the TCP transport under a TLS one.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        setter = getattr(candidate, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+            return
+
+
+class _SpliceHalf(Protocol):
+    """
+    Forwards what one transport receives to another, with backpressure both ways and
+    half-close carried across.
+    """
+
+    def __init__(self, other: Any) -> None:
+        self.other = other
+        self.peer_half: _SpliceHalf | None = None
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+        # When the other side cannot take more, it pauses our transport, and vice versa.
+        self.other.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.other.write(data)
+
+    def readConnectionLost(self) -> None:
+        closer = getattr(self.other, "loseWriteConnection", None)
+        if closer is not None:
+            closer()
+        else:
+            self.other.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost = True
+        other = self.other
+        try:
+            other.unregisterProducer()
+        except Exception:
+            pass
+        if reason.check(error.ConnectionDone) and not reason.check(StreamResetError):
+            other.loseConnection()
+        else:
+            other.abortConnection()
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class SpliceProtocol(_SpliceHalf):
+    """
+    A `_SpliceHalf` that receives half-closes (a FIN on a TCP socket or a stream).
+    """
+
+
+def splice(stream: Stream, connected: Any) -> SpliceProtocol:
+    """
+    Join a stream and a connected transport (whose protocol is the returned object's
+    partner): bytes flow both ways until either side ends.
+
+    @return: the protocol to attach to the stream.
+    """
+    stream_side = SpliceProtocol(connected)
+    stream.attach(stream_side)
+    return stream_side

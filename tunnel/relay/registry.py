@@ -1,0 +1,246 @@
+"""
+The relay's tunnel registry: ids, ownership, reclaim secrets and the raw TCP port pool.
+
+Sans-IO apart from reading and writing the reclaim key file: the registry only records who
+owns what; the service opens and closes listeners.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ID_ALPHABET",
+    "PortPool",
+    "ReclaimKey",
+    "TunnelRecord",
+    "TunnelRegistry",
+    "new_tunnel_id",
+    "valid_tunnel_id",
+]
+
+#: Lowercase, DNS-safe, without the look-alikes i, l, o, u.
+ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+#: 16 characters of 5 bits each: 80 bits from the CSPRNG.
+ID_LENGTH = 16
+
+
+def new_tunnel_id() -> str:
+    """
+    A fresh tunnel id: 80 random bits from `secrets`, as 16 lowercase DNS-safe characters.
+    """
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+def valid_tunnel_id(tunnel_id: str) -> bool:
+    """
+    Whether `tunnel_id` has the form of an id this relay hands out.
+    """
+    return len(tunnel_id) == ID_LENGTH and all(c in ID_ALPHABET for c in tunnel_id)
+
+
+class ReclaimKey:
+    """
+    The key that makes reclaim secrets verifiable after a restart, with no database.
+
+    The secret for a tunnel is HMAC-SHA256(key, "tunnel:" + kind + ":" + id); the key lives
+    in the relay's state directory (created once, mode 0600).
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 32:
+            raise ValueError("a reclaim key has at least 32 octets")
+        self._key = key
+
+    @classmethod
+    def load_or_create(cls, path: str) -> ReclaimKey:
+        """
+        Read the key at `path`, creating it (atomically, 0600) on first use.
+        """
+        try:
+            with open(path, "rb") as f:
+                return cls(base64.b64decode(f.read().strip()))
+        except FileNotFoundError:
+            pass
+        key = secrets.token_bytes(32)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(base64.b64encode(key) + b"\n")
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            # Another process created it first: use theirs.
+            os.unlink(temporary)
+            return cls.load_or_create(path)
+        os.unlink(temporary)
+        return cls(key)
+
+    def secret(self, kind: str, tunnel_id: str) -> str:
+        """
+        The reclaim secret of a tunnel.
+        """
+        digest = hmac.new(self._key, f"tunnel:{kind}:{tunnel_id}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
+
+    def verify(self, kind: str, tunnel_id: str, secret: str) -> bool:
+        """
+        Whether `secret` proves ownership of `tunnel_id`, compared in constant time.
+        """
+        return hmac.compare_digest(self.secret(kind, tunnel_id).encode(), secret.encode())
+
+
+class PortPool:
+    """
+    Ports for raw TCP tunnels, from a range. A released port rests in quarantine before it is
+    handed out again, so a client of an old tunnel does not reach a new one; during that time
+    only a reclaim of the same tunnel may take it back.
+    """
+
+    def __init__(
+        self,
+        low: int,
+        high: int,
+        clock: Callable[[], float],
+        quarantine: float = 300.0,
+    ) -> None:
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"bad port range {low}-{high}")
+        self.low = low
+        self.high = high
+        self._clock = clock
+        self.quarantine = quarantine
+        self._in_use: set[int] = set()
+        #: port -> (released at, tunnel id that had it)
+        self._resting: OrderedDict[int, tuple[float, str]] = OrderedDict()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._resting:
+            port, (released, _) = next(iter(self._resting.items()))
+            if now - released < self.quarantine:
+                break
+            del self._resting[port]
+
+    def candidates(self, tunnel_id: str, wanted: int | None = None) -> list[int]:
+        """
+        Ports to try, in order, for `tunnel_id`: the wanted one first if it is free or rests
+        after this same tunnel, then up to 64 random free ones.
+        """
+        self._expire()
+        out: list[int] = []
+        if wanted is not None and self.low <= wanted <= self.high and wanted not in self._in_use:
+            resting = self._resting.get(wanted)
+            if resting is None or resting[1] == tunnel_id:
+                out.append(wanted)
+        rng = secrets.SystemRandom()
+        for _ in range(64):
+            port = rng.randint(self.low, self.high)
+            if port not in self._in_use and port not in self._resting and port not in out:
+                out.append(port)
+        return out
+
+    def take(self, port: int) -> None:
+        """
+        Mark `port` in use.
+        """
+        self._in_use.add(port)
+        self._resting.pop(port, None)
+
+    def release(self, port: int, tunnel_id: str) -> None:
+        """
+        Return `port`; it rests in quarantine, reserved for `tunnel_id`.
+        """
+        self._in_use.discard(port)
+        self._resting[port] = (self._clock(), tunnel_id)
+
+    @property
+    def in_use(self) -> int:
+        """
+        How many ports are taken.
+        """
+        return len(self._in_use)
+
+
+@dataclass(eq=False)
+class TunnelRecord:
+    """
+    A live tunnel.
+    """
+
+    tunnel_id: str
+    #: "tls" or "tcp".
+    kind: str
+    #: The agent link that owns it (a `RelayLink`).
+    owner: Any
+    #: Options from the request, such as {"h2": True}.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: For raw TCP tunnels: the listening port and its `IListeningPort`.
+    tcp_port: int | None = None
+    listener: Any = None
+    #: Public connections currently open through it.
+    connections: int = 0
+
+
+class TunnelRegistry:
+    """
+    Which link owns which tunnel id.
+    """
+
+    def __init__(self) -> None:
+        self._tunnels: dict[str, TunnelRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._tunnels)
+
+    def get(self, tunnel_id: str) -> TunnelRecord | None:
+        """
+        The live tunnel with this id, if any.
+        """
+        return self._tunnels.get(tunnel_id)
+
+    def fresh_id(self) -> str:
+        """
+        An id that no live tunnel has.
+        """
+        while True:
+            tunnel_id = new_tunnel_id()
+            if tunnel_id not in self._tunnels:
+                return tunnel_id
+
+    def add(self, record: TunnelRecord) -> None:
+        """
+        Register a tunnel.
+
+        @raise KeyError: the id is live.
+        """
+        if record.tunnel_id in self._tunnels:
+            raise KeyError(record.tunnel_id)
+        self._tunnels[record.tunnel_id] = record
+
+    def remove(self, tunnel_id: str) -> TunnelRecord | None:
+        """
+        Forget a tunnel; returns it, or None when it was not live.
+        """
+        return self._tunnels.pop(tunnel_id, None)
+
+    def owned_by(self, owner: Any) -> list[TunnelRecord]:
+        """
+        The tunnels `owner` holds.
+        """
+        return [t for t in self._tunnels.values() if t.owner is owner]
+
+    def all(self) -> list[TunnelRecord]:
+        """
+        Every live tunnel.
+        """
+        return list(self._tunnels.values())

@@ -1,0 +1,645 @@
+"""
+The relay: agent links, tunnel grants, and public connections dispatched to streams.
+
+`Relay` holds the state (registry, links, TCP listeners) and the routing decision for each
+public TLS connection; `RelayLink` is the relay's end of an agent's link; `PublicProtocol`
+joins one public connection to one stream. `RelayService` wires them into a Twisted
+`MultiService` with graceful drain on stop.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, interfaces
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnel import __version__
+from tunnel.link import LinkProtocol, SpliceProtocol, Stream, set_nodelay
+from tunnel.relay._clienthello import ClientHello
+from tunnel.relay._sni import Route, SNIDispatchFactory
+from tunnel.relay._tls import LINK_ALPN, RelayTLS
+from tunnel.relay.registry import (
+    PortPool,
+    ReclaimKey,
+    TunnelRecord,
+    TunnelRegistry,
+    valid_tunnel_id,
+)
+from tunnel.wire import ErrorCode, LinkSettings, LocalProtocolError, PROTOCOL_VERSION
+from tunnel.wire.control import (
+    AgentHello,
+    ControlError,
+    ControlMessage,
+    ErrorMessage,
+    RelayWelcome,
+    StreamInfo,
+    TunnelClose,
+    TunnelClosed,
+    TunnelGranted,
+    TunnelRefused,
+    TunnelRequest,
+    decode_message,
+    encode_message,
+)
+
+__all__ = ["PublicProtocol", "Relay", "RelayConfig", "RelayLink", "RelayService"]
+
+_log = Logger()
+
+HTTP1 = (b"http/1.1",)
+H2 = (b"h2", b"http/1.1")
+
+
+@dataclass
+class RelayConfig:
+    """
+    Everything the relay is told at start.
+    """
+
+    #: Tunnels are ``<id>.<domain>``; agents connect to ``<domain>``.
+    domain: str
+    #: The port public clients use for TLS, written into URLs.
+    public_port: int = 443
+    #: The range raw TCP tunnels take their ports from, inclusive.
+    tcp_ports: tuple[int, int] = (20000, 29999)
+    #: The address raw TCP listeners bind to ("" for all).
+    tcp_interface: str = ""
+    #: Accepted agent tokens; None accepts any agent.
+    tokens: frozenset[str] | None = None
+    #: Seconds a public TLS handshake (or an agent's hello) may take.
+    handshake_timeout: float = 10.0
+    #: TLS handshakes in progress at once; more are refused at accept.
+    max_pending_handshakes: int = 1024
+    #: Tunnels one agent link may hold.
+    max_tunnels_per_agent: int = 64
+    #: Streams open on one link at once (public connections through one agent).
+    max_streams_per_link: int = 4096
+    #: Public connections open through one tunnel at once.
+    max_connections_per_tunnel: int = 1024
+    #: Seconds a public connection may go without traffic in either direction; None = never.
+    idle_timeout: float | None = None
+    #: Keepalive of agent links.
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 15.0
+    #: Seconds in-flight streams may run on after a stop signal.
+    drain_grace: float = 30.0
+    #: Seconds a released TCP port waits before a different tunnel may take it.
+    port_quarantine: float = 300.0
+    #: Link settings of the relay's end.
+    link: LinkSettings = field(default_factory=LinkSettings)
+
+
+class Relay:
+    """
+    The relay's state and decisions. All methods run on the reactor thread.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: RelayConfig,
+        tls: RelayTLS,
+        reclaim_key: ReclaimKey,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.tls = tls
+        self.reclaim_key = reclaim_key
+        self.registry = TunnelRegistry()
+        self.ports = PortPool(
+            config.tcp_ports[0], config.tcp_ports[1], reactor.seconds, config.port_quarantine
+        )
+        self.links: set[RelayLink] = set()
+        self.public_connections: set[Protocol] = set()
+        self.draining = False
+        self.domain = config.domain.lower().rstrip(".")
+        self._suffix = "." + self.domain
+        self.link_factory = Factory.forProtocol(lambda: RelayLink(self))
+        self.link_factory.noisy = False
+        self.info_factory = Factory.forProtocol(_InfoPage)
+        self.info_factory.noisy = False
+
+    # -- routing of public TLS connections ----------------------------------------------------
+
+    def route(self, hello: ClientHello) -> Route | None:
+        """
+        Where a public TLS connection goes: the agent-link endpoint for ``<domain>`` with the
+        link's ALPN, a small page for ``<domain>`` otherwise, a live tunnel for
+        ``<id>.<domain>``, and nowhere (an ``unrecognized_name`` alert) for anything else.
+        An unknown id and an offline one are refused alike.
+        """
+        name = hello.server_name
+        if name is None or self.draining:
+            return None
+        if name == self.domain:
+            if LINK_ALPN in hello.alpn:
+                return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory)
+            return Route(self.tls.context_for(HTTP1), self.info_factory)
+        if not name.endswith(self._suffix):
+            return None
+        tunnel_id = name[: -len(self._suffix)]
+        record = self.registry.get(tunnel_id)
+        if record is None or record.kind != "tls":
+            return None
+        alpn = H2 if record.options.get("h2") else HTTP1
+        return Route(self.tls.context_for(alpn), _PublicFactory(self, tunnel_id))
+
+    def host_of(self, tunnel_id: str) -> str:
+        """
+        The public host name of a tunnel.
+        """
+        return f"{tunnel_id}.{self.domain}"
+
+    # -- agent authentication ------------------------------------------------------------------
+
+    def authenticate(self, token: str | None) -> bool:
+        """
+        Whether `token` is accepted; every configured token is compared in constant time.
+        """
+        tokens = self.config.tokens
+        if tokens is None:
+            return True
+        if not token:
+            return False
+        given = token.encode()
+        ok = False
+        for candidate in tokens:
+            ok |= hmac.compare_digest(candidate.encode(), given)
+        return ok
+
+    # -- tunnels -------------------------------------------------------------------------------
+
+    def grant(self, link: RelayLink, request: TunnelRequest) -> ControlMessage:
+        """
+        Grant a tunnel to `link`, or say why not.
+        """
+        refuse = lambda code, message: TunnelRefused(request.request_id, code, message)  # noqa: E731
+        if self.draining:
+            return refuse("draining", "the relay is shutting down")
+        kind = request.kind
+        if request.reclaim_id is not None:
+            tunnel_id = request.reclaim_id
+            if (
+                not valid_tunnel_id(tunnel_id)
+                or request.reclaim_secret is None
+                or not self.reclaim_key.verify(kind, tunnel_id, request.reclaim_secret)
+            ):
+                _log.warn("refused a reclaim of {id} with a wrong secret", id=tunnel_id)
+                return refuse("reclaim_refused", "the reclaim secret does not match the tunnel")
+            existing = self.registry.get(tunnel_id)
+            if existing is not None:
+                if existing.owner is link:
+                    return self._granted(request, existing)
+                # An authenticated reclaim wins over a stale session still holding the id.
+                _log.info("tunnel {id} reclaimed from an older link", id=tunnel_id)
+                self.close_tunnel(existing, "reclaimed by another link")
+        else:
+            tunnel_id = self.registry.fresh_id()
+        if len(self.registry.owned_by(link)) >= self.config.max_tunnels_per_agent:
+            return refuse(
+                "limit", f"an agent may hold at most {self.config.max_tunnels_per_agent} tunnels"
+            )
+        options = {k: v for k, v in request.options.items() if k in ("h2",)}
+        record = TunnelRecord(tunnel_id, kind, link, options)
+        if kind == "tcp":
+            if not self._listen_tcp(record, request.reclaim_port):
+                return refuse("no_ports", "no free port in the relay's TCP range")
+        self.registry.add(record)
+        _log.info(
+            "granted {kind} tunnel {host}{port} to {peer}",
+            kind=kind,
+            host=self.host_of(tunnel_id),
+            port=f" (tcp port {record.tcp_port})" if record.tcp_port else "",
+            peer=link.peer_name,
+        )
+        return self._granted(request, record)
+
+    def _granted(self, request: TunnelRequest, record: TunnelRecord) -> TunnelGranted:
+        return TunnelGranted(
+            request_id=request.request_id,
+            tunnel_id=record.tunnel_id,
+            host=self.host_of(record.tunnel_id),
+            port=self.config.public_port,
+            tcp_host=self.domain if record.kind == "tcp" else None,
+            tcp_port=record.tcp_port,
+            secret=self.reclaim_key.secret(record.kind, record.tunnel_id),
+        )
+
+    def _listen_tcp(self, record: TunnelRecord, wanted: int | None) -> bool:
+        factory = _PublicFactory(self, record.tunnel_id)
+        for port in self.ports.candidates(record.tunnel_id, wanted):
+            try:
+                listener = self.reactor.listenTCP(
+                    port, factory, backlog=128, interface=self.config.tcp_interface
+                )
+            except error.CannotListenError:
+                continue
+            self.ports.take(port)
+            record.tcp_port = port
+            record.listener = listener
+            return True
+        return False
+
+    def close_tunnel(self, record: TunnelRecord, reason: str, notify: bool = True) -> None:
+        """
+        Remove a tunnel: stop its listener, free its port, and tell its owner.
+        """
+        if self.registry.get(record.tunnel_id) is not record:
+            return
+        self.registry.remove(record.tunnel_id)
+        if record.listener is not None:
+            record.listener.stopListening()
+            record.listener = None
+        if record.tcp_port is not None:
+            self.ports.release(record.tcp_port, record.tunnel_id)
+        owner: RelayLink = record.owner
+        for stream in list(owner.streams.values()):
+            if getattr(stream, "tunnel_id", None) == record.tunnel_id:
+                stream.abortConnection(ErrorCode.SHUTDOWN)
+        if notify:
+            owner.send(TunnelClosed(record.tunnel_id, reason))
+
+    def link_lost(self, link: RelayLink) -> None:
+        """
+        An agent's link ended: its tunnels go offline (and can be reclaimed).
+        """
+        self.links.discard(link)
+        for record in self.registry.owned_by(link):
+            self.close_tunnel(record, "link lost", notify=False)
+
+    # -- public connections --------------------------------------------------------------------
+
+    def open_public_stream(self, tunnel_id: str, protocol: Protocol) -> Stream | None:
+        """
+        Open a stream to the agent owning `tunnel_id` for a new public connection.
+
+        @return: the stream, or None when the tunnel is gone or over a limit (the caller
+            closes the public connection).
+        """
+        record = self.registry.get(tunnel_id)
+        if record is None or self.draining:
+            return None
+        if record.connections >= self.config.max_connections_per_tunnel:
+            _log.warn(
+                "tunnel {id}: {n} connections open, refusing another",
+                id=tunnel_id,
+                n=record.connections,
+            )
+            return None
+        transport = protocol.transport
+        assert transport is not None
+        peer = transport.getPeer()
+        host = getattr(peer, "host", "")
+        port = getattr(peer, "port", 0)
+        info = StreamInfo(tunnel_id, host, port)
+        link: RelayLink = record.owner
+        try:
+            stream = link.openStream(
+                info.encode(), peer if isinstance(peer, IPv4Address | IPv6Address) else None
+            )
+        except LocalProtocolError as e:
+            _log.warn("tunnel {id}: cannot open a stream: {e}", id=tunnel_id, e=e)
+            return None
+        stream.tunnel_id = tunnel_id  # type: ignore[attr-defined]
+        record.connections += 1
+        return stream
+
+    def public_closed(self, tunnel_id: str) -> None:
+        """
+        A public connection through `tunnel_id` ended.
+        """
+        record = self.registry.get(tunnel_id)
+        if record is not None and record.connections > 0:
+            record.connections -= 1
+
+    # -- drain ---------------------------------------------------------------------------------
+
+    def drain(self) -> defer.Deferred[None]:
+        """
+        Stop taking new public connections and links, tell agents we are going away, let
+        streams in flight finish for `drain_grace` seconds, then close everything.
+        """
+        self.draining = True
+        for record in list(self.registry.all()):
+            if record.listener is not None:
+                record.listener.stopListening()
+                record.listener = None
+        for link in list(self.links):
+            link.goAway(ErrorCode.NO_ERROR, "relay shutting down")
+        done: defer.Deferred[None] = defer.Deferred()
+        deadline = self.reactor.seconds() + self.config.drain_grace
+
+        def check() -> None:
+            busy = any(link.streams for link in self.links)
+            if not busy or self.reactor.seconds() >= deadline:
+                for link in list(self.links):
+                    link.goAway(ErrorCode.SHUTDOWN, "relay shut down")
+                    link.abort()
+                for protocol in list(self.public_connections):
+                    if protocol.transport is not None:
+                        protocol.transport.abortConnection()  # type: ignore[attr-defined]
+                done.callback(None)
+                return
+            self.reactor.callLater(0.1, check)
+
+        check()
+        return done
+
+
+class RelayLink(LinkProtocol):
+    """
+    The relay's end of one agent's link.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        config = relay.config
+        super().__init__(
+            relay.reactor,
+            client=False,
+            settings=config.link,
+            keepalive_interval=config.keepalive_interval,
+            keepalive_timeout=config.keepalive_timeout,
+        )
+        self.relay = relay
+        self.authenticated = False
+        self.peer_name = "?"
+        self._hello_timer: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        transport = self.transport
+        assert transport is not None
+        peer = transport.getPeer()
+        self.peer_name = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.relay.links.add(self)
+        self._hello_timer = self.reactor.callLater(
+            self.relay.config.handshake_timeout, self._hello_timeout
+        )
+
+    def _hello_timeout(self) -> None:
+        self._hello_timer = None
+        if not self.authenticated:
+            _log.warn("agent link from {peer} sent no hello in time", peer=self.peer_name)
+            self.refuse("timeout", "no hello in time", ErrorCode.TIMEOUT)
+
+    def send(self, message: ControlMessage) -> None:
+        """
+        Send a control message to the agent.
+        """
+        self.sendControl(encode_message(message))
+
+    def refuse(self, code: str, message: str, error_code: int) -> None:
+        """
+        Tell the agent why, then end the link.
+        """
+        self.send(ErrorMessage(code, message))
+        self.goAway(error_code, message)
+
+    def controlReceived(self, payload: bytes) -> None:
+        try:
+            message = decode_message(payload)
+        except ControlError as e:
+            _log.warn("malformed control message from {peer}: {e}", peer=self.peer_name, e=e)
+            self.refuse("bad_message", str(e), ErrorCode.PROTOCOL_ERROR)
+            return
+        if message is None:
+            return
+        if isinstance(message, AgentHello):
+            self._hello(message)
+        elif not self.authenticated:
+            self.refuse("unauthorized", "the first control message must be hello", ErrorCode.UNAUTHORIZED)
+        elif isinstance(message, TunnelRequest):
+            self.send(self.relay.grant(self, message))
+        elif isinstance(message, TunnelClose):
+            record = self.relay.registry.get(message.tunnel_id)
+            if record is not None and record.owner is self:
+                self.relay.close_tunnel(record, "closed by the agent")
+                _log.info("tunnel {id} closed by its agent", id=message.tunnel_id)
+            else:
+                self.send(TunnelClosed(message.tunnel_id, "not held by this agent"))
+
+    def _hello(self, hello: AgentHello) -> None:
+        if self.authenticated:
+            return
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        if not self.relay.authenticate(hello.token):
+            _log.warn("refused agent {peer}: wrong token", peer=self.peer_name)
+            self.refuse(
+                "unauthorized", "the relay does not accept this token", ErrorCode.UNAUTHORIZED
+            )
+            return
+        self.authenticated = True
+        _log.info("agent {peer} connected ({agent})", peer=self.peer_name, agent=hello.agent)
+        config = self.relay.config
+        self.send(
+            RelayWelcome(
+                domain=self.relay.domain,
+                public_port=config.public_port,
+                keepalive_interval=config.keepalive_interval,
+                keepalive_timeout=config.keepalive_timeout,
+                relay=f"tunnels/{__version__}",
+            )
+        )
+
+    def streamOpened(self, stream: Stream, metadata: bytes) -> None:
+        # Agents do not open streams.
+        stream.abortConnection(ErrorCode.REFUSED_STREAM)
+
+    def linkLost(self, reason: Failure) -> None:
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        if self.authenticated:
+            _log.info("agent {peer} disconnected", peer=self.peer_name)
+        self.relay.link_lost(self)
+
+
+class PublicProtocol(SpliceProtocol):
+    """
+    A public client's connection (TLS-terminated, or raw TCP), joined to a new stream.
+    """
+
+    def __init__(self, relay: Relay, tunnel_id: str) -> None:
+        super().__init__(None)
+        self.relay = relay
+        self.tunnel_id = tunnel_id
+        self._counted = False
+        self._idle: Any = None
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        set_nodelay(transport)
+        stream = self.relay.open_public_stream(self.tunnel_id, self)
+        if stream is None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self._counted = True
+        self.relay.public_connections.add(self)
+        self.other = stream
+        stream.registerProducer(transport, True)
+        stream.attach(_Activity(self, transport))
+        if self.relay.config.idle_timeout:
+            self._touch()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._touch()
+        self.other.write(data)
+
+    def _touch(self) -> None:
+        timeout = self.relay.config.idle_timeout
+        if not timeout:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(timeout)
+        else:
+            self._idle = self.relay.reactor.callLater(timeout, self._idled)
+
+    def _idled(self) -> None:
+        self._idle = None
+        if self.other is not None:
+            self.other.abortConnection(ErrorCode.IDLE_TIMEOUT)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if not self._counted:
+            return
+        self._counted = False
+        self.relay.public_connections.discard(self)
+        self.relay.public_closed(self.tunnel_id)
+        super().connectionLost(reason)
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Activity(SpliceProtocol):
+    """
+    The stream's side of a public connection: forwards to the public transport and counts
+    as activity for the idle timeout.
+    """
+
+    def __init__(self, public: PublicProtocol, transport: Any) -> None:
+        super().__init__(transport)
+        self.public = public
+
+    def dataReceived(self, data: bytes) -> None:
+        self.public._touch()
+        self.other.write(data)
+
+
+class _PublicFactory(Factory):
+    """
+    Builds the protocols of public connections to one tunnel (TLS-terminated or raw TCP).
+    """
+
+    noisy = False
+
+    def __init__(self, relay: Relay, tunnel_id: str) -> None:
+        self.relay = relay
+        self.tunnel_id = tunnel_id
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return PublicProtocol(self.relay, self.tunnel_id)
+
+
+class _InfoPage(Protocol):
+    """
+    What a browser sees at ``https://<domain>/``: a one-line page, then the connection
+    closes.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data and len(data) < 8192:
+            return
+        body = b"This is a Tunnels relay. Tunnels live at https://<id>.<this host>/.\n"
+        transport = self.transport
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+        )
+        transport.loseConnection()
+
+
+class RelayService(service.MultiService):
+    """
+    The relay as a Twisted service: the public TLS listener plus drain on stop.
+    """
+
+    def __init__(self, reactor: Any, relay: Relay, listen: str) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.relay = relay
+        self.front = SNIDispatchFactory(
+            relay.route,
+            reactor,
+            handshake_timeout=relay.config.handshake_timeout,
+            max_pending_handshakes=relay.config.max_pending_handshakes,
+        )
+        self.endpoint = serverFromString(reactor, listen)
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.endpoint.listen(self.front)
+
+        def listening(port: Any) -> None:
+            self.port = port
+            address = port.getHost()
+            _log.info(
+                "relay listening on {host}:{port} for *.{domain}",
+                host=address.host,
+                port=address.port,
+                domain=self.relay.domain,
+            )
+
+        def failed(reason: Failure) -> None:
+            _log.failure("cannot listen on the public port", reason)
+            self.reactor.stop()
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        _log.info("relay draining: no new connections, {grace}s grace", grace=self.relay.config.drain_grace)
+        port = self.port
+        self.port = None
+        stopped: defer.Deferred[Any] = (
+            defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        )
+        stopped.addCallback(lambda _: self.relay.drain())
+        return stopped
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """
+    Parse ``LOW-HIGH`` (or a single port).
+
+    @raise ValueError: not a valid range.
+    """
+    low, _, high = text.partition("-")
+    lo, hi = int(low), int(high or low)
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"bad port range {text!r}")
+    return lo, hi
+
+
+def read_tokens(lines: Iterable[str]) -> frozenset[str]:
+    """
+    Tokens from a file's lines: one per line; blank lines and ``#`` comments skipped.
+    """
+    tokens = {line.strip() for line in lines}
+    return frozenset(t for t in tokens if t and not t.startswith("#"))
