@@ -56,7 +56,8 @@ def test_creates_ca_and_wildcard_leaf(tmp_path: Path) -> None:
     assert [a.value for a in cn] == ["Tunnels development CA"]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.DNSName)) == {DOMAIN, "*." + DOMAIN}
+    assert set(san.get_values_for_type(x509.DNSName)) == {DOMAIN, "*." + DOMAIN, "localhost"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
     lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert datetime.timedelta(days=360) < lifetime < datetime.timedelta(days=370)
     ca_life = ca.not_valid_after_utc - ca.not_valid_before_utc

@@ -9,6 +9,7 @@ Clients trust the CA file (``curl --cacert``, ``TUNNEL_CA``).
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import tempfile
 from dataclasses import dataclass
@@ -141,7 +142,17 @@ def _make_leaf(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(not_after)
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(domain), x509.DNSName("*." + domain)]),
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName(domain),
+                    x509.DNSName("*." + domain),
+                    # So that an agent on the same machine may dial the development relay
+                    # as localhost or by its loopback address.
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.IPv6Address("::1")),
+                ]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -215,7 +226,7 @@ def _leaf_usable(
     except x509.ExtensionNotFound:
         return False
     names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
-    return domain in names and ("*." + domain) in names
+    return {domain, "*." + domain, "localhost"} <= names
 
 
 def ensure_dev_certificates(state_dir: FilePath[str] | str, domain: str) -> DevCertificates:

@@ -139,15 +139,16 @@ class Relay:
         An unknown id and an offline one are refused alike.
         """
         name = hello.server_name
-        if name is None or self.draining:
+        if self.draining:
             return None
+        tunnel_id = name[: -len(self._suffix)] if name and name.endswith(self._suffix) else None
+        if tunnel_id is None and LINK_ALPN in hello.alpn:
+            # An agent may dial the relay by any name its certificate covers.
+            return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory)
         if name == self.domain:
-            if LINK_ALPN in hello.alpn:
-                return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory)
             return Route(self.tls.context_for(HTTP1), self.info_factory)
-        if not name.endswith(self._suffix):
+        if tunnel_id is None:
             return None
-        tunnel_id = name[: -len(self._suffix)]
         record = self.registry.get(tunnel_id)
         if record is None or record.kind != "tls":
             return None

@@ -229,7 +229,7 @@ def _load_object(payload: bytes, what: str) -> dict[str, Any]:
         raise ControlError(f"{what} of {len(payload)} octets is too large")
     try:
         body = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ControlError(f"{what} is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise ControlError(f"{what} is not a JSON object")
