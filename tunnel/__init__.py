@@ -1,7 +1,126 @@
 """
 Tunnels: a public URL for a local port, through a relay you run.
+
+Plain Python (the reactor runs in a background thread; nothing to set up)::
+
+    import tunnel
+    with tunnel.forward(8000) as t:
+        print(t.url)          # https://<id>.<domain>[:port]
+        print(t.tls_socket)   # (host, port)
+
+With ``unencrypted=True`` the tunnel also has a raw TCP port: ``t.tcp_socket``.
+In Twisted code, use `tunnel.client.forward`, which returns a Deferred.
+
+Where the relay is comes from the arguments or from ``TUNNEL_RELAY``, ``TUNNEL_TOKEN`` and
+``TUNNEL_CA``.
 """
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "AuthenticationError",
+    "RelayUnavailable",
+    "Tunnel",
+    "TunnelError",
+    "TunnelRefused",
+    "__version__",
+    "forward",
+]
+
+from tunnel._tunnel import Tunnel
+from tunnel.errors import (
+    AuthenticationError,
+    RelayUnavailable,
+    TunnelError,
+    TunnelRefused,
+)
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def _running_reactor() -> Any:
+    """
+    The global reactor, running in a background thread (started on first use).
+
+    @raise RuntimeError: called from the reactor's own thread, where blocking would deadlock.
+    """
+    global _thread
+    from twisted.internet import reactor
+    from twisted.python import threadable
+
+    with _lock:
+        if reactor.running:
+            if threadable.isInIOThread():
+                raise RuntimeError(
+                    "tunnel.forward blocks; in Twisted code use "
+                    "tunnel.client.forward(reactor, port)"
+                )
+            return reactor
+        if _thread is None:
+            started = threading.Event()
+            reactor.callWhenRunning(started.set)
+            _thread = threading.Thread(
+                target=reactor.run,
+                kwargs={"installSignalHandlers": False},
+                name="tunnel-reactor",
+                daemon=True,
+            )
+            _thread.start()
+            if not started.wait(10):
+                raise RuntimeError("the Twisted reactor did not start")
+    return reactor
+
+
+@contextmanager
+def forward(
+    port: int,
+    *,
+    unencrypted: bool = False,
+    h2: bool = False,
+    host: str = "127.0.0.1",
+    relay: str | None = None,
+    token: str | None = None,
+    ca: str | None = None,
+) -> Iterator[Tunnel]:
+    """
+    Forward a local port through the relay for the duration of a ``with`` block.
+
+    The arguments are those of `tunnel.client.forward`. Leaving the block closes the tunnel.
+
+    @raise ValueError: a bad argument, or a port that is already forwarded.
+    @raise RelayUnavailable: the relay could not be reached in time.
+    @raise AuthenticationError: the relay refused the token.
+    @raise TunnelRefused: the relay refused the tunnel.
+    """
+    from twisted.internet import defer
+    from twisted.internet.threads import blockingCallFromThread
+
+    from tunnel import client
+
+    reactor = _running_reactor()
+
+    def start() -> defer.Deferred[Tunnel]:
+        return client.forward(
+            reactor,
+            port,
+            unencrypted=unencrypted,
+            h2=h2,
+            host=host,
+            relay=relay,
+            token=token,
+            ca=ca,
+        )
+
+    t: Tunnel = blockingCallFromThread(reactor, start)  # type: ignore[arg-type]
+    try:
+        yield t
+    finally:
+        blockingCallFromThread(reactor, t.close)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from twisted.internet import address, error, interfaces
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -47,7 +48,17 @@ from tunnel.wire import (
 )
 from tunnel.wire.errors import describe
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "LinkProtocol", "Stream", "StreamResetError", "splice"]
+__all__ = [
+    "HIGH_WATER",
+    "LOW_WATER",
+    "LinkProtocol",
+    "SpliceProtocol",
+    "Stream",
+    "StreamResetError",
+    "half_close",
+    "set_nodelay",
+    "splice",
+]
 
 #: Octets queued on a stream beyond which its producer is paused.
 HIGH_WATER = 128 * 1024
@@ -83,7 +94,12 @@ class Stream:
     window: no credit goes back for it).
     """
 
-    def __init__(self, link: LinkProtocol, stream_id: int, peer: address.IPv4Address | address.IPv6Address | None):
+    def __init__(
+        self,
+        link: LinkProtocol,
+        stream_id: int,
+        peer: address.IPv4Address | address.IPv6Address | None,
+    ):
         self.link = link
         self.stream_id = stream_id
         self.protocol: Any = None
@@ -398,7 +414,9 @@ class LinkProtocol(Protocol):
 
     # -- actions -----------------------------------------------------------------------------
 
-    def openStream(self, metadata: bytes, peer: address.IPv4Address | address.IPv6Address | None = None) -> Stream:
+    def openStream(
+        self, metadata: bytes, peer: address.IPv4Address | address.IPv6Address | None = None
+    ) -> Stream:
         """
         Open a stream to the peer.
 
@@ -531,9 +549,7 @@ class LinkProtocol(Protocol):
         now = self.reactor.seconds()
         silent = now - self._last_received
         if silent >= self.keepalive_timeout:
-            _log.warn(
-                "link silent for {silent:.1f}s, declaring it dead", silent=silent
-            )
+            _log.warn("link silent for {silent:.1f}s, declaring it dead", silent=silent)
             self.terminated = (ErrorCode.TIMEOUT, "keepalive timeout", False)
             self._dispatch(self.mux.go_away(ErrorCode.TIMEOUT, "keepalive timeout"))
             self._abort()
@@ -566,6 +582,23 @@ def set_nodelay(transport: Any) -> None:
             return
 
 
+def half_close(transport: Any) -> None:
+    """
+    Shut down the sending direction of `transport` after its buffered data: a FIN on a
+    stream or a TCP socket. TLS has no half-close, so a TLS transport closes entirely (its
+    `loseWriteConnection`, inherited from the TCP transport below it, would cut off
+    data still inside the TLS layer).
+    """
+    if isinstance(transport, Stream):
+        transport.loseWriteConnection()
+    elif isinstance(transport, TLSMemoryBIOProtocol):
+        transport.loseConnection()
+    elif interfaces.ITCPTransport.providedBy(transport):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
 class _SpliceHalf(Protocol):
     """
     Forwards what one transport receives to another, with backpressure both ways and
@@ -586,11 +619,7 @@ class _SpliceHalf(Protocol):
         self.other.write(data)
 
     def readConnectionLost(self) -> None:
-        closer = getattr(self.other, "loseWriteConnection", None)
-        if closer is not None:
-            closer()
-        else:
-            self.other.loseConnection()
+        half_close(self.other)
 
     def writeConnectionLost(self) -> None:
         pass

@@ -35,7 +35,7 @@ from tunnel.relay.registry import (
     TunnelRegistry,
     valid_tunnel_id,
 )
-from tunnel.wire import ErrorCode, LinkSettings, LocalProtocolError, PROTOCOL_VERSION
+from tunnel.wire import ErrorCode, LinkSettings, LocalProtocolError
 from tunnel.wire.control import (
     AgentHello,
     ControlError,
@@ -150,7 +150,7 @@ class Relay:
         if tunnel_id is None:
             return None
         record = self.registry.get(tunnel_id)
-        if record is None or record.kind != "tls":
+        if record is None:
             return None
         alpn = H2 if record.options.get("h2") else HTTP1
         return Route(self.tls.context_for(alpn), _PublicFactory(self, tunnel_id))
@@ -212,9 +212,8 @@ class Relay:
             )
         options = {k: v for k, v in request.options.items() if k in ("h2",)}
         record = TunnelRecord(tunnel_id, kind, link, options)
-        if kind == "tcp":
-            if not self._listen_tcp(record, request.reclaim_port):
-                return refuse("no_ports", "no free port in the relay's TCP range")
+        if kind == "tcp" and not self._listen_tcp(record, request.reclaim_port):
+            return refuse("no_ports", "no free port in the relay's TCP range")
         self.registry.add(record)
         _log.info(
             "granted {kind} tunnel {host}{port} to {peer}",
@@ -418,7 +417,9 @@ class RelayLink(LinkProtocol):
         if isinstance(message, AgentHello):
             self._hello(message)
         elif not self.authenticated:
-            self.refuse("unauthorized", "the first control message must be hello", ErrorCode.UNAUTHORIZED)
+            self.refuse(
+                "unauthorized", "the first control message must be hello", ErrorCode.UNAUTHORIZED
+            )
         elif isinstance(message, TunnelRequest):
             self.send(self.relay.grant(self, message))
         elif isinstance(message, TunnelClose):
@@ -615,7 +616,10 @@ class RelayService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        _log.info("relay draining: no new connections, {grace}s grace", grace=self.relay.config.drain_grace)
+        _log.info(
+            "relay draining: no new connections, {grace}s grace",
+            grace=self.relay.config.drain_grace,
+        )
         port = self.port
         self.port = None
         stopped: defer.Deferred[Any] = (

@@ -1,0 +1,78 @@
+"""
+The `Tunnel` value that `forward` yields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+
+from tunnel.errors import TunnelError
+
+__all__ = ["Tunnel"]
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """
+    A forwarded port: where the public reaches it.
+
+    The shape of Modal's tunnel: four fields, and three properties derived from them.
+    """
+
+    #: The public TLS host name, ``<id>.<domain>``.
+    host: str
+    #: The public TLS port.
+    port: int
+    #: For ``unencrypted=True`` tunnels: the raw TCP host and port; else None.
+    unencrypted_host: str | None = None
+    unencrypted_port: int | None = None
+    _close: Callable[[], defer.Deferred[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    @property
+    def url(self) -> str:
+        """
+        ``https://<host>``, with ``:<port>`` only when the port is not 443.
+        """
+        if self.port == 443:
+            return f"https://{self.host}"
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def tls_socket(self) -> tuple[str, int]:
+        """
+        The (host, port) a TLS client connects to.
+        """
+        return (self.host, self.port)
+
+    @property
+    def tcp_socket(self) -> tuple[str, int]:
+        """
+        The (host, port) of the raw TCP port.
+
+        @raise TunnelError: the tunnel was not made with ``unencrypted=True``.
+        """
+        if self.unencrypted_host is None or self.unencrypted_port is None:
+            raise TunnelError(
+                "this tunnel has no raw TCP socket: forward the port with unencrypted=True"
+            )
+        return (self.unencrypted_host, self.unencrypted_port)
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Close the tunnel; the Deferred fires when the relay has been told.
+        """
+        if self._close is None:
+            return defer.succeed(None)
+        return self._close()
+
+    async def __aenter__(self) -> Tunnel:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

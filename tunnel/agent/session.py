@@ -1,0 +1,604 @@
+"""
+The agent: one link to a relay (kept up by a `ClientService`), the tunnels asked of it, and
+a connection to the local target for every stream the relay opens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, error, interfaces
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.ssl import (
+    Certificate,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnel import __version__
+from tunnel._tunnel import Tunnel
+from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
+from tunnel.link import LinkProtocol, SpliceProtocol, Stream
+from tunnel.wire import PROTOCOL_VERSION, ErrorCode, LinkSettings
+from tunnel.wire.control import (
+    AgentHello,
+    ControlError,
+    ControlMessage,
+    ErrorMessage,
+    RelayWelcome,
+    StreamInfo,
+    TunnelClose,
+    TunnelClosed,
+    TunnelGranted,
+    TunnelRequest,
+    decode_message,
+    encode_message,
+)
+from tunnel.wire.control import (
+    TunnelRefused as TunnelRefusedMessage,
+)
+
+__all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward", "parse_relays"]
+
+_log = Logger()
+
+LINK_ALPN = b"tunnel/1"
+
+
+@dataclass(frozen=True)
+class RelayAddress:
+    """
+    Where a relay listens for agents.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_relays(text: str) -> list[RelayAddress]:
+    """
+    Parse ``host:port`` or a comma-separated list of them (``[v6]:port`` for IPv6).
+
+    @raise ValueError: an entry is not ``host:port`` with a valid port.
+    """
+    relays = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if entry.startswith("["):
+            host, sep, rest = entry[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+            if not sep:
+                raise ValueError(f"bad relay address {entry!r}")
+        else:
+            host, _, port_text = entry.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"relay address {entry!r} is not host:port")
+        relays.append(RelayAddress(host, int(port_text)))
+    if not relays:
+        raise ValueError("no relay address given")
+    return relays
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """
+    What to forward: a local target, and the kind of tunnel.
+    """
+
+    #: The local port.
+    port: int
+    #: The local host; loopback unless the target is elsewhere.
+    host: str = "127.0.0.1"
+    #: A raw TCP port at the relay instead of TLS by SNI.
+    unencrypted: bool = False
+    #: Advertise HTTP/2 in ALPN for this tunnel (the target speaks HTTP/2 in the clear).
+    h2: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ValueError(f"port must be an integer, not {self.port!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range 1-65535")
+        if not self.host:
+            raise ValueError("the target host is empty")
+        if self.unencrypted and self.h2:
+            raise ValueError("h2 applies to TLS tunnels only, not unencrypted ones")
+
+    @property
+    def target(self) -> str:
+        """
+        The target as ``host:port``.
+        """
+        return f"{self.host}:{self.port}"
+
+
+def parse_forward(text: str) -> ForwardSpec:
+    """
+    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT``, either followed by ``:tcp``
+    (a raw TCP tunnel) or ``:h2``.
+
+    @raise ValueError: not of that form.
+    """
+    parts = text.split(":")
+    unencrypted = h2 = False
+    if parts and parts[-1] in ("tcp", "h2", "tls"):
+        suffix = parts.pop()
+        unencrypted = suffix == "tcp"
+        h2 = suffix == "h2"
+    if len(parts) == 1:
+        host, port_text = "127.0.0.1", parts[0]
+    elif len(parts) == 2:
+        host, port_text = parts
+    else:
+        raise ValueError(f"--forward {text!r} is not PORT, HOST:PORT, or either with :tcp")
+    if not port_text.isdigit():
+        raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
+    return ForwardSpec(int(port_text), host or "127.0.0.1", unencrypted, h2)
+
+
+class _Forward:
+    """
+    The agent's record of one forward: what was asked, and what the relay granted.
+    """
+
+    def __init__(self, spec: ForwardSpec) -> None:
+        self.spec = spec
+        self.tunnel: Tunnel | None = None
+        self.tunnel_id: str | None = None
+        self.secret: str | None = None
+        self.tcp_port: int | None = None
+        self.waiting: defer.Deferred[Tunnel] | None = None
+        self.timeout: Any = None
+        self.closed = False
+
+
+class Agent:
+    """
+    Keeps one link to a relay and the tunnels on it.
+
+    @param relays: relays to use, in order; the agent fails over to the next one when a
+        connection attempt fails.
+    @param fail_fast: fail a `forward` as soon as a connection attempt fails (the API);
+        otherwise keep retrying until `connect_timeout` (the daemon retries forever).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        relays: Sequence[RelayAddress],
+        *,
+        token: str | None = None,
+        ca: str | None = None,
+        connect_timeout: float = 10.0,
+        local_connect_timeout: float = 10.0,
+        fail_fast: bool = True,
+        settings: LinkSettings | None = None,
+        retry_policy: Callable[[int], float] | None = None,
+    ) -> None:
+        if not relays:
+            raise ValueError("no relay given")
+        self.reactor = reactor
+        self.relays = list(relays)
+        self.token = token
+        self.ca = ca
+        self.connect_timeout = connect_timeout
+        self.local_connect_timeout = local_connect_timeout
+        self.fail_fast = fail_fast
+        self.settings = settings or LinkSettings()
+        self.link: AgentLink | None = None
+        self.welcome: RelayWelcome | None = None
+        self.forwards: list[_Forward] = []
+        self._requests: dict[int, _Forward] = {}
+        self._request_ids = itertools.count(1)
+        self._relay_index = 0
+        self.last_error: str | None = None
+        self._trust = _trust_root(ca)
+        factory = Factory.forProtocol(lambda: AgentLink(self))
+        factory.noisy = False
+        self._service = ClientService(
+            _FailoverEndpoint(self),
+            factory,
+            retryPolicy=retry_policy
+            or backoffPolicy(initialDelay=0.1, maxDelay=10.0, factor=2.0, jitter=random.random),
+            clock=reactor,
+        )
+        self._started = False
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Start connecting (idempotent).
+        """
+        if not self._started:
+            self._started = True
+            self._service.startService()
+
+    def stop(self) -> defer.Deferred[None]:
+        """
+        Close every tunnel and the link; stop reconnecting.
+        """
+        for forward in list(self.forwards):
+            self._fail(forward, RelayUnavailable("the agent is stopping"))
+        link = self.link
+        if link is not None and link.transport is not None:
+            link.goAway(ErrorCode.NO_ERROR, "agent stopping")
+            link.abort()
+        if not self._started:
+            return defer.succeed(None)
+        self._started = False
+        d: defer.Deferred[None] = defer.maybeDeferred(self._service.stopService)
+        return d
+
+    # -- the API -----------------------------------------------------------------------------
+
+    def forward(self, spec: ForwardSpec) -> defer.Deferred[Tunnel]:
+        """
+        Ask for a tunnel to `spec`'s target.
+
+        @raise ValueError: the same target is already forwarded by this agent.
+        @return: fires with the `Tunnel` once granted; fails with `RelayUnavailable`,
+            `AuthenticationError` or `TunnelRefused`.
+        """
+        for existing in self.forwards:
+            if (existing.spec.host, existing.spec.port) == (spec.host, spec.port):
+                raise ValueError(f"port {spec.port} is already forwarded ({existing.spec.target})")
+        forward = _Forward(spec)
+        d: defer.Deferred[Tunnel] = defer.Deferred()
+        forward.waiting = d
+        self.forwards.append(forward)
+        forward.timeout = self.reactor.callLater(self.connect_timeout, self._timed_out, forward)
+        self.start()
+        if self.link is not None:
+            self._request(self.link, forward)
+        return d
+
+    def _close(self, forward: _Forward) -> defer.Deferred[None]:
+        if forward.closed:
+            return defer.succeed(None)
+        forward.closed = True
+        if forward in self.forwards:
+            self.forwards.remove(forward)
+        link = self.link
+        if link is not None and forward.tunnel_id is not None:
+            link.send(TunnelClose(forward.tunnel_id))
+            for stream in list(link.streams.values()):
+                if getattr(stream, "tunnel_id", None) == forward.tunnel_id:
+                    stream.abortConnection(ErrorCode.CANCEL)
+        _log.info("tunnel {url} closed", url=forward.tunnel.url if forward.tunnel else "?")
+        return defer.succeed(None)
+
+    # -- link events -------------------------------------------------------------------------
+
+    def _welcomed(self, link: AgentLink, welcome: RelayWelcome) -> None:
+        self.link = link
+        self.welcome = welcome
+        self.last_error = None
+        link.keepalive_interval = welcome.keepalive_interval
+        link.keepalive_timeout = welcome.keepalive_timeout
+        for forward in list(self.forwards):
+            self._request(link, forward)
+
+    def _request(self, link: AgentLink, forward: _Forward) -> None:
+        request_id = next(self._request_ids)
+        self._requests[request_id] = forward
+        spec = forward.spec
+        link.send(
+            TunnelRequest(
+                request_id=request_id,
+                kind="tcp" if spec.unencrypted else "tls",
+                options={"h2": True} if spec.h2 else {},
+                reclaim_id=forward.tunnel_id,
+                reclaim_secret=forward.secret,
+                reclaim_port=forward.tcp_port,
+            )
+        )
+
+    def _answered(self, message: TunnelGranted | TunnelRefusedMessage) -> None:
+        forward = self._requests.pop(message.request_id, None)
+        if forward is None or forward.closed:
+            if forward is not None and isinstance(message, TunnelGranted) and self.link:
+                self.link.send(TunnelClose(message.tunnel_id))
+            return
+        if isinstance(message, TunnelRefusedMessage):
+            if message.code == "reclaim_refused" and forward.tunnel_id is not None:
+                _log.warn(
+                    "the relay no longer knows tunnel {id}; asking for a new one",
+                    id=forward.tunnel_id,
+                )
+                forward.tunnel_id = forward.secret = None
+                forward.tcp_port = None
+                if self.link is not None:
+                    self._request(self.link, forward)
+                return
+            self._fail(forward, TunnelRefused(message.code, message.message))
+            return
+        previous = forward.tunnel
+        forward.tunnel_id = message.tunnel_id
+        forward.secret = message.secret
+        forward.tcp_port = message.tcp_port
+        tunnel = Tunnel(
+            host=message.host,
+            port=message.port,
+            unencrypted_host=message.tcp_host,
+            unencrypted_port=message.tcp_port,
+            _close=lambda: self._close(forward),
+        )
+        forward.tunnel = tunnel
+        if previous is None:
+            where = f"{tunnel.url}"
+            if tunnel.unencrypted_port is not None:
+                where += f" tcp://{tunnel.unencrypted_host}:{tunnel.unencrypted_port}"
+            _log.info("tunnel ready: {where} -> {target}", where=where, target=forward.spec.target)
+        elif previous != tunnel:
+            _log.warn("tunnel {old} came back as {new}", old=previous.url, new=tunnel.url)
+        else:
+            _log.info("tunnel {url} is back", url=tunnel.url)
+        waiting, forward.waiting = forward.waiting, None
+        if forward.timeout is not None and forward.timeout.active():
+            forward.timeout.cancel()
+        forward.timeout = None
+        if waiting is not None:
+            waiting.callback(tunnel)
+
+    def _closed_by_relay(self, message: TunnelClosed) -> None:
+        for forward in list(self.forwards):
+            if forward.tunnel_id == message.tunnel_id:
+                _log.warn(
+                    "relay closed tunnel {id}: {reason}",
+                    id=message.tunnel_id,
+                    reason=message.reason,
+                )
+                forward.closed = True
+                self.forwards.remove(forward)
+
+    def _fail(self, forward: _Forward, reason: Exception) -> None:
+        if forward in self.forwards:
+            self.forwards.remove(forward)
+        forward.closed = True
+        if forward.timeout is not None and forward.timeout.active():
+            forward.timeout.cancel()
+        forward.timeout = None
+        waiting, forward.waiting = forward.waiting, None
+        if waiting is not None:
+            waiting.errback(Failure(reason))
+
+    def _timed_out(self, forward: _Forward) -> None:
+        forward.timeout = None
+        if forward.waiting is None:
+            return
+        detail = f": {self.last_error}" if self.last_error else ""
+        self._fail(
+            forward,
+            RelayUnavailable(
+                f"no tunnel from relay {self._relay_names()} within "
+                f"{self.connect_timeout:g}s{detail}"
+            ),
+        )
+
+    def _attempt_failed(self, reason: str, error_type: type[Exception] = RelayUnavailable) -> None:
+        """
+        A connection attempt (or the handshake on it) failed.
+        """
+        self.last_error = reason
+        _log.warn("relay {relay}: {reason}", relay=self._relay_names(), reason=reason)
+        if self.fail_fast:
+            for forward in list(self.forwards):
+                if forward.waiting is not None:
+                    self._fail(forward, error_type(reason))
+
+    def _link_lost(self, link: AgentLink, reason: Failure) -> None:
+        if self.link is link:
+            self.link = None
+            self._requests.clear()
+            if self._started and self.forwards:
+                _log.warn("link to relay lost; reconnecting")
+        elif link.error_message is None and not link.welcomed:
+            self._attempt_failed(_describe(reason))
+
+    def _relay_names(self) -> str:
+        return ",".join(str(r) for r in self.relays)
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def _stream_opened(self, link: AgentLink, stream: Stream, metadata: bytes) -> None:
+        try:
+            info = StreamInfo.decode(metadata)
+        except ControlError:
+            stream.abortConnection(ErrorCode.PROTOCOL_ERROR)
+            return
+        forward = next((f for f in self.forwards if f.tunnel_id == info.tunnel_id), None)
+        if forward is None:
+            stream.abortConnection(ErrorCode.REFUSED_STREAM)
+            return
+        stream.tunnel_id = info.tunnel_id  # type: ignore[attr-defined]
+        spec = forward.spec
+        self.reactor.connectTCP(
+            spec.host,
+            spec.port,
+            _LocalFactory(stream, spec),
+            timeout=self.local_connect_timeout,
+        )
+
+
+def _describe(reason: Failure) -> str:
+    value = reason.value
+    text = str(value) or type(value).__name__
+    if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"the relay's certificate is not trusted ({text}); pass --ca / TUNNEL_CA"
+    return text
+
+
+def _trust_root(ca: str | None) -> Any:
+    if ca is None:
+        return platformTrust()
+    with open(ca, "rb") as f:
+        pem = f.read()
+    blocks = [
+        b"-----BEGIN CERTIFICATE-----" + part
+        for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+    ]
+    if not blocks:
+        raise ValueError(f"{ca} holds no PEM certificate")
+    return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+
+
+@implementer(interfaces.IStreamClientEndpoint)
+class _FailoverEndpoint:
+    """
+    Dials the agent's relays in turn: the current one until an attempt fails, then the next.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        agent = self.agent
+        relay = agent.relays[agent._relay_index % len(agent.relays)]
+        host = relay.host
+        # *.localhost names are loopback (RFC 6761), as curl and browsers treat them.
+        dial = "127.0.0.1" if host == "localhost" or host.endswith(".localhost") else host
+        creator = optionsForClientTLS(host, trustRoot=agent._trust, acceptableProtocols=[LINK_ALPN])
+        inner: Any
+        if isIPAddress(dial):
+            # No resolver round trip (and no thread pool start) for an address.
+            inner = TCP4ClientEndpoint(
+                agent.reactor, dial, relay.port, timeout=agent.connect_timeout
+            )
+        elif isIPv6Address(dial):
+            inner = TCP6ClientEndpoint(
+                agent.reactor, dial, relay.port, timeout=agent.connect_timeout
+            )
+        else:
+            inner = HostnameEndpoint(agent.reactor, dial, relay.port, timeout=agent.connect_timeout)
+        d: defer.Deferred[Any] = wrapClientTLS(creator, inner).connect(factory)
+
+        def failed(reason: Failure) -> Failure:
+            agent._relay_index += 1
+            agent._attempt_failed(f"cannot connect to {relay}: {_describe(reason)}")
+            return reason
+
+        d.addErrback(failed)
+        return d
+
+
+class AgentLink(LinkProtocol):
+    """
+    The agent's end of its link.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent.reactor, client=True, settings=agent.settings)
+        self.agent = agent
+        self.welcomed = False
+        self.error_message: ErrorMessage | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.send(
+            AgentHello(
+                version=PROTOCOL_VERSION, token=self.agent.token, agent=f"tunnels/{__version__}"
+            )
+        )
+
+    def send(self, message: ControlMessage) -> None:
+        """
+        Send a control message to the relay.
+        """
+        self.sendControl(encode_message(message))
+
+    def controlReceived(self, payload: bytes) -> None:
+        try:
+            message = decode_message(payload)
+        except ControlError as e:
+            _log.warn("malformed control message from the relay: {e}", e=e)
+            self.goAway(ErrorCode.PROTOCOL_ERROR, str(e))
+            return
+        agent = self.agent
+        if isinstance(message, RelayWelcome):
+            self.welcomed = True
+            agent._welcomed(self, message)
+        elif isinstance(message, TunnelGranted | TunnelRefusedMessage):
+            agent._answered(message)
+        elif isinstance(message, TunnelClosed):
+            agent._closed_by_relay(message)
+        elif isinstance(message, ErrorMessage):
+            self.error_message = message
+            kind = AuthenticationError if message.code == "unauthorized" else RelayUnavailable
+            agent._attempt_failed(f"the relay refused the agent: {message.message}", kind)
+
+    def streamOpened(self, stream: Stream, metadata: bytes) -> None:
+        self.agent._stream_opened(self, stream, metadata)
+
+    def goAwayReceived(self, code: int, message: str) -> None:
+        if code == ErrorCode.NO_ERROR:
+            _log.info("relay is draining: {message}", message=message)
+
+    def linkLost(self, reason: Failure) -> None:
+        self.agent._link_lost(self, reason)
+
+
+class _LocalFactory(ClientFactory):
+    """
+    Connects one stream to the local target.
+    """
+
+    noisy = False
+
+    def __init__(self, stream: Stream, spec: ForwardSpec) -> None:
+        self.stream = stream
+        self.spec = spec
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _LocalProtocol(self.stream)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        timed_out = reason.check(error.TimeoutError, error.UserError) is not None
+        code = ErrorCode.CONNECT_TIMEOUT if timed_out else ErrorCode.CONNECT_FAILED
+        _log.warn(
+            "cannot connect to {target}: {reason}",
+            target=self.spec.target,
+            reason=_describe(reason),
+        )
+        self.stream.abortConnection(code)
+
+
+class _LocalProtocol(SpliceProtocol):
+    """
+    The local target's connection, joined to its stream.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__(stream)
+
+    def connectionMade(self) -> None:
+        stream: Stream = self.other
+        transport = self.transport
+        assert transport is not None
+        if stream._closed:
+            transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        super().connectionMade()
+        stream.attach(SpliceProtocol(transport))

@@ -1,0 +1,118 @@
+"""
+``twistd tunnelagent``: options and service construction.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from tunnel.agent.session import Agent, ForwardSpec, parse_forward, parse_relays
+
+__all__ = ["AgentService", "Options", "makeService"]
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    """
+    Options of the agent.
+    """
+
+    synopsis = "--relay HOST:PORT --forward PORT[:tcp] [--forward ...] [--token T] [--ca CA]"
+    longdesc = (
+        "The agent of Tunnels: dials out to a relay over TLS and forwards public "
+        "connections of each tunnel to a local port."
+    )
+    optParameters = [
+        ["relay", None, None, "Relay HOST:PORT, or a comma-separated list (TUNNEL_RELAY)."],
+        ["token", None, None, "Agent token (TUNNEL_TOKEN)."],
+        ["ca", None, None, "PEM CA bundle to trust for the relay (TUNNEL_CA)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["forward"] = []
+
+    def opt_forward(self, value: str) -> None:
+        """
+        Forward a local PORT, HOST:PORT, or either with :tcp for a raw TCP tunnel or :h2 for
+        HTTP/2 (repeatable).
+        """
+        try:
+            self["forward"].append(parse_forward(value))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def postOptions(self) -> None:
+        relay = self["relay"] or os.environ.get("TUNNEL_RELAY")
+        if not relay:
+            raise usage.UsageError("give --relay HOST:PORT or set TUNNEL_RELAY")
+        try:
+            self["relays"] = parse_relays(relay)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["token"] = self["token"] or os.environ.get("TUNNEL_TOKEN") or None
+        self["ca"] = self["ca"] or os.environ.get("TUNNEL_CA") or None
+        if self["ca"] and not os.path.isfile(self["ca"]):
+            raise usage.UsageError(f"CA file {self['ca']!r} does not exist")
+        if not self["forward"]:
+            raise usage.UsageError("give at least one --forward PORT")
+        targets = [(f.host, f.port) for f in self["forward"]]
+        if len(set(targets)) != len(targets):
+            raise usage.UsageError("the same target is forwarded twice")
+
+
+class AgentService(service.Service):
+    """
+    The agent as a Twisted service: asks for every forward, retrying until granted.
+    """
+
+    def __init__(self, agent: Agent, forwards: list[ForwardSpec]) -> None:
+        self.agent = agent
+        self.forwards = forwards
+
+    def startService(self) -> None:
+        super().startService()
+        for spec in self.forwards:
+            self._ask(spec)
+
+    def _ask(self, spec: ForwardSpec) -> None:
+        if not self.running:
+            return
+
+        def failed(reason: Failure) -> None:
+            _log.error(
+                "tunnel for {target} not granted: {why}", target=spec.target, why=reason.value
+            )
+            self.agent.reactor.callLater(2.0, self._ask, spec)
+
+        self.agent.forward(spec).addErrback(failed)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self.agent.stop()
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """
+    Build the agent's service from parsed options.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    agent = Agent(
+        reactor,
+        options["relays"],
+        token=options["token"],
+        ca=options["ca"],
+        fail_fast=False,
+    )
+    return AgentService(agent, options["forward"])

@@ -1,0 +1,141 @@
+"""
+The Twisted API: ``forward(reactor, port)`` returns a Deferred that fires with a `Tunnel`.
+
+    from tunnel.client import forward
+    t = await forward(reactor, 8000)
+    print(t.url)
+    await t.close()
+
+    async with forward(reactor, 8000) as t:
+        ...
+
+One agent (one link) is shared by every tunnel made with the same reactor, relay, token and
+CA, so a second `forward` costs one round trip on a link that is already up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer
+
+from tunnel._tunnel import Tunnel
+from tunnel.agent.session import Agent, ForwardSpec, RelayAddress, parse_relays
+from tunnel.errors import (
+    AuthenticationError,
+    RelayUnavailable,
+    TunnelClosedError,
+    TunnelError,
+    TunnelRefused,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "RelayUnavailable",
+    "Tunnel",
+    "TunnelClosedError",
+    "TunnelError",
+    "TunnelRefused",
+    "agent_for",
+    "forward",
+    "shutdown",
+]
+
+_agents: dict[tuple[int, tuple[RelayAddress, ...], str | None, str | None], Agent] = {}
+
+
+class ForwardDeferred(defer.Deferred[Tunnel]):
+    """
+    The Deferred `forward` returns; it also works as ``async with forward(...) as t``,
+    closing the tunnel when the block ends.
+    """
+
+    _tunnel: Tunnel | None = None
+
+    async def __aenter__(self) -> Tunnel:
+        self._tunnel = await self
+        return self._tunnel
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._tunnel is not None:
+            await self._tunnel.close()
+
+
+def _settings(
+    relay: str | None, token: str | None, ca: str | None
+) -> tuple[list[RelayAddress], str | None, str | None]:
+    relay = relay if relay is not None else os.environ.get("TUNNEL_RELAY")
+    if not relay:
+        raise ValueError("no relay given: pass relay='host:port' or set TUNNEL_RELAY")
+    token = token if token is not None else os.environ.get("TUNNEL_TOKEN") or None
+    ca = ca if ca is not None else os.environ.get("TUNNEL_CA") or None
+    if ca is not None and not os.path.isfile(ca):
+        raise ValueError(f"CA file {ca!r} does not exist")
+    return parse_relays(relay), token, ca
+
+
+def agent_for(
+    reactor: Any, relay: str | None = None, token: str | None = None, ca: str | None = None
+) -> Agent:
+    """
+    The shared agent for these settings (arguments, else ``TUNNEL_RELAY``, ``TUNNEL_TOKEN``,
+    ``TUNNEL_CA``), created on first use.
+
+    @raise ValueError: no relay, a malformed relay address, or a missing CA file.
+    """
+    relays, token, ca = _settings(relay, token, ca)
+    key = (id(reactor), tuple(relays), token, ca)
+    agent = _agents.get(key)
+    if agent is None:
+        agent = Agent(reactor, relays, token=token, ca=ca)
+        _agents[key] = agent
+    return agent
+
+
+def forward(
+    reactor: Any,
+    port: int,
+    *,
+    unencrypted: bool = False,
+    h2: bool = False,
+    host: str = "127.0.0.1",
+    relay: str | None = None,
+    token: str | None = None,
+    ca: str | None = None,
+) -> ForwardDeferred:
+    """
+    Forward a local port through the relay.
+
+    @param port: the local port to expose.
+    @param unencrypted: also give the tunnel a raw TCP port at the relay (`Tunnel.tcp_socket`).
+    @param h2: advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear).
+    @param host: the local host to connect to (default 127.0.0.1).
+    @param relay: ``host:port`` of the relay, or several separated by commas;
+        default ``TUNNEL_RELAY``.
+    @param token: the agent token; default ``TUNNEL_TOKEN``.
+    @param ca: a PEM CA bundle to trust for the relay; default ``TUNNEL_CA``, else the
+        system's trust store.
+    @raise ValueError: at once, before any I/O, for a bad argument or a port already forwarded.
+    @return: a Deferred firing with the `Tunnel`, or failing with `RelayUnavailable`,
+        `AuthenticationError` or `TunnelRefused` (never hanging: the relay must answer within
+        the agent's connect timeout).
+    """
+    spec = ForwardSpec(port, host, unencrypted, h2)
+    agent = agent_for(reactor, relay, token, ca)
+    result = ForwardDeferred()
+    agent.forward(spec).chainDeferred(result)
+    return result
+
+
+def shutdown(reactor: Any) -> defer.Deferred[None]:
+    """
+    Close every tunnel and link made with `reactor`.
+    """
+    stops = []
+    for key, agent in list(_agents.items()):
+        if key[0] == id(reactor):
+            del _agents[key]
+            stops.append(agent.stop())
+    d: defer.Deferred[Any] = defer.gatherResults(stops, consumeErrors=True)
+    return d.addCallback(lambda _: None)

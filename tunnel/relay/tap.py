@@ -1,0 +1,171 @@
+"""
+``twistd tunnelrelay``: options and service construction.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from tunnel.relay._certs import ensure_dev_certificates
+from tunnel.relay._tls import RelayTLS
+from tunnel.relay.registry import ReclaimKey
+from tunnel.relay.service import (
+    Relay,
+    RelayConfig,
+    RelayService,
+    parse_port_range,
+    read_tokens,
+)
+
+__all__ = ["Options", "makeService"]
+
+_log = Logger()
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "tunnels", "relay")
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"{text} is not positive")
+        return value
+
+    return parse
+
+
+class Options(usage.Options):
+    """
+    Options of the relay. Listening addresses are endpoint strings.
+    """
+
+    synopsis = "--domain DOMAIN [--listen tcp:443] [--cert C --key K] [options]"
+    longdesc = (
+        "The public relay of Tunnels: terminates TLS for *.DOMAIN and dispatches each "
+        "connection by SNI to the agent that owns the tunnel; raw TCP ports for unencrypted "
+        "tunnels. Without --cert it runs in development mode with its own local CA."
+    )
+
+    optParameters = [
+        ["domain", None, "tunnel.localhost", "Tunnels are <id>.DOMAIN."],
+        ["listen", None, "tcp:443", "Endpoint string of the public TLS listener."],
+        ["public-port", None, None, "Port written into URLs (default: the listening port).", int],
+        ["cert", None, None, "PEM certificate chain for DOMAIN and *.DOMAIN."],
+        ["key", None, None, "PEM private key of --cert."],
+        ["tcp-ports", None, "20000-29999", "Range of raw TCP tunnel ports, LOW-HIGH."],
+        ["tcp-interface", None, "", "Address raw TCP ports bind to (default: all)."],
+        ["tokens", None, None, "File of accepted agent tokens, one per line."],
+        ["state-dir", None, None, "Directory for keys and development certificates."],
+        ["handshake-timeout", None, 10.0, "Seconds a TLS handshake may take.", _positive(float)],
+        [
+            "max-pending-handshakes",
+            None,
+            1024,
+            "TLS handshakes in progress at once.",
+            _positive(int),
+        ],
+        ["max-tunnels-per-agent", None, 64, "Tunnels one agent may hold.", _positive(int)],
+        ["max-streams-per-link", None, 4096, "Open streams per agent link.", _positive(int)],
+        [
+            "max-connections-per-tunnel",
+            None,
+            1024,
+            "Open public connections per tunnel.",
+            _positive(int),
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Close public connections idle this many seconds.",
+            _positive(float),
+        ],
+        ["keepalive-interval", None, 5.0, "Seconds between keepalive pings.", _positive(float)],
+        ["keepalive-timeout", None, 15.0, "Seconds of silence that end a link.", _positive(float)],
+        ["drain-grace", None, 30.0, "Seconds streams may finish after SIGTERM.", float],
+    ]
+
+    def postOptions(self) -> None:
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        try:
+            self["tcp-ports"] = parse_port_range(self["tcp-ports"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        domain = self["domain"].strip().lower().rstrip(".")
+        if not domain or "/" in domain or ":" in domain:
+            raise usage.UsageError(f"--domain {self['domain']!r} is not a domain name")
+        self["domain"] = domain
+        if self["state-dir"] is None:
+            self["state-dir"] = _default_state_dir()
+
+
+def _listen_port(listen: str) -> int | None:
+    for part in listen.split(":")[1:]:
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """
+    Build the relay's service from parsed options.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    state_dir = options["state-dir"]
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    domain = options["domain"]
+    if options["cert"]:
+        cert, key = options["cert"], options["key"]
+    else:
+        dev = ensure_dev_certificates(state_dir, domain)
+        cert, key = dev.cert_path, dev.key_path
+        _log.warn(
+            "development mode: certificate for {domain} and *.{domain} signed by a local CA; "
+            "trust it with: curl --cacert {ca} / TUNNEL_CA={ca}",
+            domain=domain,
+            ca=dev.ca_path,
+        )
+    tokens = None
+    if options["tokens"]:
+        with open(options["tokens"], encoding="utf-8") as f:
+            tokens = read_tokens(f)
+        if not tokens:
+            raise usage.UsageError(f"{options['tokens']} holds no token")
+    else:
+        _log.warn("NO --tokens GIVEN: THIS RELAY ACCEPTS ANY AGENT. Use --tokens in production.")
+    public_port = options["public-port"] or _listen_port(options["listen"]) or 443
+    config = RelayConfig(
+        domain=domain,
+        public_port=public_port,
+        tcp_ports=options["tcp-ports"],
+        tcp_interface=options["tcp-interface"],
+        tokens=tokens,
+        handshake_timeout=options["handshake-timeout"],
+        max_pending_handshakes=options["max-pending-handshakes"],
+        max_tunnels_per_agent=options["max-tunnels-per-agent"],
+        max_streams_per_link=options["max-streams-per-link"],
+        max_connections_per_tunnel=options["max-connections-per-tunnel"],
+        idle_timeout=options["idle-timeout"],
+        keepalive_interval=options["keepalive-interval"],
+        keepalive_timeout=options["keepalive-timeout"],
+        drain_grace=options["drain-grace"],
+    )
+    relay = Relay(
+        reactor,
+        config,
+        RelayTLS(cert, key),
+        ReclaimKey.load_or_create(os.path.join(state_dir, "reclaim.key")),
+    )
+    return RelayService(reactor, relay, options["listen"])
