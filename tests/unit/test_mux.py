@@ -789,9 +789,6 @@ def test_fuzz_smoke_mux_and_decoder() -> None:
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.xfail(
-    strict=True, reason="control.decode_message/StreamInfo.decode leak RecursionError"
-)
 def test_fuzz_smoke_control() -> None:
     from tests import fuzz
 
