@@ -366,6 +366,11 @@ class LinkProtocol(Protocol):
         The link is gone; every stream has been reset.
         """
 
+    def streamForgotten(self) -> None:
+        """
+        A stream ended (closed or reset) and left `streams`.
+        """
+
     # -- Protocol ----------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -535,8 +540,9 @@ class LinkProtocol(Protocol):
                 )
 
     def _forget(self, stream: Stream) -> None:
-        self.streams.pop(stream.stream_id, None)
-        self._blocked.pop(stream.stream_id, None)
+        if self.streams.pop(stream.stream_id, None) is not None:
+            self._blocked.pop(stream.stream_id, None)
+            self.streamForgotten()
 
     def _schedule_keepalive(self) -> None:
         delay = min(1.0, self.keepalive_interval)

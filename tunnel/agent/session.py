@@ -410,7 +410,10 @@ class Agent:
                     self._fail(forward, error_type(reason))
 
     def _link_lost(self, link: AgentLink, reason: Failure) -> None:
-        if self.link is link:
+        if link.draining and self.link is link:
+            self.link = None
+            self._requests.clear()
+        elif self.link is link:
             self.link = None
             self._requests.clear()
             if self._started and self.forwards:
@@ -513,6 +516,7 @@ class AgentLink(LinkProtocol):
         super().__init__(agent.reactor, client=True, settings=agent.settings)
         self.agent = agent
         self.welcomed = False
+        self.draining = False
         self.error_message: ErrorMessage | None = None
 
     def connectionMade(self) -> None:
@@ -553,8 +557,21 @@ class AgentLink(LinkProtocol):
         self.agent._stream_opened(self, stream, metadata)
 
     def goAwayReceived(self, code: int, message: str) -> None:
-        if code == ErrorCode.NO_ERROR:
-            _log.info("relay is draining: {message}", message=message)
+        if code != ErrorCode.NO_ERROR:
+            return
+        # The relay is draining: streams in flight finish here; the link closes as soon as
+        # none is left, so the ClientService reconnects (to the next relay, if there are
+        # several) while nothing is lost.
+        _log.info(
+            "relay is draining ({message}); reconnecting once streams finish", message=message
+        )
+        self.draining = True
+        self.agent._relay_index += 1
+        self.streamForgotten()
+
+    def streamForgotten(self) -> None:
+        if self.draining and not self.streams and self.transport is not None:
+            self.abort()
 
     def linkLost(self, reason: Failure) -> None:
         self.agent._link_lost(self, reason)

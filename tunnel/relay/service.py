@@ -303,6 +303,13 @@ class Relay:
         port = getattr(peer, "port", 0)
         info = StreamInfo(tunnel_id, host, port)
         link: RelayLink = record.owner
+        if len(link.streams) >= self.config.max_streams_per_link:
+            _log.warn(
+                "link of {peer}: {n} streams open, refusing another",
+                peer=link.peer_name,
+                n=len(link.streams),
+            )
+            return None
         try:
             stream = link.openStream(
                 info.encode(), peer if isinstance(peer, IPv4Address | IPv6Address) else None
