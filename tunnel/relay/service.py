@@ -588,8 +588,9 @@ class RelayService(service.MultiService):
     The relay as a Twisted service: the public TLS listener plus drain on stop.
     """
 
-    def __init__(self, reactor: Any, relay: Relay, listen: str) -> None:
+    def __init__(self, reactor: Any, relay: Relay, listen: str, admin: str | None = None) -> None:
         super().__init__()
+        self.admin = admin
         self.reactor = reactor
         self.relay = relay
         self.front = SNIDispatchFactory(
@@ -600,9 +601,23 @@ class RelayService(service.MultiService):
         )
         self.endpoint = serverFromString(reactor, listen)
         self.port: Any = None
+        self.admin_port: Any = None
 
     def startService(self) -> None:
         super().startService()
+        if self.admin:
+            from tunnel.relay.admin import admin_site
+
+            def admin_listening(port: Any) -> None:
+                self.admin_port = port
+                address = port.getHost()
+                _log.info(
+                    "admin on http://{host}:{port}/metrics", host=address.host, port=address.port
+                )
+
+            serverFromString(self.reactor, self.admin).listen(
+                admin_site(self.relay, self.front)
+            ).addCallbacks(admin_listening, lambda f: _log.failure("cannot listen for admin", f))
         d = self.endpoint.listen(self.front)
 
         def listening(port: Any) -> None:
@@ -629,6 +644,9 @@ class RelayService(service.MultiService):
         )
         port = self.port
         self.port = None
+        if self.admin_port is not None:
+            self.admin_port.stopListening()
+            self.admin_port = None
         stopped: defer.Deferred[Any] = (
             defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
         )

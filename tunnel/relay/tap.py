@@ -91,6 +91,7 @@ class Options(usage.Options):
         ["keepalive-interval", None, 5.0, "Seconds between keepalive pings.", _positive(float)],
         ["keepalive-timeout", None, 15.0, "Seconds of silence that end a link.", _positive(float)],
         ["drain-grace", None, 30.0, "Seconds streams may finish after SIGTERM.", float],
+        ["admin", None, None, "Endpoint for /metrics and /status (keep it on loopback)."],
     ]
 
     def postOptions(self) -> None:
@@ -168,4 +169,4 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         RelayTLS(cert, key),
         ReclaimKey.load_or_create(os.path.join(state_dir, "reclaim.key")),
     )
-    return RelayService(reactor, relay, options["listen"])
+    return RelayService(reactor, relay, options["listen"], options["admin"])
