@@ -1,0 +1,429 @@
+"""
+Helpers of the end-to-end tests: real relay and agent processes (twistd), local servers,
+and clients, all on loopback.
+
+Every wait polls with a deadline; nothing sleeps to see whether something happened. Every
+process started here is kept (by PID) and ended by `Proc.stop`: SIGTERM, then SIGKILL after a
+timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+DOMAIN = "tunnel.localhost"
+LOOPBACK = "127.0.0.1"
+#: Default deadline of every wait.
+DEADLINE = 20.0
+SERVERS = Path(__file__).parent / "servers"
+BACKEND = SERVERS / "backend.py"
+
+T = TypeVar("T")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (run `make deps`)")
+    return path
+
+
+def twistd() -> str:
+    """The venv's twistd (next to the running interpreter), else the one on PATH."""
+    here = Path(sys.executable).parent / "twistd"
+    if here.exists():
+        return str(here)
+    found = shutil.which("twistd")
+    if found is None:
+        pytest.skip("twistd is not installed")
+    return found
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for children: no TUNNEL_* settings leaking in, no proxies."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TUNNEL_") and k.lower() not in ("http_proxy", "https_proxy")
+    }
+    env["NO_PROXY"] = "*"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (the caller retries if it is taken meanwhile)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
+    """Poll `check` until it returns something other than None/False, or fail at `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = check()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+class Proc:
+    """A child process we started, with its output in a file."""
+
+    def __init__(self, args: Sequence[str], log: Path, cwd: Path | None = None) -> None:
+        self.args = list(args)
+        self.log = log
+        self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            self.args,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=clean_env(),
+        )
+        self.pid = self.popen.pid
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, pattern: str, timeout: float = DEADLINE, start: int = 0) -> re.Match[str]:
+        """The first match of regex `pattern` in the log (from offset `start`)."""
+        regex = re.compile(pattern)
+
+        def check() -> re.Match[str] | None:
+            m = regex.search(self.text(), start)
+            if m is None and self.popen.poll() is not None:
+                m = regex.search(self.text(), start)
+                if m is None:
+                    raise AssertionError(
+                        f"{self.args[:3]} exited ({self.popen.returncode}) before logging "
+                        f"{pattern!r}:\n{self.text()[-3000:]}"
+                    )
+            return m
+
+        try:
+            return wait_for(check, f"{pattern!r} in {self.log}", timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- {self.log} ---\n{self.text()[-3000:]}") from None
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout)
+        self._out.close()
+
+
+class Procs:
+    """Every process a test (or fixture) started; all stopped at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.procs: list[Proc] = []
+        self._n = 0
+
+    def start(self, name: str, args: Sequence[str]) -> Proc:
+        self._n += 1
+        proc = Proc(args, self.dir / f"{self._n:02d}-{name}.log", cwd=self.dir)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+    # -- relay -------------------------------------------------------------------------------
+
+    def relay(
+        self,
+        *,
+        tokens: Sequence[str] | None = None,
+        handshake_timeout: float | None = None,
+        extra: Sequence[str] = (),
+    ) -> Relay:
+        """Start a relay on a free port; returns once it listens."""
+        state = self.dir / f"relay-state-{self._n + 1}"
+        args_tail: list[str] = []
+        if tokens is not None:
+            token_file = self.dir / f"tokens-{self._n + 1}.txt"
+            token_file.write_text("# e2e tokens\n" + "\n".join(tokens) + "\n")
+            args_tail += ["--tokens", str(token_file)]
+        if handshake_timeout is not None:
+            args_tail += ["--handshake-timeout", str(handshake_timeout)]
+        args_tail += list(extra)
+        last = ""
+        for _ in range(5):
+            port = free_port()
+            low = random.randrange(30000, 39000)
+            proc = self.start(
+                "relay",
+                [
+                    twistd(),
+                    "-n",
+                    "--pidfile",
+                    "",
+                    "--logfile",
+                    "-",
+                    "tunnelrelay",
+                    "--domain",
+                    DOMAIN,
+                    "--listen",
+                    f"tcp:{port}:interface={LOOPBACK}",
+                    "--state-dir",
+                    str(state),
+                    "--tcp-ports",
+                    f"{low}-{low + 499}",
+                    "--tcp-interface",
+                    LOOPBACK,
+                    "--drain-grace",
+                    "1",
+                    *args_tail,
+                ],
+            )
+            try:
+                proc.wait_log(rf"relay listening on 127\.0\.0\.1:{port}\b")
+            except AssertionError as e:
+                last = str(e)
+                proc.stop()
+                continue
+            return Relay(proc, port, state / "ca.pem")
+        raise AssertionError(f"the relay did not start:\n{last}")
+
+    # -- agent -------------------------------------------------------------------------------
+
+    def agent(
+        self,
+        relay: Relay,
+        forwards: Sequence[str],
+        *,
+        token: str | None = None,
+        wait: bool = True,
+    ) -> Agent:
+        """Start `twistd tunnelagent`; with `wait`, returns once every forward is ready."""
+        args = [
+            twistd(),
+            "-n",
+            "--pidfile",
+            "",
+            "--logfile",
+            "-",
+            "tunnelagent",
+            "--relay",
+            f"localhost:{relay.port}",
+            "--ca",
+            str(relay.ca),
+        ]
+        for f in forwards:
+            args += ["--forward", f]
+        if token is not None:
+            args += ["--token", token]
+        agent = Agent(self.start("agent", args))
+        if wait:
+            for f in forwards:
+                agent.ready(f)
+        return agent
+
+    # -- local servers -----------------------------------------------------------------------
+
+    def backend(self, mode: str, *args: str) -> Backend:
+        """Start a server of ``servers/backend.py``; returns once it listens."""
+        proc = self.start(f"backend-{mode}", [sys.executable, str(BACKEND), mode, *args])
+        m = proc.wait_log(r"listening on (\d+)")
+        return Backend(proc, int(m.group(1)))
+
+
+@dataclass
+class Relay:
+    proc: Proc
+    port: int
+    ca: Path
+
+    def wait_log(self, pattern: str, timeout: float = DEADLINE) -> re.Match[str]:
+        return self.proc.wait_log(pattern, timeout)
+
+
+@dataclass
+class Backend:
+    proc: Proc
+    port: int
+
+
+READY = re.compile(
+    r"tunnel ready: https://(?P<host>[a-z0-9]+\.[a-z0-9.\-]+):(?P<port>\d+)"
+    r"(?: tcp://(?P<tcp_host>[^\s:]+):(?P<tcp_port>\d+))? -> (?P<target>\S+)"
+)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A tunnel as the agent reported it."""
+
+    host: str
+    port: int
+    tcp_port: int | None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def id(self) -> str:
+        return self.host.split(".", 1)[0]
+
+
+@dataclass
+class Agent:
+    proc: Proc
+    tunnels: dict[str, Endpoint] = field(default_factory=dict)
+
+    def ready(self, forward: str, timeout: float = DEADLINE) -> Endpoint:
+        """The tunnel of ``--forward`` value `forward`, once the agent says it is ready."""
+        port = forward.split(":")[0] if forward[0].isdigit() else forward.split(":")[1]
+        target = f"127.0.0.1:{port}"
+        if target not in self.tunnels:
+
+            def check() -> Endpoint | None:
+                for m in READY.finditer(self.proc.text()):
+                    tcp = m.group("tcp_port")
+                    self.tunnels[m.group("target")] = Endpoint(
+                        m.group("host"), int(m.group("port")), int(tcp) if tcp else None
+                    )
+                return self.tunnels.get(target)
+
+            try:
+                wait_for(check, f"tunnel ready for {target}", timeout)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n--- agent log ---\n{self.proc.text()[-3000:]}")
+        return self.tunnels[target]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+
+
+def run(
+    args: Sequence[str], timeout: float = 60.0, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a client to completion (bounded by `timeout`), capturing its output."""
+    return subprocess.run(
+        list(args),
+        capture_output=True,
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        env=clean_env(),
+    )
+
+
+def curl(relay: Relay, tunnel: Endpoint, *args: str, timeout: float = 60.0) -> Any:
+    """curl against a TLS tunnel, trusting the relay's dev CA, resolving to loopback."""
+    return run(
+        [
+            require_tool("curl"),
+            "-sS",
+            "--max-time",
+            str(int(timeout)),
+            "--cacert",
+            str(relay.ca),
+            "--resolve",
+            f"{tunnel.host}:{tunnel.port}:{LOOPBACK}",
+            *args,
+        ],
+        timeout=timeout + 10,
+    )
+
+
+def tls_context(relay: Relay) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(relay.ca))
+    return ctx
+
+
+def tls_connect(
+    relay: Relay, tunnel: Endpoint, timeout: float = DEADLINE, alpn: Sequence[str] = ()
+) -> ssl.SSLSocket:
+    """A TLS connection to the tunnel through the relay (SNI = the tunnel's host)."""
+    ctx = tls_context(relay)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    raw = socket.create_connection((LOOPBACK, relay.port), timeout=timeout)
+    return ctx.wrap_socket(raw, server_hostname=tunnel.host)
+
+
+def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:
+    """Read until EOF (bounded by `limit` bytes and the socket's timeout)."""
+    chunks = []
+    total = 0
+    while total < limit:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+    return b"".join(chunks)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    got = 0
+    while got < n:
+        data = sock.recv(min(1 << 16, n - got))
+        if not data:
+            raise AssertionError(f"connection closed after {got} of {n} bytes")
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def random_file(path: Path, size: int, seed: int) -> str:
+    """Write `size` pseudo-random bytes to `path`; returns their sha256 (hex)."""
+    import hashlib
+
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, 1 << 20)
+            block = rng.randbytes(n)
+            digest.update(block)
+            f.write(block)
+            left -= n
+    return digest.hexdigest()
