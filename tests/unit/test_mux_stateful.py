@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from hypothesis import event as note
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -140,6 +141,8 @@ class TwoMultiplexers(RuleBasedStateMachine):
             elif isinstance(event, StreamReset):
                 assert event.remote, f"local reset in a well-behaved run: {event}"
                 self.streams[event.stream_id].reset = True
+                if self.wires[side]:
+                    note("peer reset a stream while bytes were in flight to it")
 
     def _live(self, side: int) -> list[int]:
         return sorted(self.muxes[side].stream_ids())
@@ -154,6 +157,7 @@ class TwoMultiplexers(RuleBasedStateMachine):
     def open(self, side: int, metadata: bytes) -> None:
         mux = self.muxes[side]
         if not mux.can_open_streams:
+            note("open refused locally: stream limit")
             return
         sid = mux.open_stream(metadata)
         assert sid not in self.streams
@@ -187,8 +191,14 @@ class TwoMultiplexers(RuleBasedStateMachine):
             return
         self.muxes[side].reset_stream(sid)
         self.streams[sid].reset = True
+        if self.wires[1 - side]:
+            note("reset a stream while bytes were in flight from the peer")
 
-    @rule(side=st.integers(0, 1), index=st.integers(0, 100), fraction=st.floats(0, 1))
+    @rule(
+        side=st.integers(0, 1),
+        index=st.integers(0, 100),
+        fraction=st.sampled_from([0.5, 1.0]) | st.floats(0, 1),
+    )
     def consume(self, side: int, index: int, fraction: float) -> None:
         sid = self._pick(side, index)
         if sid is None:
@@ -207,6 +217,21 @@ class TwoMultiplexers(RuleBasedStateMachine):
     @rule(side=st.integers(0, 1))
     def ping(self, side: int) -> None:
         self.muxes[side].ping()
+
+    @rule(rtt=st.sampled_from([0.01, 2.0, 100.0]))
+    def measure_rtt(self, rtt: float) -> None:
+        """Pings both ways whose echoes come back `rtt` later (in-flight bytes arrive too)."""
+        for side in (0, 1):
+            self.muxes[side].ping()
+            self._flush(side, 1 << 30)
+        self.clock.now += rtt / 2
+        for side in (0, 1):
+            self._deliver(side, 1 << 30)
+        for side in (0, 1):
+            self._flush(side, 1 << 30)
+        self.clock.now += rtt / 2
+        for side in (0, 1):
+            self._deliver(side, 1 << 30)
 
     @rule(side=st.integers(0, 1), budget=st.sampled_from([1, 1000, 70_000, 1 << 30]))
     def flush(self, side: int, budget: int) -> None:
@@ -230,9 +255,22 @@ class TwoMultiplexers(RuleBasedStateMachine):
                 assert window.available >= 0
                 assert window.size == window.available + window.unconsumed + window.unacknowledged
                 assert window.size <= mux.settings.max_window
+                if window.size > mux.settings.initial_window:
+                    note("a receive window grew")
                 d = self.streams[sid].dirs[1 - side]
                 assert window.unconsumed == d.unconsumed
                 assert d.unconsumed <= window.size
+
+    @invariant()
+    def link_growth_is_bounded(self) -> None:
+        for mux in self.muxes:
+            grown = 0
+            for sid in mux.stream_ids():
+                window = mux.receive_window(sid)
+                assert window is not None
+                grown += window.size - mux.settings.initial_window
+            assert mux.window_growth == grown
+            assert grown <= mux.settings.max_link_growth
 
     @invariant()
     def delivery_is_prefix(self) -> None:
