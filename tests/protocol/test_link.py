@@ -322,6 +322,42 @@ def test_data_frame_for_a_reset_stream_is_ignored_by_a_raw_link() -> None:
     assert recorder.data == b""
 
 
+# -- GOAWAY --------------------------------------------------------------------------------------
+
+
+def test_graceful_goaway_drains_the_link() -> None:
+    pair = make_link_pair()
+    opened = pair.open()
+    pair.server.goAway(ErrorCode.NO_ERROR, "draining")
+    pair.flush()
+    assert pair.client.goaways == [(ErrorCode.NO_ERROR, "draining")]
+    with pytest.raises(LocalProtocolError):
+        pair.client.openStream(b"")
+    # Existing streams go on.
+    opened.stream.write(b"more")
+    opened.remote_stream.write(b"back")
+    pair.flush()
+    assert opened.remote.data == b"more"
+    assert opened.local.data == b"back"
+    assert not pair.client_io.disconnecting and not pair.server_io.disconnecting
+
+
+def test_fatal_goaway_resets_streams_and_closes_both_ends() -> None:
+    pair = make_link_pair()
+    opened = pair.open()
+    pair.server.goAway(ErrorCode.SHUTDOWN, "bye")
+    assert opened.remote.lost is not None
+    assert opened.remote.lost.value.code == ErrorCode.SHUTDOWN
+    pair.flush()
+    assert pair.client.goaways == [(ErrorCode.SHUTDOWN, "bye")]
+    assert pair.client.terminated == (ErrorCode.SHUTDOWN, "bye", True)
+    assert opened.local.lost is not None
+    assert opened.local.lost.check(StreamResetError)
+    assert opened.local.lost.value.code == ErrorCode.SHUTDOWN
+    assert pair.client.lost is not None and pair.server.lost is not None
+    assert pair.clock.getDelayedCalls() == []
+
+
 # -- floods and malformed input ------------------------------------------------------------------
 
 
@@ -342,9 +378,9 @@ def test_ping_flood_while_not_reading_ends_with_enhance_your_calm() -> None:
     peer.feed(ping_flood((1 << 20) // 17 + 10))
     assert peer.link.terminated is not None
     assert peer.link.terminated[0] == ErrorCode.ENHANCE_YOUR_CALM
-    # Give the link every chance: a second of clock time for its abort timer.
-    peer.clock.advance(1.0)
-    peer.clock.advance(1.0)
+    # Give the link every chance: its abort timer, and longer than the keepalive timeout.
+    for _ in range(30):
+        peer.clock.advance(1.0)
     assert peer.goaway_codes() == [ErrorCode.ENHANCE_YOUR_CALM]
     assert peer.transport.disconnecting
 
