@@ -21,8 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 __all__ = ["main"]
 
@@ -37,7 +37,15 @@ PAGE = """<!doctype html>
 <p>This page is served on 127.0.0.1 and reached through a Tunnels relay.</p>
 """
 
-_TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+#: This Python, unbuffered (the logs are read as they are written).
+PY = [sys.executable, "-u"]
+#: ``twistd -n`` in the foreground, logging to stdout (which is the child's log file).
+TWISTD = [
+    *PY,
+    "-c",
+    "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+    *("-n", "--pidfile", "", "--logfile", "-"),
+]
 
 
 class DemoError(Exception):
@@ -156,15 +164,25 @@ def _fetch(url: str, ca: str, port: int) -> tuple[int, str]:
     context = ssl.create_default_context(cafile=ca)
     try:
         # *.localhost is loopback; dial 127.0.0.1 and send the tunnel's name as SNI.
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname=host) as tls:
-                tls.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-                data = b""
-                while chunk := tls.recv(65536):
-                    data += chunk
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := tls.recv(65536)):
+                data += chunk
+            head, _, body_bytes = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            # Read by Content-Length, not to EOF: a keep-alive server does not close.
+            while length and len(body_bytes) < int(length.group(1)):
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                body_bytes += chunk
     except (OSError, ssl.SSLError) as e:
         return 1, f"fetch failed: {e}\n"
-    body = data.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
+    body = body_bytes.decode("utf-8", "replace")
     return 0, body
 
 
@@ -196,20 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop_requested.set()
 
-    previous: dict[int, Callable[..., object] | int | None] = {}
+    previous: dict[signal.Signals, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
 
     children: list[Child] = []
     status = 0
     try:
-        print("Starting a development relay, a web server and an agent on 127.0.0.1 ...")
+        print("Starting a relay, a web server and an agent on 127.0.0.1 ...")
 
         # The user's server: a static web server on a port the kernel picks.
         web = Child(
             "web server",
-            [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"]
-            + ["--directory", www],
+            [*PY, "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", www],
             os.path.join(state, "web.log"),
         )
         children.append(web)
@@ -222,11 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             tcp_low = 30000 + (relay_port * 7919) % 9900
             relay = Child(
                 "relay",
-                [sys.executable, "-u", "-c", _TWISTD, "-n", "--pidfile", "", "--logfile", "-"]
-                + ["tunnelrelay", "--domain", DOMAIN]
-                + ["--listen", f"tcp:{relay_port}:interface=127.0.0.1"]
-                + ["--state-dir", relay_state, "--drain-grace", "2"]
-                + ["--tcp-ports", f"{tcp_low}-{tcp_low + 99}", "--tcp-interface", "127.0.0.1"],
+                [
+                    *TWISTD,
+                    "tunnelrelay",
+                    *("--domain", DOMAIN, "--state-dir", relay_state, "--drain-grace", "2"),
+                    *("--listen", f"tcp:{relay_port}:interface=127.0.0.1"),
+                    *("--tcp-ports", f"{tcp_low}-{tcp_low + 99}", "--tcp-interface", "127.0.0.1"),
+                ],
                 os.path.join(state, "relay.log"),
             )
             children.append(relay)
@@ -242,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
         agent = Child(
             "agent",
-            [sys.executable, "-u", "-c", _TWISTD, "-n", "--pidfile", "", "--logfile", "-"]
-            + ["tunnelagent", "--relay", f"localhost:{relay_port}", "--ca", ca]
-            + ["--forward", str(web_port)],
+            [
+                *TWISTD,
+                "tunnelagent",
+                *("--relay", f"localhost:{relay_port}", "--ca", ca, "--forward", str(web_port)),
+            ],
             os.path.join(state, "agent.log"),
             env=env,
         )
@@ -252,24 +273,23 @@ def main(argv: list[str] | None = None) -> int:
         url = agent.wait_for(r"tunnel ready: (https://\S+)", READY_TIMEOUT).group(1)
 
         ca_shown = _display_path(ca)
+        command = f"curl --cacert {ca_shown} {url}/"
         print()
-        print(f"  local server   http://127.0.0.1:{web_port}/")
-        print(f"  relay          {DOMAIN}:{relay_port} (development CA: {ca_shown})")
-        print(f"  public URL     {url}")
+        print(f"  your server   http://127.0.0.1:{web_port}/")
+        print(f"  public URL    {url}")
         print()
-        print("Try it:")
-        print(f"    curl --cacert {ca_shown} {url}/")
+        print("Reach it through the relay (the certificate is from the demo's own CA):")
         print()
+        print(f"$ {command}")
         code, answer = _fetch(url + "/", ca, relay_port)
-        print(f"$ curl --cacert {ca_shown} {url}/")
         print(_indent(answer), end="")
         print()
         if code != 0:
-            print(f"The fetch failed (curl status {code}); logs are in {_display_path(state)}/.")
+            print(f"The fetch failed (status {code}); the logs are in {_display_path(state)}/.")
         status = code
 
         if not args.once:
-            print("Tunnel is up. Press Ctrl-C to stop.")
+            print(f"The tunnel stays up; logs are in {_display_path(state)}/. Ctrl-C stops it.")
             while not stop_requested.wait(0.5):
                 for child in children:
                     if child.proc.poll() is not None:
@@ -292,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 child.stop()
             print("done.")
         for sig, handler in previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, handler)
     return status
 
 
