@@ -256,6 +256,26 @@ def test_lose_connection_sends_fin_and_discards_later_data() -> None:
 
 @pytest.mark.xfail(
     strict=True,
+    reason="Stream.loseConnection credits sum(buffer) - _owed + _owed, i.e. only the "
+    "buffer: octets delivered while the reader paused itself (_owed) are never credited, so "
+    "the peer's window shrinks for good",
+)
+def test_lose_connection_on_a_paused_stream_returns_all_credit() -> None:
+    pair = make_link_pair()
+    opened = pair.open(recorder=StreamRecorder(pause_on_data=True))
+    opened.remote_stream.write(b"x" * WINDOW)
+    pair.flush()
+    assert opened.local.received == MAX_FRAME  # one chunk taken, then the reader paused
+    opened.stream.loseConnection()
+    pair.flush()
+    recv = pair.client.mux.receive_window(opened.stream.stream_id)
+    assert recv is not None
+    assert recv.unconsumed == 0
+    assert pair.server.mux.send_window(opened.remote_stream.stream_id) == WINDOW
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="Stream never tells a protocol without IHalfCloseableProtocol that the peer "
     "ended: Twisted closes such a connection (connectionLost) on read EOF",
 )
