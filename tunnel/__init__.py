@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -34,13 +34,26 @@ __all__ = [
     "forward",
 ]
 
-from tunnel._tunnel import Tunnel
 from tunnel.errors import (
     AuthenticationError,
     RelayUnavailable,
     TunnelError,
     TunnelRefused,
 )
+
+
+def __getattr__(name: str) -> Any:
+    # `Tunnel` pulls in Twisted; import it on first use so that `import tunnel.wire` (the
+    # sans-IO core) stays free of Twisted.
+    if name == "Tunnel":
+        from tunnel._tunnel import Tunnel
+
+        return Tunnel
+    raise AttributeError(f"module 'tunnel' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from tunnel._tunnel import Tunnel
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None

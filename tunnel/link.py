@@ -176,11 +176,12 @@ class Stream:
             return
         self.disconnecting = True
         self._discarding = True
-        if self._buffer:
-            dropped = sum(len(b) for b in self._buffer) - self._owed
-            self._buffer.clear()
-            self._credit(dropped + self._owed)
-            self._owed = 0
+        # Everything held or delivered-while-paused is consumed now, as far as the peer's
+        # credit is concerned.
+        held = sum(len(b) for b in self._buffer) + self._owed
+        self._buffer.clear()
+        self._owed = 0
+        self._credit(held)
         self.loseWriteConnection()
         self._maybe_finished()
 
@@ -276,10 +277,15 @@ class Stream:
 
     def _deliver_end(self) -> None:
         self._remote_end_delivered = True
-        if self.protocol is not None and not self._discarding:
-            reader = getattr(self.protocol, "readConnectionLost", None)
-            if reader is not None and interfaces.IHalfCloseableProtocol.providedBy(self.protocol):
-                reader()
+        protocol = self.protocol
+        if protocol is not None and not self._discarding:
+            if interfaces.IHalfCloseableProtocol.providedBy(protocol):
+                protocol.readConnectionLost()
+            else:
+                # Twisted's contract: a protocol that cannot be half-closed sees the
+                # connection end when the peer finishes sending.
+                self.loseConnection()
+                return
         self._maybe_finished()
 
     def _maybe_finished(self) -> None:
@@ -456,12 +462,27 @@ class LinkProtocol(Protocol):
         Write what the multiplexer has to send, unless the transport asked us to pause or we
         are in the middle of processing input (then it happens once at the end).
         """
-        if self._receiving or self._paused:
+        if self._receiving:
             return
         transport = self.transport
         if transport is None:
             return
         mux = self.mux
+        if mux.closed:
+            # The link is over: its GOAWAY goes out even to a peer that is not reading,
+            # and the transport closes.
+            data = mux.data_to_send()
+            if data:
+                transport.write(data)
+            if not self._closing:
+                self._closing = True
+                # A TLS loseConnection can wait forever for the peer's close_notify, so
+                # abort if it has not finished soon.
+                transport.loseConnection()
+                self._abort_call = self.reactor.callLater(1.0, self._abort)
+            return
+        if self._paused:
+            return
         while mux.has_data_to_send and not self._paused:
             data = mux.data_to_send(_WRITE_BUDGET)
             if not data:
@@ -475,12 +496,6 @@ class LinkProtocol(Protocol):
                     stream._producer_paused = False
                     if producer is not None:
                         producer.resumeProducing()
-        if mux.closed and not self._closing:
-            self._closing = True
-            # The GOAWAY is written; a TLS loseConnection can wait forever for the peer's
-            # close_notify, so abort if it has not finished soon.
-            transport.loseConnection()
-            self._abort_call = self.reactor.callLater(1.0, self._abort)
 
     def abort(self) -> None:
         """

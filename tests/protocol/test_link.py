@@ -254,12 +254,6 @@ def test_lose_connection_sends_fin_and_discards_later_data() -> None:
     assert opened.remote.lost is not None and opened.remote.lost.check(error.ConnectionDone)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Stream.loseConnection credits sum(buffer) - _owed + _owed, i.e. only the "
-    "buffer: octets delivered while the reader paused itself (_owed) are never credited, so "
-    "the peer's window shrinks for good",
-)
 def test_lose_connection_on_a_paused_stream_returns_all_credit() -> None:
     pair = make_link_pair()
     opened = pair.open(recorder=StreamRecorder(pause_on_data=True))
@@ -274,11 +268,6 @@ def test_lose_connection_on_a_paused_stream_returns_all_credit() -> None:
     assert pair.server.mux.send_window(opened.remote_stream.stream_id) == WINDOW
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Stream never tells a protocol without IHalfCloseableProtocol that the peer "
-    "ended: Twisted closes such a connection (connectionLost) on read EOF",
-)
 def test_fin_closes_a_protocol_that_is_not_half_closeable() -> None:
     class Plain(Protocol):
         lost: Any = None
@@ -385,12 +374,6 @@ def ping_flood(count: int) -> bytes:
     return b"".join(f.encode_ping(i.to_bytes(8, "big")) for i in range(count))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a link terminated while its transport is paused never writes its GOAWAY and "
-    "never closes the transport: flush() returns early when paused, and the keepalive stops "
-    "once the multiplexer is closed",
-)
 def test_ping_flood_while_not_reading_ends_with_enhance_your_calm() -> None:
     peer = RawPeer(client=False)
     peer.hello()
@@ -453,12 +436,6 @@ def open_reset_flood() -> bytes:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Multiplexer._on_reset drops the stream, then _spend_reset_token raises before "
-    "StreamReset is appended: the stream whose RESET trips the limit is never reported, so "
-    "its Stream and protocol stay open until the transport's connectionLost",
-)
 def test_open_reset_flood_resets_every_stream_when_the_link_ends() -> None:
     peer = RawPeer(client=False)
     peer.hello()

@@ -79,10 +79,5 @@ def test_wire_sources_name_no_twisted() -> None:
             assert not any(n.split(".")[0] == "twisted" for n in names), (path, names)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tunnel/__init__.py imports tunnel._tunnel (Twisted) eagerly, so `import tunnel.wire` "
-    "loads ~30 twisted modules although tunnel/wire itself imports none",
-)
 def test_import_tunnel_wire_loads_no_twisted() -> None:
     assert _twisted_after("") == ""

@@ -766,11 +766,6 @@ def test_byte_at_a_time_same_events() -> None:
     assert _feed_chunks(SCRIPT, list(range(len(SCRIPT)))) == whole
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FrameDecoder raises for an oversized header before returning the complete frames "
-    "that precede it in the same chunk, so their events are lost (chunking-dependent events)",
-)
 def test_chunking_same_events_before_oversized_frame() -> None:
     bad = SCRIPT + ((1 << 24) - 1 << 8 | 1).to_bytes(4, "big") + b"\x00" * 5
     assert _feed_chunks(bad, []) == _feed_chunks(bad, [len(SCRIPT)])

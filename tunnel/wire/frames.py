@@ -222,12 +222,20 @@ class FrameDecoder:
     before its payload arrives.
     """
 
-    __slots__ = ("_buffer", "max_frame_size")
+    __slots__ = ("_buffer", "_error", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         #: The largest payload accepted; set it to the MAX_FRAME_SIZE this side advertised.
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def failed(self) -> bool:
+        """
+        Whether the input held a frame over the size limit (the next `feed` raises).
+        """
+        return self._error is not None
 
     @property
     def buffered(self) -> int:
@@ -241,8 +249,11 @@ class FrameDecoder:
         Add `data` and return every frame it completes, in order.
 
         @raise ProtocolError: FRAME_SIZE_ERROR when a frame header announces a payload larger
-            than `max_frame_size`. The decoder is unusable afterwards.
+            than `max_frame_size`. Complete frames before it in the same chunk are returned
+            first; the error is raised by the next call. The decoder is unusable afterwards.
         """
+        if self._error is not None:
+            raise self._error
         buffer = self._buffer
         buffered = bool(buffer)
         if buffered:
@@ -261,21 +272,28 @@ class FrameDecoder:
                 word, flags, stream_id = unpack(view, offset)
                 length = word >> 8
                 if length > limit:
-                    raise ProtocolError(
+                    self._error = ProtocolError(
                         ErrorCode.FRAME_SIZE_ERROR,
                         f"frame of {length} octets exceeds the maximum of {limit}",
                     )
+                    break
                 start = offset + HEADER_SIZE
                 stop = start + length
                 if stop > end:
                     break
                 append(Frame(word & 0xFF, flags, stream_id, bytes(view[start:stop])))
                 offset = stop
-            if not buffered and offset < end:
+            if not buffered and offset < end and self._error is None:
                 # Keep only the incomplete tail of a caller's chunk.
                 buffer += view[offset:]
         finally:
             view.release()
+        if self._error is not None:
+            # Nothing after an oversized frame will be read: hold none of it.
+            buffer.clear()
+            if not frames:
+                raise self._error
+            return frames
         if buffered and offset:
             # Deleting a bytearray's head is O(1) in CPython: it moves the start pointer.
             del buffer[:offset]

@@ -580,10 +580,13 @@ class Multiplexer:
             return []
         events: list[Event] = []
         try:
-            for frame in self._decoder.feed(data):
+            frames = self._decoder.feed(data)
+            for frame in frames:
                 self._handle(frame, events)
                 if self.closed:
                     break
+            if self._decoder.failed and not self.closed:
+                self._decoder.feed(b"")
             if self._reply_size > self.settings.max_control_backlog:
                 raise ProtocolError(
                     ErrorCode.ENHANCE_YOUR_CALM,
@@ -717,9 +720,9 @@ class Multiplexer:
             return
         _transition(stream, StreamInput.RECV_RESET, remote=True)
         self._drop(stream)
+        events.append(StreamReset(stream.id, code, remote=True))
         if not stream.local:
             self._spend_reset_token()
-        events.append(StreamReset(stream.id, code, remote=True))
 
     def _on_ping(self, frame: _f.Frame, events: list[Event]) -> None:
         self._require_link_frame(frame)
