@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.list:
         for name, cls in registry.items():
-            print(f"{name:20} {cls.title}")
+            extra = "" if cls.default else "  (only with --only)"
+            print(f"{name:20} {cls.title}{extra}")
         return 0
-    names = a.only.split(",") if a.only else list(registry)
+    names = a.only.split(",") if a.only else [n for n, c in registry.items() if c.default]
     unknown = [n for n in names if n not in registry]
     if unknown:
         parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(registry)}")

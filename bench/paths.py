@@ -101,6 +101,8 @@ class BenchPath(abc.ABC):
     title: ClassVar[str]
     #: Sequential connections for connect+first-byte latency (None: the run's default).
     connect_count: ClassVar[int | None] = None
+    #: False: run only when named with ``--only`` (keeps the default run short).
+    default: ClassVar[bool] = True
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
