@@ -55,6 +55,10 @@ class World:
     echo_tcp: Endpoint
     #: Reads to EOF, replies sha256 + 8 MiB, raw TCP tunnel.
     sink_tcp: Endpoint
+    #: Reads an 8-byte length, then that many bytes; replies sha256 + 8 MiB; raw TCP tunnel.
+    counted_sink_tcp: Endpoint
+    #: Like sink, but a slow reader (1 ms between 64 KiB reads); raw TCP tunnel.
+    slow_sink_tcp: Endpoint
     #: Sends the big file on connect, raw TCP tunnel.
     send_tcp: Endpoint
     #: The big file (64 MiB) and its sha256.
@@ -77,6 +81,12 @@ def world(relay: Relay, session_procs: Procs) -> World:
         "echo": session_procs.backend("echo"),
         "echo_tcp": session_procs.backend("echo"),
         "sink": session_procs.backend("sink", "--reply", str(SINK_REPLY)),
+        "counted_sink": session_procs.backend(
+            "sink", "--reply", str(SINK_REPLY), "--length-prefixed"
+        ),
+        "slow_sink": session_procs.backend(
+            "sink", "--reply", str(SINK_REPLY), "--read-delay", "0.001"
+        ),
         "send": session_procs.backend("send", "--file", str(big)),
     }
     forwards = {
@@ -84,6 +94,8 @@ def world(relay: Relay, session_procs: Procs) -> World:
         "echo": f"{backends['echo'].port}",
         "echo_tcp": f"{backends['echo_tcp'].port}:tcp",
         "sink": f"{backends['sink'].port}:tcp",
+        "counted_sink": f"{backends['counted_sink'].port}:tcp",
+        "slow_sink": f"{backends['slow_sink'].port}:tcp",
         "send": f"{backends['send'].port}:tcp",
     }
     agent = session_procs.agent(relay, list(forwards.values()))
@@ -94,6 +106,8 @@ def world(relay: Relay, session_procs: Procs) -> World:
         echo=agent.ready(forwards["echo"]),
         echo_tcp=agent.ready(forwards["echo_tcp"]),
         sink_tcp=agent.ready(forwards["sink"]),
+        counted_sink_tcp=agent.ready(forwards["counted_sink"]),
+        slow_sink_tcp=agent.ready(forwards["slow_sink"]),
         send_tcp=agent.ready(forwards["send"]),
         big=big,
         big_sha=big_sha,

@@ -7,9 +7,13 @@ Local servers that e2e tests put behind a tunnel (stdlib only, one process per s
         POST /sha256        replies with the sha256 (hex) of the request body
         GET /ws             websocket upgrade, then echoes every frame (text or binary)
     python backend.py echo                raw TCP echo (until EOF, then close)
-    python backend.py sink [--reply N]    raw TCP: read to EOF, reply with the sha256 (hex) of
+    python backend.py sink [--reply N] [--read-delay S] [--length-prefixed]
+                                          raw TCP: read to EOF, reply with the sha256 (hex) of
                                           what was read and a newline, then N bytes
-                                          (the digest repeated), then close
+                                          (the digest repeated), then close. --read-delay: a
+                                          slow reader (S seconds between 64 KiB reads).
+                                          --length-prefixed: read an 8-byte big-endian length,
+                                          then that many bytes, instead of reading to EOF
     python backend.py send --file PATH    raw TCP: send the file's bytes on connect, close
 
 Each binds 127.0.0.1 on a free port and prints ``listening on PORT`` as its first line.
@@ -26,6 +30,7 @@ import socket
 import socketserver
 import struct
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -169,15 +174,30 @@ class EchoHandler(socketserver.BaseRequestHandler):
 
 class SinkHandler(socketserver.BaseRequestHandler):
     reply = 0
+    read_delay = 0.0
+    length_prefixed = False
 
     def handle(self) -> None:
         sock: socket.socket = self.request
         digest = hashlib.sha256()
-        while True:
-            data = sock.recv(1 << 16)
+        left = -1
+        if self.length_prefixed:
+            header = b""
+            while len(header) < 8:
+                data = sock.recv(8 - len(header))
+                if not data:
+                    return
+                header += data
+            (left,) = struct.unpack("!Q", header)
+        while left != 0:
+            data = sock.recv(1 << 16 if left < 0 else min(left, 1 << 16))
             if not data:
                 break
             digest.update(data)
+            if left > 0:
+                left -= len(data)
+            if self.read_delay:
+                time.sleep(self.read_delay)
         hexdigest = digest.hexdigest().encode()
         sock.sendall(hexdigest + b"\n")
         left = self.reply
@@ -202,6 +222,8 @@ def main() -> None:
     parser.add_argument("mode", choices=["http", "echo", "sink", "send"])
     parser.add_argument("--root", default=".")
     parser.add_argument("--reply", type=int, default=0)
+    parser.add_argument("--read-delay", type=float, default=0.0)
+    parser.add_argument("--length-prefixed", action="store_true")
     parser.add_argument("--file", default="")
     args = parser.parse_args()
     # Room for a burst of concurrent connections (the listen backlog).
@@ -215,6 +237,8 @@ def main() -> None:
         server = TCPServer(("127.0.0.1", 0), EchoHandler)
     elif args.mode == "sink":
         SinkHandler.reply = args.reply
+        SinkHandler.read_delay = args.read_delay
+        SinkHandler.length_prefixed = args.length_prefixed
         server = TCPServer(("127.0.0.1", 0), SinkHandler)
     else:
         SendHandler.path = args.file
