@@ -613,6 +613,8 @@ def half_close(transport: Any) -> None:
     if isinstance(transport, Stream):
         transport.loseWriteConnection()
     elif isinstance(transport, TLSMemoryBIOProtocol):
+        # A TLS transport will not close while a producer is registered on it.
+        transport.unregisterProducer()
         transport.loseConnection()
     elif interfaces.ITCPTransport.providedBy(transport):
         transport.loseWriteConnection()

@@ -42,8 +42,7 @@ class Options(usage.Options):
 
     def opt_forward(self, value: str) -> None:
         """
-        Forward a local PORT, HOST:PORT, or either with :tcp for a raw TCP tunnel or :h2 for
-        HTTP/2 (repeatable).
+        Forward PORT or HOST:PORT; add :tcp for a raw TCP port too, :h2 for HTTP/2.
         """
         try:
             self["forward"].append(parse_forward(value))

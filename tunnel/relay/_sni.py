@@ -89,6 +89,15 @@ class _RoutedTLS(BufferingTLSTransport):
         self.routeContext = context
         super().__init__(factory, wrapped)
 
+    def _shutdownTLS(self) -> None:
+        super()._shutdownTLS()
+        # Twisted then waits for the client's close_notify, which a client that is still
+        # sending may never send. Closing after our own close_notify is allowed (RFC 8446
+        # section 6.1) and is what web servers do.
+        transport = self.transport
+        if transport is not None and not getattr(transport, "disconnecting", True):
+            transport.loseConnection()
+
 
 @implementer(IHandshakeListener)
 class _HandshakeWatch(protocol.Protocol):

@@ -68,7 +68,7 @@ class RelayConfig:
 
     #: Tunnels are ``<id>.<domain>``; agents connect to ``<domain>``.
     domain: str
-    #: The port public clients use for TLS, written into URLs.
+    #: The port public clients use for TLS, written into URLs (0: the listening port).
     public_port: int = 443
     #: The range raw TCP tunnels take their ports from, inclusive.
     tcp_ports: tuple[int, int] = (20000, 29999)
@@ -623,6 +623,8 @@ class RelayService(service.MultiService):
         def listening(port: Any) -> None:
             self.port = port
             address = port.getHost()
+            if not self.relay.config.public_port:
+                self.relay.config.public_port = address.port
             _log.info(
                 "relay listening on {host}:{port} for *.{domain}",
                 host=address.host,

@@ -111,7 +111,7 @@ class Options(usage.Options):
 
 def _listen_port(listen: str) -> int | None:
     for part in listen.split(":")[1:]:
-        if part.isdigit():
+        if part.isdigit() and int(part) > 0:
             return int(part)
     return None
 
@@ -146,7 +146,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
             raise usage.UsageError(f"{options['tokens']} holds no token")
     else:
         _log.warn("NO --tokens GIVEN: THIS RELAY ACCEPTS ANY AGENT. Use --tokens in production.")
-    public_port = options["public-port"] or _listen_port(options["listen"]) or 443
+    # 0: the port the listener gets (for tcp:0), filled in once it listens.
+    public_port = options["public-port"] or _listen_port(options["listen"]) or 0
     config = RelayConfig(
         domain=domain,
         public_port=public_port,
