@@ -609,12 +609,18 @@ def half_close(transport: Any) -> None:
     stream or a TCP socket. TLS has no half-close, so a TLS transport closes entirely (its
     `loseWriteConnection`, inherited from the TCP transport below it, would cut off
     data still inside the TLS layer).
+
+    The producer registered on `transport` (the side whose input just ended) is
+    unregistered first: it will produce nothing more, and Twisted's transports do not
+    shut down while a paused producer is registered, they resume it instead.
     """
+    try:
+        transport.unregisterProducer()
+    except Exception:
+        pass
     if isinstance(transport, Stream):
         transport.loseWriteConnection()
     elif isinstance(transport, TLSMemoryBIOProtocol):
-        # A TLS transport will not close while a producer is registered on it.
-        transport.unregisterProducer()
         transport.loseConnection()
     elif interfaces.ITCPTransport.providedBy(transport):
         transport.loseWriteConnection()

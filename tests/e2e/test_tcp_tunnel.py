@@ -112,13 +112,6 @@ def test_half_close_with_nc(world: World):
     assert result.stdout == expected_sink_reply(hashlib.sha256(request).hexdigest())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the FIN of a public client is lost when the agent's local "
-    "connection is backed up (Twisted's loseWriteConnection with a paused streaming "
-    "producer still registered resumes the producer instead of shutting down the write "
-    "side), so a server that reads to EOF never sees the end of the request",
-)
 def test_half_close_after_upload_to_a_slow_reader(world: World):
     """
     2 MiB up to a server that reads slowly, then SHUT_WR: the server must see EOF (and
