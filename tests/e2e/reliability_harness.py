@@ -430,12 +430,14 @@ def payload(size: int, seed: int = 7) -> bytes:
 
 
 def slow_sender(
-    data: bytes, chunk: int, pause: float
+    data: bytes, chunk: int, pause: float, half_close: bool = False
 ) -> Callable[[socket.socket, LocalServer], None]:
     """
     A handler that, on connect, sends `data` in `chunk`-byte pieces with `pause` seconds
-    between them (a rate limit, not a wait for an event), then closes. Records ``done`` or
-    ``broken`` (the peer went away mid-transfer) in `server.events`.
+    between them (a rate limit, not a wait for an event), then closes; with `half_close`, it
+    only shuts down its sending side and reads until the client closes (a lingering close,
+    as nginx does). Records ``done`` or ``broken`` (the peer went away mid-transfer) in
+    `server.events`.
     """
 
     def handle(sock: socket.socket, server: LocalServer) -> None:
@@ -443,9 +445,13 @@ def slow_sender(
             for i in range(0, len(data), chunk):
                 sock.sendall(data[i : i + chunk])
                 time.sleep(pause)
+            if not half_close:
+                server.events.append("done")
+                sock.close()
+                return
             sock.shutdown(socket.SHUT_WR)
             server.events.append("done")
-            # Wait for the client's close (bounded by the socket timeout).
+            # Read until the client closes (bounded by the socket timeout).
             sock.settimeout(30)
             with contextlib.suppress(OSError):
                 while sock.recv(65536):
