@@ -180,8 +180,16 @@ class RelayProc:
     killed and started again as "the same relay".
     """
 
-    def __init__(self, group: Group, extra: Sequence[str] = (), prefix: Sequence[str] = ()):
+    def __init__(
+        self,
+        group: Group,
+        extra: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        listen_options: str = "",
+    ):
         self.group = group
+        #: Appended to the --listen endpoint string (e.g. ``:backlog=2048``).
+        self.listen_options = listen_options
         self.extra = list(extra)
         self.prefix = list(prefix)
         self.state = group.dir / f"relay-state-{group.next_id()}"
@@ -209,7 +217,7 @@ class RelayProc:
             "--domain",
             DOMAIN,
             "--listen",
-            f"tcp:{self.port}:interface={LOOPBACK}",
+            f"tcp:{self.port}:interface={LOOPBACK}{self.listen_options}",
             "--state-dir",
             str(self.state),
             "--tcp-ports",
@@ -340,8 +348,8 @@ class Group:
         self.procs.append(proc)
         return proc
 
-    def relay(self, *extra: str, prefix: Sequence[str] = ()) -> RelayProc:
-        return RelayProc(self, extra, prefix).start()
+    def relay(self, *extra: str, prefix: Sequence[str] = (), listen_options: str = "") -> RelayProc:
+        return RelayProc(self, extra, prefix, listen_options).start()
 
     def agent(
         self, relay: RelayProc, forwards: Sequence[str], via_port: int | None = None

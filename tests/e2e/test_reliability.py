@@ -504,7 +504,15 @@ def test_thousand_silent_sockets_aborted(grp: Group) -> None:
     count, hs_timeout = 1000, 1.0
     _raise_nofile(count * 2 + 512)
     http = _server(grp, http_handler)
-    relay = grp.relay("--handshake-timeout", str(hs_timeout), "--max-pending-handshakes", "2000")
+    # Twisted listens with a backlog of 50 by default: a burst of 1000 connects overflows it
+    # and the kernel drops handshake ACKs (accepted seconds later, on SYN-ACK retransmits).
+    relay = grp.relay(
+        "--handshake-timeout",
+        str(hs_timeout),
+        "--max-pending-handshakes",
+        "2000",
+        listen_options=":backlog=2048",
+    )
     agent = grp.agent(relay, [str(http.port)])
     web = agent.ready(http.port)
     _curl_ok(relay, web)
