@@ -50,10 +50,12 @@ def test_nc_through_tcp_tunnel(world: World):
 
 def test_socat_through_tcp_tunnel(world: World):
     socat = require_tool("socat")
-    # Small enough not to back up the agent's local connection (see the xfail below).
-    message = os.urandom(16 * 1024)
+    # Large enough to back up the local connection; socat half-closes after stdin's EOF
+    # and ends when the echo server closes. A lost FIN would leave socat waiting until its
+    # -t bound (60 s here, past run()'s 30 s deadline): the run would fail, not pass.
+    message = os.urandom(256 * 1024)
     result = run(
-        [socat, "-t", "10", "-T", "20", "-", f"TCP:{LOOPBACK}:{world.echo_tcp.tcp_port}"],
+        [socat, "-t", "60", "-T", "60", "-", f"TCP:{LOOPBACK}:{world.echo_tcp.tcp_port}"],
         input=message,
         timeout=30,
     )
