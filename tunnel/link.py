@@ -94,6 +94,27 @@ class Stream:
     window: no credit goes back for it).
     """
 
+    __slots__ = (
+        "__weakref__",
+        "_buffer",
+        "_closed",
+        "_delivering",
+        "_discarding",
+        "_local_ended",
+        "_owed",
+        "_paused",
+        "_peer",
+        "_producer",
+        "_producer_paused",
+        "_remote_end_delivered",
+        "_remote_ended",
+        "disconnecting",
+        "link",
+        "protocol",
+        "stream_id",
+        "tunnel_id",
+    )
+
     def __init__(
         self,
         link: LinkProtocol,
@@ -102,6 +123,8 @@ class Stream:
     ):
         self.link = link
         self.stream_id = stream_id
+        #: The tunnel the stream belongs to, set by the relay or agent that uses it.
+        self.tunnel_id: str | None = None
         self.protocol: Any = None
         self._peer = peer
         self._buffer: deque[bytes] = deque()

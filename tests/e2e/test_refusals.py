@@ -24,14 +24,6 @@ def get_reactor() -> Any:
     return reactor
 
 
-TOKEN_REFUSED_BUG = (
-    "product bug: the relay's ERROR control message ('unauthorized') never reaches the agent "
-    "before the link ends; the agent sees only the GOAWAY, reports 'Connection to the other "
-    "side was lost in a non-clean fashion' and the API raises RelayUnavailable, not "
-    "AuthenticationError"
-)
-
-
 def test_wrong_token_is_refused_and_logged_on_both_sides(procs: Procs):
     relay = procs.relay(tokens=["right-token-1234"])
     backend = procs.backend("http")
@@ -57,7 +49,6 @@ def test_no_token_is_refused(procs: Procs):
     assert "tunnel ready" not in agent.proc.text()
 
 
-@pytest.mark.xfail(strict=True, reason=TOKEN_REFUSED_BUG)
 def test_wrong_token_agent_error_names_the_token_refusal(procs: Procs):
     """The agent's warning/error lines (not only the link's info line) name the refusal."""
     relay = procs.relay(tokens=["right-token-1234"])
@@ -69,7 +60,6 @@ def test_wrong_token_agent_error_names_the_token_refusal(procs: Procs):
     )
 
 
-@pytest.mark.xfail(strict=True, reason=TOKEN_REFUSED_BUG)
 @pytest_twisted.ensureDeferred
 async def test_api_wrong_token_raises_authentication_error(procs: Procs):
     reactor = get_reactor()

@@ -285,7 +285,7 @@ class Agent:
         if link is not None and forward.tunnel_id is not None:
             link.send(TunnelClose(forward.tunnel_id))
             for stream in list(link.streams.values()):
-                if getattr(stream, "tunnel_id", None) == forward.tunnel_id:
+                if stream.tunnel_id == forward.tunnel_id:
                     stream.abortConnection(ErrorCode.CANCEL)
         _log.info("tunnel {url} closed", url=forward.tunnel.url if forward.tunnel else "?")
         return defer.succeed(None)
@@ -404,7 +404,8 @@ class Agent:
         """
         self.last_error = reason
         _log.warn("relay {relay}: {reason}", relay=self._relay_names(), reason=reason)
-        if self.fail_fast:
+        # A refused token is not fixed by retrying: fail what waits even in a daemon.
+        if self.fail_fast or error_type is AuthenticationError:
             for forward in list(self.forwards):
                 if forward.waiting is not None:
                     self._fail(forward, error_type(reason))
@@ -436,7 +437,7 @@ class Agent:
         if forward is None:
             stream.abortConnection(ErrorCode.REFUSED_STREAM)
             return
-        stream.tunnel_id = info.tunnel_id  # type: ignore[attr-defined]
+        stream.tunnel_id = info.tunnel_id
         spec = forward.spec
         self.reactor.connectTCP(
             spec.host,

@@ -14,6 +14,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from tunnel.agent.session import Agent, ForwardSpec, parse_forward, parse_relays
+from tunnel.errors import AuthenticationError
 
 __all__ = ["AgentService", "Options", "makeService"]
 
@@ -87,6 +88,11 @@ class AgentService(service.Service):
             return
 
         def failed(reason: Failure) -> None:
+            if reason.check(AuthenticationError):
+                _log.error("{why}; stopping: check --token / TUNNEL_TOKEN", why=reason.value)
+                if self.running:
+                    self.agent.reactor.stop()
+                return
             _log.error(
                 "tunnel for {target} not granted: {why}", target=spec.target, why=reason.value
             )

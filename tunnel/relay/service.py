@@ -264,7 +264,7 @@ class Relay:
             self.ports.release(record.tcp_port, record.tunnel_id)
         owner: RelayLink = record.owner
         for stream in list(owner.streams.values()):
-            if getattr(stream, "tunnel_id", None) == record.tunnel_id:
+            if stream.tunnel_id == record.tunnel_id:
                 stream.abortConnection(ErrorCode.SHUTDOWN)
         if notify:
             owner.send(TunnelClosed(record.tunnel_id, reason))
@@ -317,7 +317,7 @@ class Relay:
         except LocalProtocolError as e:
             _log.warn("tunnel {id}: cannot open a stream: {e}", id=tunnel_id, e=e)
             return None
-        stream.tunnel_id = tunnel_id  # type: ignore[attr-defined]
+        stream.tunnel_id = tunnel_id
         record.connections += 1
         return stream
 

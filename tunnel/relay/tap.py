@@ -56,7 +56,7 @@ class Options(usage.Options):
 
     optParameters = [
         ["domain", None, "tunnel.localhost", "Tunnels are <id>.DOMAIN."],
-        ["listen", None, "tcp:443", "Endpoint string of the public TLS listener."],
+        ["listen", None, "tcp:443:backlog=1024", "Endpoint string of the public TLS listener."],
         ["public-port", None, None, "Port written into URLs (default: the listening port).", int],
         ["cert", None, None, "PEM certificate chain for DOMAIN and *.DOMAIN."],
         ["key", None, None, "PEM private key of --cert."],

@@ -826,9 +826,16 @@ class Multiplexer:
             events.append(StreamReset(stream.id, code, remote=remote))
         self._ready.clear()
         self.state = LinkState.CLOSED
-        # Our HELLO still goes first if it was never written, so that the peer reads the
-        # GOAWAY's code rather than a complaint about a missing HELLO.
-        self._control = self._control[:1] if not self._hello_written else []
+        if not send_goaway:
+            # The transport is gone (or the peer ended the link): nothing more goes out.
+            self._control = []
+        elif code == ErrorCode.ENHANCE_YOUR_CALM:
+            # The backlog is the problem: drop it, but our HELLO still goes first if it was
+            # never written, so that the peer reads the GOAWAY's code rather than a
+            # complaint about a missing HELLO.
+            self._control = self._control[:1] if not self._hello_written else []
+        # Otherwise what was queued before the end (such as a CONTROL message saying why)
+        # goes out ahead of the GOAWAY.
         self._control_size = sum(len(frame) for frame in self._control)
         self._reply_size = 0
         if send_goaway:
