@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     ctx = None
     try:
-        ctx, backend_cmds = refs.start_backends(workdir, settings.runs == 1 and a.quick)
+        ctx, backend_cmds = refs.start_backends(workdir, a.quick)
         results["backends"] = backend_cmds
         for name in names:
             path = registry[name](ctx)

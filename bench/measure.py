@@ -32,7 +32,7 @@ class Metric:
 
 
 METRICS: list[Metric] = [
-    Metric("http_rps", "HTTP keep-alive req/s", "req/s", True),
+    Metric("http_rps", "HTTP keep-alive rate", "req/s", True),
     Metric("http_p50_ms", "HTTP p50", "ms", False),
     Metric("http_p99_ms", "HTTP p99", "ms", False),
     Metric("http_cpu_us_per_req", "CPU per request", "µs/req", False),

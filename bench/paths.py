@@ -16,8 +16,11 @@ with ``@register``, and put its module in ``PATH_MODULES``::
             self.tcp = Endpoint("127.0.0.1", port, sni=f"{tid}.tunnel.localhost", cafile=ca)
 
 ``pids()`` defaults to every process started through ``self.spawn``; their descendants are
-included in the CPU accounting automatically.  Override ``extra()`` for measurements only
-one path has (``forward()`` warm/cold time, RSS per idle connection, ...).
+included in the CPU accounting automatically (override it to charge, say, only relay+agent).
+``self.start_delay_proxy([port, ...])`` puts a 50 ms-each-way delay in front of loopback
+ports (e.g. the relay's link port, for an agent far from its relay).  Override ``extra()``
+for measurements only one path has (``forward()`` warm/cold time, RSS per idle connection,
+...): it returns ``{metric: (unit, samples)}`` and those rows appear in the JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import abc
 import importlib
 import json
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -130,18 +134,26 @@ class BenchPath(abc.ABC):
         """Path-specific measurements: ``{metric: (unit, samples)}``.  None by default."""
         return {}
 
+    def start_delay_proxy(self, targets: Sequence[int], delay_ms: float = 50.0) -> list[int]:
+        """Start ``bench.delayproxy`` in front of loopback ``targets``; return the new ports.
+
+        ``delay_ms`` is added in each direction.  Use it to put a round trip anywhere in a
+        path, e.g. between agent and relay: ``self.start_delay_proxy([relay_port])``.
+        """
+        ports = {free_port(): t for t in targets}
+        argv = [sys.executable, "-m", "bench.delayproxy", f"--delay-ms={delay_ms:g}"]
+        argv += [f"{a}:{b}" for a, b in ports.items()]
+        proc = self.spawn(argv, f"delayproxy-{len(self.procs.procs)}.log")
+        for p in ports:
+            _wait_alive(proc, p)
+        return list(ports)
+
     def spawn(
         self, argv: Sequence[str], log: str, stdin: int | None = subprocess.DEVNULL
     ) -> subprocess.Popen[bytes]:
         """Start a forwarding process (logged to ``self.dir / log``) and record its command."""
-        self.setup_commands.append(" ".join(_quote(a) for a in argv))
+        self.setup_commands.append(shlex.join(argv))
         return self.procs.spawn(argv, log=self.dir / log, stdin=stdin)
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 REGISTRY: dict[str, type[BenchPath]] = {}
@@ -189,17 +201,9 @@ class Delay(BenchPath):
     delay_ms: ClassVar[float] = 50.0
 
     def start(self) -> None:
-        ports = {
-            free_port(): self.ctx.nginx_port,
-            free_port(): self.ctx.data_port,
-            free_port(): self.ctx.echo_port,
-        }
-        argv = [sys.executable, "-m", "bench.delayproxy", f"--delay-ms={self.delay_ms:g}"]
-        argv += [f"{a}:{b}" for a, b in ports.items()]
-        proc = self.spawn(argv, "delayproxy.log", stdin=subprocess.DEVNULL)
-        web, data, echo = ports
-        for p in ports:
-            _wait_alive(proc, p)
+        web, data, echo = self.start_delay_proxy(
+            [self.ctx.nginx_port, self.ctx.data_port, self.ctx.echo_port], self.delay_ms
+        )
         self.http = HttpTarget(f"http://{LOOPBACK}:{web}")
         self.tcp = Endpoint(LOOPBACK, data)
         self.echo = Endpoint(LOOPBACK, echo)

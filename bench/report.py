@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bench.measure import METRICS, Metric
+from bench.measure import METRICS
 from bench.util import run
 
 Results = dict[str, Any]
@@ -63,15 +63,24 @@ def _cell(stat: dict[str, Any] | None, runs: int) -> str:
 
 
 def markdown(results: Results) -> str:
-    """One table, paths as rows; each cell ``median (min-max)``."""
+    """One table: a row per metric, a column per path; each cell ``median (min-max)``.
+
+    Metrics a path adds through ``BenchPath.extra()`` get rows of their own.
+    """
     runs = results["settings"]["runs"]
     paths = results["paths"]
-    cols: list[Metric] = [m for m in METRICS if any(m.key in p["metrics"] for p in paths.values())]
-    head = "| path | " + " | ".join(f"{m.label} ({m.unit})" for m in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for name, p in paths.items():
-        cells = [_cell(p["metrics"].get(m.key), runs) for m in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows: list[tuple[str, str]] = [(m.key, f"{m.label} ({m.unit})") for m in METRICS]
+    known = {m.key for m in METRICS}
+    for p in paths.values():
+        for key, stat in p["metrics"].items():
+            if key not in known:
+                known.add(key)
+                rows.append((key, f"{key} ({stat['unit']})"))
+    rows = [(k, label) for k, label in rows if any(k in p["metrics"] for p in paths.values())]
+    lines = ["| metric | " + " | ".join(paths) + " |", "|---|" + "---:|" * len(paths)]
+    for key, label in rows:
+        cells = [_cell(p["metrics"].get(key), runs) for p in paths.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
     errs = [f"- {n}: {e}" for n, p in paths.items() for e in p["errors"]]
     if errs:
@@ -102,7 +111,11 @@ def ratio(results: Results, path: str, base: str, key: str) -> float | None:
     return r
 
 
-def chart(results: Results, out: Path, baselines: tuple[str, ...] = ("direct", "ssh-R")) -> bool:
+def chart(
+    results: Results,
+    out: Path,
+    baselines: tuple[str, ...] = ("direct", "ssh-R-tt", "haproxy-ssh-R-tt"),
+) -> bool:
     """Grouped bars of ``ratio()`` against each baseline (one panel each); False if no
     matplotlib."""
     try:
