@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--list", action="store_true", help="list the paths and exit")
     parser.add_argument("--no-install", action="store_true", help="do not apt/pip install")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     a = parser.parse_args(argv)
     if a.list:
         for name, cls in registry.items():
@@ -89,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ctx is not None:
             ctx.procs.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if a.keep:
+            _log(f"bench: kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - t_start, 1)
     files = report.write(results, a.out)
     print(report.markdown(results))
