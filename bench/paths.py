@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from bench.util import LOOPBACK, ProcessGroup, free_port, wait_port
 
 # Modules whose import registers path classes, in the order they are run.
-PATH_MODULES: list[str] = ["bench.paths", "bench.refs"]
+PATH_MODULES: list[str] = ["bench.paths", "bench.refs", "bench.tunnels"]
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,8 @@ class Agent:
         self.connect_timeout = connect_timeout
         self.local_connect_timeout = local_connect_timeout
         self.fail_fast = fail_fast
-        self.settings = settings or LinkSettings()
+        # The relay opens one stream per public connection: allow many.
+        self.settings = settings or LinkSettings(max_streams=16384)
         self.link: AgentLink | None = None
         self.welcome: RelayWelcome | None = None
         self.forwards: list[_Forward] = []

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from tunnel.agent.session import Agent, ForwardSpec, parse_forward, parse_relays
 from tunnel.errors import AuthenticationError
+from tunnel.wire import LinkSettings
 
 __all__ = ["AgentService", "Options", "makeService"]
 
@@ -35,6 +36,7 @@ class Options(usage.Options):
         ["relay", None, None, "Relay HOST:PORT, or a comma-separated list (TUNNEL_RELAY)."],
         ["token", None, None, "Agent token (TUNNEL_TOKEN)."],
         ["ca", None, None, "PEM CA bundle to trust for the relay (TUNNEL_CA)."],
+        ["max-streams", None, 16384, "Public connections the relay may open at once.", int],
     ]
 
     def __init__(self) -> None:
@@ -119,5 +121,6 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         token=options["token"],
         ca=options["ca"],
         fail_fast=False,
+        settings=LinkSettings(max_streams=options["max-streams"]),
     )
     return AgentService(agent, options["forward"])

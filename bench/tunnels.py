@@ -1,0 +1,200 @@
+"""Our own paths: ``twistd tunnelrelay`` + ``twistd tunnelagent`` on loopback.
+
+* ``tunnel-tls``: public clients speak TLS to the relay, routed by SNI to a tunnel per server
+  (the same job as HAProxy TLS → ``ssh -R``). Also measures ``forward()`` to URL, warm and
+  cold, and RSS per idle connection at relay and agent.
+* ``tunnel-tcp``: raw TCP ports at the relay (the same job as ``ssh -R``).
+* ``tunnel-tcp-100ms``: the raw TCP path with 50 ms added each way between agent and relay,
+  so the link itself has a 100 ms round trip: what auto-tuned windows are for. Compare its
+  single stream with ``delay-100ms`` (the delay path's own capacity).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from bench.paths import BenchPath, Endpoint, HttpTarget, register
+from bench.util import LOOPBACK, free_port, rss_bytes, wait_port
+
+DOMAIN = "tunnel.localhost"
+_READY = re.compile(
+    r"tunnel ready: https://(?P<host>[a-z0-9]+\.tunnel\.localhost):(?P<port>\d+)"
+    r"(?: tcp://[^:]+:(?P<tcp>\d+))? -> 127\.0\.0\.1:(?P<target>\d+)"
+)
+# As many descriptors as the hard limit allows: 10,000 idle connections need ~20,000.
+_HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+_NOFILE = f"--nofile={_HARD}:{_HARD}" if _HARD != resource.RLIM_INFINITY else "--nofile=65536"
+
+
+def _twistd() -> str:
+    return str(Path(sys.executable).parent / "twistd")
+
+
+def _wait_log(
+    path: Path, pattern: re.Pattern[str], count: int, timeout: float
+) -> list[re.Match[str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found = list(pattern.finditer(text))
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: {len(found)} of {count} lines after {timeout}s")
+        time.sleep(0.05)
+
+
+class _Tunnel(BenchPath):
+    """Relay and agent forwarding the run's nginx, data and echo servers."""
+
+    unencrypted: ClassVar[bool] = False
+    link_delay_ms: ClassVar[float | None] = None
+
+    def start(self) -> None:
+        self.relay_port = free_port()
+        self.state = self.dir / "relay-state"
+        low = 30000 + (self.relay_port % 20) * 1000
+        self.relay = self.spawn(
+            [
+                "prlimit", _NOFILE, _twistd(), "-n", "--pidfile", "", "--logfile", "-",
+                "tunnelrelay", "--domain", DOMAIN,
+                "--listen", f"tcp:{self.relay_port}:interface={LOOPBACK}:backlog=4096",
+                "--state-dir", str(self.state),
+                "--tcp-ports", f"{low}-{low + 999}", "--tcp-interface", LOOPBACK,
+                "--max-connections-per-tunnel", "20000", "--max-streams-per-link", "20000",
+                "--max-pending-handshakes", "20000", "--drain-grace", "1",
+            ],
+            "relay.log",
+        )  # fmt: skip
+        wait_port(self.relay_port, timeout=20)
+        self.ca = str(self.state / "ca.pem")
+        link_port = self.relay_port
+        if self.link_delay_ms is not None:
+            link_port = self.start_delay_proxy([self.relay_port], self.link_delay_ms)[0]
+        suffix = ":tcp" if self.unencrypted else ""
+        targets = [self.ctx.nginx_port, self.ctx.data_port, self.ctx.echo_port]
+        self.agent_log = self.dir / "agent.log"
+        self.agent = self.spawn(
+            [
+                "prlimit", _NOFILE, _twistd(), "-n", "--pidfile", "", "--logfile", "-",
+                "tunnelagent", "--relay", f"localhost:{link_port}", "--ca", self.ca,
+                *[a for t in targets for a in ("--forward", f"{t}{suffix}")],
+            ],
+            "agent.log",
+        )  # fmt: skip
+        ready = {int(m["target"]): m for m in _wait_log(self.agent_log, _READY, 3, 30)}
+        web, data, echo = (ready[t] for t in targets)
+        ca = self.ca
+        if self.unencrypted:
+            self.http = HttpTarget(f"http://{LOOPBACK}:{web['tcp']}")
+            self.tcp = Endpoint(LOOPBACK, int(data["tcp"]))
+            self.echo = Endpoint(LOOPBACK, int(echo["tcp"]))
+        else:
+            self.http = HttpTarget(f"https://{web['host']}:{self.relay_port}", cafile=ca)
+            self.tcp = Endpoint(LOOPBACK, self.relay_port, sni=data["host"], cafile=ca)
+            self.echo = Endpoint(LOOPBACK, self.relay_port, sni=echo["host"], cafile=ca)
+
+
+@register
+class TunnelTls(_Tunnel):
+    """Tunnels, TLS by SNI at the relay (like HAProxy TLS → ``ssh -R``)."""
+
+    name = "tunnel-tls"
+    title = "Tunnels TLS (tunnelrelay + tunnelagent)"
+
+    def extra(self, runs: int) -> dict[str, tuple[str, list[float]]]:
+        out: dict[str, tuple[str, list[float]]] = {}
+        count = 20 if self.ctx.quick else 100
+        timing = _run_json(
+            [
+                sys.executable, "-m", "bench.tunnelprobe", "forward",
+                "--relay", f"localhost:{self.relay_port}", "--ca", self.ca,
+                "--port", str(self.ctx.nginx_port), "--count", str(count),
+            ],
+            timeout=120,
+        )  # fmt: skip
+        for kind in ("warm", "cold"):
+            samples = sorted(timing[kind])
+            out[f"forward_{kind}_p50_ms"] = ("ms", [_pct(samples, 0.5)])
+            out[f"forward_{kind}_p99_ms"] = ("ms", [_pct(samples, 0.99)])
+        idle = 1000 if self.ctx.quick else 10000
+        out.update(self._idle_rss(idle))
+        return out
+
+    def _idle_rss(self, count: int) -> dict[str, tuple[str, list[float]]]:
+        """RSS per idle TLS connection at the relay and per idle stream at the agent."""
+        assert self.echo is not None and self.echo.sni is not None
+        relay_pid, agent_pid = self.relay.pid, self.agent.pid
+        before = rss_bytes([relay_pid]), rss_bytes([agent_pid])
+        holder = subprocess.Popen(
+            [
+                "prlimit", _NOFILE, sys.executable, "-m", "bench.tunnelprobe", "hold",
+                "--port", str(self.relay_port), "--sni", self.echo.sni, "--ca", self.ca,
+                "--count", str(count),
+            ],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None
+            line = holder.stdout.readline()
+            if not line:
+                raise RuntimeError("the idle-connection holder exited")
+            held = json.loads(line)["held"]
+            time.sleep(1.0)  # let both processes settle before reading RSS
+            after = rss_bytes([relay_pid]), rss_bytes([agent_pid])
+        finally:
+            if holder.stdin:
+                holder.stdin.close()
+            try:
+                holder.wait(60)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+        return {
+            "idle_connections": ("count", [float(held)]),
+            "relay_rss_per_idle_conn_KiB": ("KiB", [(after[0] - before[0]) / held / 1024]),
+            "agent_rss_per_idle_stream_KiB": ("KiB", [(after[1] - before[1]) / held / 1024]),
+        }
+
+
+@register
+class TunnelTcp(_Tunnel):
+    """Tunnels, raw TCP ports at the relay (like ``ssh -R``)."""
+
+    name = "tunnel-tcp"
+    title = "Tunnels raw TCP (tunnelrelay + tunnelagent)"
+    unencrypted = True
+
+
+@register
+class TunnelTcpDelay(_Tunnel):
+    """Raw TCP tunnel with a 100 ms round trip on the agent's link."""
+
+    name = "tunnel-tcp-100ms"
+    title = "Tunnels raw TCP, 100 ms RTT agent-relay"
+    unencrypted = True
+    link_delay_ms = 50.0
+    connect_count = 50
+
+    def start(self) -> None:
+        super().start()
+        # Only the throughput of one stream matters here.
+        self.http = None
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def _run_json(argv: list[str], timeout: float) -> dict[str, list[float]]:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if p.returncode:
+        raise RuntimeError(f"{argv[2:4]} failed: {(p.stderr or p.stdout)[-400:]}")
+    out: dict[str, list[float]] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
