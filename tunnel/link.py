@@ -327,7 +327,11 @@ class Stream:
         self._producer = None
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
-            protocol.connectionLost(reason)
+            try:
+                protocol.connectionLost(reason)
+            except Exception:
+                # One stream's protocol failing must not stop the others' clean-up.
+                _log.failure("error in the connectionLost of stream {id}", id=self.stream_id)
 
 
 class LinkProtocol(Protocol):
@@ -365,6 +369,7 @@ class LinkProtocol(Protocol):
         self._last_ping = 0.0
         self._keepalive: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
+        self._lost = False
         self.terminated: tuple[int, str, bool] | None = None
 
     # -- hooks -------------------------------------------------------------------------------
@@ -427,12 +432,15 @@ class LinkProtocol(Protocol):
         self.flush()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._lost = True
         self._cancel_timers()
-        events = self.mux.connection_lost(str(reason.value)) if hasattr(self, "mux") else []
-        self._dispatch(events)
-        for stream in list(self.streams.values()):
-            stream._reset(ErrorCode.CANCEL, "link lost")
-        self.linkLost(reason)
+        try:
+            events = self.mux.connection_lost(str(reason.value)) if hasattr(self, "mux") else []
+            self._dispatch(events)
+            for stream in list(self.streams.values()):
+                stream._reset(ErrorCode.CANCEL, "link lost")
+        finally:
+            self.linkLost(reason)
 
     # -- IPushProducer (our transport's buffer is full) --------------------------------------
 
@@ -485,7 +493,7 @@ class LinkProtocol(Protocol):
         Write what the multiplexer has to send, unless the transport asked us to pause or we
         are in the middle of processing input (then it happens once at the end).
         """
-        if self._receiving:
+        if self._receiving or self._lost:
             return
         transport = self.transport
         if transport is None:
@@ -531,7 +539,7 @@ class LinkProtocol(Protocol):
     def _abort(self) -> None:
         self._abort_call = None
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not self._lost:
             transport.abortConnection()  # type: ignore[attr-defined]
 
     def _dispatch(self, events: list[Event]) -> None:

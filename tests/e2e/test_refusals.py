@@ -97,7 +97,9 @@ def test_nothing_listening_tls_client_closed_promptly(procs: Procs, relay: Relay
     result = curl(relay, tunnel, tunnel.url + "/", timeout=30)
     # curl finished on its own (not its --max-time: exit 28) and failed: the relay closed
     # the connection (empty reply 52, or a receive error 56).
-    assert result.returncode in (52, 56), (result.returncode, result.stderr)
+    # 52/56: closed after the handshake; 35: the agent's refusal beat the TLS handshake and the
+    # relay closed during it. Never 28 (curl's own timeout): the close is prompt.
+    assert result.returncode in (35, 52, 56), (result.returncode, result.stderr)
     assert result.stdout == b""
     agent.proc.wait_log(rf"cannot connect to 127\.0\.0\.1:{port}")
 

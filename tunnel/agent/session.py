@@ -213,6 +213,7 @@ class Agent:
         self.forwards: list[_Forward] = []
         self._requests: dict[int, _Forward] = {}
         self._request_ids = itertools.count(1)
+        self._closing: dict[str, list[defer.Deferred[None]]] = {}
         self._relay_index = 0
         self.last_error: str | None = None
         self._trust = _trust_root(ca)
@@ -283,13 +284,25 @@ class Agent:
         if forward in self.forwards:
             self.forwards.remove(forward)
         link = self.link
-        if link is not None and forward.tunnel_id is not None:
-            link.send(TunnelClose(forward.tunnel_id))
-            for stream in list(link.streams.values()):
-                if stream.tunnel_id == forward.tunnel_id:
-                    stream.abortConnection(ErrorCode.CANCEL)
         _log.info("tunnel {url} closed", url=forward.tunnel.url if forward.tunnel else "?")
-        return defer.succeed(None)
+        if link is None or forward.tunnel_id is None:
+            return defer.succeed(None)
+        tunnel_id = forward.tunnel_id
+        link.send(TunnelClose(tunnel_id))
+        for stream in list(link.streams.values()):
+            if stream.tunnel_id == tunnel_id:
+                stream.abortConnection(ErrorCode.CANCEL)
+        # Fires when the relay confirms (its TCP port is closed by then), when the link is
+        # lost (the relay drops the tunnel with it), or after a bound.
+        confirmed: defer.Deferred[None] = defer.Deferred()
+        self._closing.setdefault(tunnel_id, []).append(confirmed)
+        timer = self.reactor.callLater(self.connect_timeout, self._close_confirmed, tunnel_id)
+        confirmed.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return confirmed
+
+    def _close_confirmed(self, tunnel_id: str) -> None:
+        for waiting in self._closing.pop(tunnel_id, []):
+            waiting.callback(None)
 
     # -- link events -------------------------------------------------------------------------
 
@@ -365,6 +378,9 @@ class Agent:
             waiting.callback(tunnel)
 
     def _closed_by_relay(self, message: TunnelClosed) -> None:
+        if message.tunnel_id in self._closing:
+            self._close_confirmed(message.tunnel_id)
+            return
         for forward in list(self.forwards):
             if forward.tunnel_id == message.tunnel_id:
                 _log.warn(
@@ -412,6 +428,9 @@ class Agent:
                     self._fail(forward, error_type(reason))
 
     def _link_lost(self, link: AgentLink, reason: Failure) -> None:
+        if self.link is link:
+            for tunnel_id in list(self._closing):
+                self._close_confirmed(tunnel_id)
         if link.draining and self.link is link:
             self.link = None
             self._requests.clear()

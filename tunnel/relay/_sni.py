@@ -90,6 +90,9 @@ class _RoutedTLS(BufferingTLSTransport):
         super().__init__(factory, wrapped)
 
     def _shutdownTLS(self) -> None:
+        if getattr(self, "_tlsConnection", None) is None:
+            # Already torn down (an abort after the connection was lost): nothing to shut.
+            return
         super()._shutdownTLS()
         # Twisted then waits for the client's close_notify, which a client that is still
         # sending may never send. Closing after our own close_notify is allowed (RFC 8446

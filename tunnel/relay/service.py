@@ -257,8 +257,9 @@ class Relay:
         if self.registry.get(record.tunnel_id) is not record:
             return
         self.registry.remove(record.tunnel_id)
+        stopped: defer.Deferred[Any] = defer.succeed(None)
         if record.listener is not None:
-            record.listener.stopListening()
+            stopped = defer.maybeDeferred(record.listener.stopListening)
             record.listener = None
         if record.tcp_port is not None:
             self.ports.release(record.tcp_port, record.tunnel_id)
@@ -267,7 +268,8 @@ class Relay:
             if stream.tunnel_id == record.tunnel_id:
                 stream.abortConnection(ErrorCode.SHUTDOWN)
         if notify:
-            owner.send(TunnelClosed(record.tunnel_id, reason))
+            # Confirmed once the port is really closed, so the agent's close() means it.
+            stopped.addBoth(lambda _: owner.send(TunnelClosed(record.tunnel_id, reason)))
 
     def link_lost(self, link: RelayLink) -> None:
         """
