@@ -18,7 +18,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import (
@@ -32,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel import __version__
+from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
 from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream
@@ -517,7 +517,7 @@ class _FailoverEndpoint:
             )
         else:
             inner = HostnameEndpoint(agent.reactor, dial, relay.port, timeout=agent.connect_timeout)
-        d: defer.Deferred[Any] = wrapClientTLS(creator, inner).connect(factory)
+        d: defer.Deferred[Any] = fast_client_tls(creator, inner).connect(factory)
 
         def failed(reason: Failure) -> Failure:
             agent._relay_index += 1

@@ -36,9 +36,11 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from tunnel._fasttls import FastTLSProtocol
 
 from ._clienthello import (
     ALERT_DECODE_ERROR,
@@ -80,7 +82,7 @@ class _RouteConnectionCreator:
         return SSL.Connection(context, None)
 
 
-class _RoutedTLS(BufferingTLSTransport):
+class _RoutedTLS(FastTLSProtocol):
     """A TLS layer whose ``SSL.Connection`` uses the context of its route."""
 
     def __init__(
