@@ -60,10 +60,10 @@ __all__ = [
     "splice",
 ]
 
-#: Octets queued on a stream beyond which its producer is paused.
-HIGH_WATER = 128 * 1024
+#: Octets queued on a stream beyond which its producer is paused (one socket read fits).
+HIGH_WATER = 256 * 1024
 #: Octets queued on a stream below which its paused producer resumes.
-LOW_WATER = 32 * 1024
+LOW_WATER = 64 * 1024
 #: Octets of DATA framed per write to the link's transport.
 _WRITE_BUDGET = 256 * 1024
 #: Octets read from a socket per call on the data path.
@@ -168,7 +168,7 @@ class Stream:
             link.mux.send(self.stream_id, data)
         except LocalProtocolError:
             return
-        link.flush()
+        link.flush_soon()
         if (
             self._producer is not None
             and not self._producer_paused
@@ -256,7 +256,7 @@ class Stream:
             owed, self._owed = self._owed, 0
             self._credit(owed)
         self._drain()
-        self.link.flush()
+        self.link.flush_soon()
 
     def stopProducing(self) -> None:
         # A transport calls this on its producer as it closes, *before* its protocol's
@@ -371,6 +371,7 @@ class LinkProtocol(Protocol):
         self._last_ping = 0.0
         self._keepalive: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
+        self._flush_call: IDelayedCall | None = None
         self._lost = False
         self.terminated: tuple[int, str, bool] | None = None
 
@@ -470,7 +471,7 @@ class LinkProtocol(Protocol):
         stream_id = self.mux.open_stream(metadata)
         stream = Stream(self, stream_id, peer)
         self.streams[stream_id] = stream
-        self.flush()
+        self.flush_soon()
         return stream
 
     def sendControl(self, payload: bytes) -> None:
@@ -488,6 +489,19 @@ class LinkProtocol(Protocol):
         once the GOAWAY is written, and aborted if that takes more than a second.
         """
         self._dispatch(self.mux.go_away(code, message))
+        self.flush()
+
+    def flush_soon(self) -> None:
+        """
+        Flush once the reactor has handled the events of its current turn: the writes of
+        every stream that had data in this turn share one TLS write and one system call.
+        The delay is the rest of the turn, not a timer.
+        """
+        if self._flush_call is None and not self._receiving and not self._lost:
+            self._flush_call = self.reactor.callLater(0, self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_call = None
         self.flush()
 
     def flush(self) -> None:
@@ -615,11 +629,12 @@ class LinkProtocol(Protocol):
         self._schedule_keepalive()
 
     def _cancel_timers(self) -> None:
-        for call in (self._keepalive, self._abort_call):
+        for call in (self._keepalive, self._abort_call, self._flush_call):
             if call is not None and call.active():
                 call.cancel()
         self._keepalive = None
         self._abort_call = None
+        self._flush_call = None
 
 
 def set_nodelay(transport: Any) -> None:

@@ -113,9 +113,10 @@ def test_stalled_stream_holds_its_window_and_does_not_block_others(pause: str) -
     assert recv.size == WINDOW
     assert recv.unconsumed <= WINDOW
     assert pair.client.mux.send_window(stalled.stream.stream_id) == 0
-    # The sender's producer was paused once its queue passed HIGH_WATER, and not resumed.
+    # The sender's producer is paused: its queue passed HIGH_WATER (it may have been paused
+    # and resumed while the window still had room; writes are framed at the end of a turn).
     assert producer.paused
-    assert producer.pauses == 1
+    assert producer.pauses >= 1
     assert producer.pending_at_pause[0] > HIGH_WATER
     assert pair.client.mux.pending(stalled.stream.stream_id) >= LOW_WATER
     assert producer.sent < total
