@@ -47,6 +47,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from tunnel.link import write_now
+
 __all__ = ["FastTLSFactory", "FastTLSProtocol", "fast_client_tls"]
 
 #: Application octets handed to one SSL_write (OpenSSL splits them into records).
@@ -100,7 +102,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             except WantReadError:
                 break
         if chunks and self.transport is not None:
-            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            write_now(self.transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _flushReceiveBIO(self) -> None:
         chunks: list[bytes] = []

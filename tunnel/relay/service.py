@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel import __version__
-from tunnel.link import LinkProtocol, SpliceProtocol, Stream, set_nodelay
+from tunnel.link import LinkProtocol, SpliceProtocol, Stream, set_nodelay, write_now
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._sni import Route, SNIDispatchFactory
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
@@ -506,7 +506,7 @@ class PublicProtocol(SpliceProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._touch()
-        self.other.write(data)
+        write_now(self.other, data)
 
     def _touch(self) -> None:
         timeout = self.relay.config.idle_timeout
@@ -548,7 +548,7 @@ class _Activity(SpliceProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.public._touch()
-        self.other.write(data)
+        write_now(self.other, data)
 
 
 class _PublicFactory(Factory):
