@@ -227,6 +227,7 @@ class Agent:
             clock=reactor,
         )
         self._started = False
+        self._ranked = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -234,9 +235,31 @@ class Agent:
         """
         Start connecting (idempotent).
         """
-        if not self._started:
-            self._started = True
-            self._service.startService()
+        if self._started:
+            return
+        self._started = True
+        if len(self.relays) > 1 and not self._ranked:
+            # The nearest relay first: connect to each (TCP only) and sort by the time it
+            # took; one that does not answer goes last. Failover then follows this order.
+            self._ranked = True
+            probes = [_connect_time(self.reactor, r, self.connect_timeout) for r in self.relays]
+            d = defer.gatherResults(probes, consumeErrors=True)
+
+            def ranked(times: list[float]) -> None:
+                order = sorted(range(len(self.relays)), key=lambda i: times[i])
+                self.relays = [self.relays[i] for i in order]
+                _log.info(
+                    "relays by connect time: {order}",
+                    order=", ".join(
+                        f"{self.relays[n]} ({times[i] * 1e3:.1f} ms)" for n, i in enumerate(order)
+                    ),
+                )
+                if self._started:
+                    self._service.startService()
+
+            d.addCallback(ranked)
+            return
+        self._service.startService()
 
     def stop(self) -> defer.Deferred[None]:
         """
@@ -251,6 +274,8 @@ class Agent:
         if not self._started:
             return defer.succeed(None)
         self._started = False
+        if not self._service.running:
+            return defer.succeed(None)
         d: defer.Deferred[None] = defer.maybeDeferred(self._service.stopService)
         return d
 
@@ -489,6 +514,38 @@ def _trust_root(ca: str | None) -> Any:
     return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
 
 
+def _tcp_endpoint(reactor: Any, relay: RelayAddress, timeout: float) -> Any:
+    """
+    A TCP endpoint for `relay`; ``*.localhost`` names are loopback (RFC 6761), as curl and
+    browsers treat them.
+    """
+    host = relay.host
+    dial = "127.0.0.1" if host == "localhost" or host.endswith(".localhost") else host
+    if isIPAddress(dial):
+        # No resolver round trip (and no thread pool start) for an address.
+        return TCP4ClientEndpoint(reactor, dial, relay.port, timeout=timeout)
+    if isIPv6Address(dial):
+        return TCP6ClientEndpoint(reactor, dial, relay.port, timeout=timeout)
+    return HostnameEndpoint(reactor, dial, relay.port, timeout=timeout)
+
+
+def _connect_time(reactor: Any, relay: RelayAddress, timeout: float) -> defer.Deferred[float]:
+    """
+    Seconds a TCP connection to `relay` takes (infinity if it fails): about one round trip.
+    """
+    started = reactor.seconds()
+    d: defer.Deferred[Any] = _tcp_endpoint(reactor, relay, timeout).connect(
+        Factory.forProtocol(Protocol)
+    )
+
+    def connected(protocol: Protocol) -> float:
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+        return float(reactor.seconds() - started)
+
+    return d.addCallbacks(connected, lambda _: float("inf"))
+
+
 @implementer(interfaces.IStreamClientEndpoint)
 class _FailoverEndpoint:
     """
@@ -501,22 +558,10 @@ class _FailoverEndpoint:
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         agent = self.agent
         relay = agent.relays[agent._relay_index % len(agent.relays)]
-        host = relay.host
-        # *.localhost names are loopback (RFC 6761), as curl and browsers treat them.
-        dial = "127.0.0.1" if host == "localhost" or host.endswith(".localhost") else host
-        creator = optionsForClientTLS(host, trustRoot=agent._trust, acceptableProtocols=[LINK_ALPN])
-        inner: Any
-        if isIPAddress(dial):
-            # No resolver round trip (and no thread pool start) for an address.
-            inner = TCP4ClientEndpoint(
-                agent.reactor, dial, relay.port, timeout=agent.connect_timeout
-            )
-        elif isIPv6Address(dial):
-            inner = TCP6ClientEndpoint(
-                agent.reactor, dial, relay.port, timeout=agent.connect_timeout
-            )
-        else:
-            inner = HostnameEndpoint(agent.reactor, dial, relay.port, timeout=agent.connect_timeout)
+        creator = optionsForClientTLS(
+            relay.host, trustRoot=agent._trust, acceptableProtocols=[LINK_ALPN]
+        )
+        inner = _tcp_endpoint(agent.reactor, relay, agent.connect_timeout)
         d: defer.Deferred[Any] = fast_client_tls(creator, inner).connect(factory)
 
         def failed(reason: Failure) -> Failure:
