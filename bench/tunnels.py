@@ -56,6 +56,8 @@ class _Tunnel(BenchPath):
 
     unencrypted: ClassVar[bool] = False
     link_delay_ms: ClassVar[float | None] = None
+    #: --max-window (MiB) for relay and agent; None: the default (16 MiB).
+    max_window_mib: ClassVar[int | None] = None
 
     def start(self) -> None:
         self.relay_port = free_port()
@@ -70,6 +72,7 @@ class _Tunnel(BenchPath):
                 "--tcp-ports", f"{low}-{low + 999}", "--tcp-interface", LOOPBACK,
                 "--max-connections-per-tunnel", "20000", "--max-streams-per-link", "20000",
                 "--max-pending-handshakes", "20000", "--drain-grace", "1",
+                *self._window_args(),
             ],
             "relay.log",
         )  # fmt: skip
@@ -86,6 +89,7 @@ class _Tunnel(BenchPath):
                 "prlimit", _NOFILE, _twistd(), "-n", "--pidfile", "", "--logfile", "-",
                 "tunnelagent", "--relay", f"localhost:{link_port}", "--ca", self.ca,
                 *[a for t in targets for a in ("--forward", f"{t}{suffix}")],
+                *self._window_args(),
             ],
             "agent.log",
         )  # fmt: skip
@@ -100,6 +104,11 @@ class _Tunnel(BenchPath):
             self.http = HttpTarget(f"https://{web['host']}:{self.relay_port}", cafile=ca)
             self.tcp = Endpoint(LOOPBACK, self.relay_port, sni=data["host"], cafile=ca)
             self.echo = Endpoint(LOOPBACK, self.relay_port, sni=echo["host"], cafile=ca)
+
+    def _window_args(self) -> list[str]:
+        if self.max_window_mib is None:
+            return []
+        return ["--max-window", str(self.max_window_mib)]
 
 
 @register
@@ -186,6 +195,15 @@ class TunnelTcpDelay(_Tunnel):
         super().start()
         # Only the throughput of one stream matters here.
         self.http = None
+
+
+@register
+class TunnelTcpDelayWide(TunnelTcpDelay):
+    """The 100 ms path with windows allowed to grow to 64 MiB (``--max-window 64``)."""
+
+    name = "tunnel-tcp-100ms-64M"
+    title = "Tunnels raw TCP, 100 ms RTT, --max-window 64"
+    max_window_mib = 64
 
 
 def _pct(xs: list[float], q: float) -> float:

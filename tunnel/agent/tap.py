@@ -37,6 +37,7 @@ class Options(usage.Options):
         ["token", None, None, "Agent token (TUNNEL_TOKEN)."],
         ["ca", None, None, "PEM CA bundle to trust for the relay (TUNNEL_CA)."],
         ["max-streams", None, 16384, "Public connections the relay may open at once.", int],
+        ["max-window", None, 16, "MiB a stream's receive window may auto-tune up to.", int],
     ]
 
     def __init__(self) -> None:
@@ -121,6 +122,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         token=options["token"],
         ca=options["ca"],
         fail_fast=False,
-        settings=LinkSettings(max_streams=options["max-streams"]),
+        settings=LinkSettings(
+            max_streams=options["max-streams"], max_window=options["max-window"] * 1024 * 1024
+        ),
     )
     return AgentService(agent, options["forward"])

@@ -21,6 +21,7 @@ from tunnel.relay.service import (
     parse_port_range,
     read_tokens,
 )
+from tunnel.wire import LinkSettings
 
 __all__ = ["Options", "makeService"]
 
@@ -92,6 +93,13 @@ class Options(usage.Options):
         ["keepalive-timeout", None, 15.0, "Seconds of silence that end a link.", _positive(float)],
         ["drain-grace", None, 30.0, "Seconds streams may finish after SIGTERM.", float],
         ["admin", None, None, "Endpoint for /metrics and /status (keep it on loopback)."],
+        [
+            "max-window",
+            None,
+            16,
+            "MiB a stream's receive window may auto-tune up to.",
+            _positive(int),
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -163,6 +171,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         keepalive_interval=options["keepalive-interval"],
         keepalive_timeout=options["keepalive-timeout"],
         drain_grace=options["drain-grace"],
+        link=LinkSettings(max_window=options["max-window"] * 1024 * 1024),
     )
     relay = Relay(
         reactor,
