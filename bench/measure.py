@@ -105,11 +105,25 @@ class PathResult:
 
 
 def _cpu(path: BenchPath, fn: Callable[[], float]) -> tuple[float, float]:
-    """Run ``fn`` (returning a work amount); return (its result, forwarding CPU seconds)."""
+    """Run ``fn`` (returning a work amount); return (its result, forwarding CPU seconds).
+
+    The CPU seconds of each of the path's roles (``path.roles()``, such as relay and agent)
+    are left in ``path.role_cpu``.
+    """
     pids = path.pids()
+    roles = path.roles()
     before = cpu_seconds(pids)
+    before_roles = {role: cpu_seconds(p) for role, p in roles.items()}
     work = fn()
+    path.role_cpu = {role: cpu_seconds(p) - before_roles[role] for role, p in roles.items()}
     return work, cpu_seconds(pids) - before
+
+
+def _add_roles(path: BenchPath, r: PathResult, key: str, scale: float) -> None:
+    """Per-role CPU of the last ``_cpu`` call, as ``key_role`` (seconds times ``scale``)."""
+    unit = METRIC_BY_KEY[key].unit
+    for role, seconds in path.role_cpu.items():
+        r.add(f"{key}_{role}", seconds * scale, unit)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -165,6 +179,7 @@ def http_rps(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None
     r.add("http_p99_ms", box["p99"])
     if path.pids():
         r.add("http_cpu_us_per_req", cpu / requests * 1e6)
+        _add_roles(path, r, "http_cpu_us_per_req", 1e6 / requests)
 
 
 def download(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None:
@@ -195,6 +210,7 @@ def download(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None
     r.add("download_MBps", box[0] / MB)
     if path.pids():
         r.add("download_cpu_ms_per_MB", cpu * 1e3 / (size / MB))
+        _add_roles(path, r, "download_cpu_ms_per_MB", 1e3 / (size / MB))
 
 
 def _client(args: list[str], timeout: float) -> dict[str, object]:
@@ -229,6 +245,7 @@ def tcp_download(
     r.add(f"{key}_MBps", float(box["MBps"]))  # type: ignore[arg-type]
     if path.pids():
         r.add(f"{key}_cpu_ms_per_MB", cpu * 1e3 / (total / MB))
+        _add_roles(path, r, f"{key}_cpu_ms_per_MB", 1e3 / (total / MB))
 
 
 def _percentile(xs: list[float], q: float) -> float:

@@ -117,6 +117,8 @@ class BenchPath(abc.ABC):
         self.tcp: Endpoint | None = None
         self.echo: Endpoint | None = None
         self.setup_commands: list[str] = []
+        #: CPU seconds per role during the last measurement (see ``roles``).
+        self.role_cpu: dict[str, float] = {}
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -132,6 +134,10 @@ class BenchPath(abc.ABC):
 
     def extra(self, runs: int) -> dict[str, tuple[str, list[float]]]:
         """Path-specific measurements: ``{metric: (unit, samples)}``.  None by default."""
+        return {}
+
+    def roles(self) -> dict[str, list[int]]:
+        """Processes whose CPU is also reported on its own, by role (e.g. relay, agent)."""
         return {}
 
     def start_delay_proxy(self, targets: Sequence[int], delay_ms: float = 50.0) -> list[int]:

@@ -39,6 +39,7 @@ import csv
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import ssl
@@ -100,8 +101,10 @@ def twistd() -> str:
 
 
 class Relay:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, prefix: list[str] | None = None) -> None:
         self.work = work
+        #: Put before ``twistd`` (e.g. a tracing wrapper).
+        self.prefix = prefix or []
         self.state = work / "relay-state"
         self.port = free_port()
         self.admin_port = free_port()
@@ -121,6 +124,7 @@ class Relay:
 
     def start(self) -> None:
         args = [
+            *self.prefix,
             twistd(),
             "-n",
             "--pidfile",
@@ -282,7 +286,7 @@ class Soak:
         self.out = out
         self.work = out / "work"
         self.work.mkdir(parents=True, exist_ok=True)
-        self.relay = Relay(self.work)
+        self.relay = Relay(self.work, shlex.split(args.relay_prefix))
         self.stats = Stats()
         self.slots: list[Slot] = []
         self.agents: list[Any] = []
@@ -340,6 +344,12 @@ class Soak:
         self.http = [LocalServer(http_handler) for _ in range(HTTP_SLOTS)]
         self.echo = [LocalServer(echo_handler) for _ in range(TCP_SLOTS)]
         self.servers = self.http + self.echo
+        # The in-process agents' log (reconnections, reclaims), next to the relay's.
+        from twisted.logger import globalLogPublisher, textFileLogObserver
+
+        self.agent_log = open(self.work / "agents.log", "a")  # noqa: SIM115
+        self.agent_observer = textFileLogObserver(self.agent_log)
+        globalLogPublisher.addObserver(self.agent_observer)
         self.relay.start()
         self.proxy = CutProxy(self.relay.port)
         self.t0 = time.monotonic()
@@ -658,6 +668,11 @@ class Soak:
         self.relay.stop()
         if self.csv_file is not None:
             self.csv_file.close()
+        if getattr(self, "agent_log", None) is not None:
+            from twisted.logger import globalLogPublisher
+
+            globalLogPublisher.removeObserver(self.agent_observer)
+            self.agent_log.close()
 
 
 def wait_for_quiet(check: Any, timeout: float) -> bool:
@@ -779,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agent-every", type=float, default=10.0, help="agent process start/stop")
     p.add_argument("--max-growth", type=float, default=1.0, help="RSS growth limit, %%/h")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--relay-prefix", default="", help="command put before the relay's twistd")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.interval <= 0 or args.pace <= 0:
         p.error("--duration, --interval and --pace must be positive")

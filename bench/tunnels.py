@@ -105,6 +105,9 @@ class _Tunnel(BenchPath):
             self.tcp = Endpoint(LOOPBACK, self.relay_port, sni=data["host"], cafile=ca)
             self.echo = Endpoint(LOOPBACK, self.relay_port, sni=echo["host"], cafile=ca)
 
+    def roles(self) -> dict[str, list[int]]:
+        return {"relay": [self.relay.pid], "agent": [self.agent.pid]}
+
     def _window_args(self) -> list[str]:
         if self.max_window_mib is None:
             return []
