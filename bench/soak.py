@@ -561,8 +561,9 @@ class Soak:
             self.churning = True
             sampler = task.LoopingCall(self.sample_soon)
             sampler.start(args.interval, now=True)
-            next_cut = time.monotonic() + args.cut_every
-            next_agent = time.monotonic() + args.agent_every / 2
+            inf = float("inf")
+            next_cut = time.monotonic() + args.cut_every if args.cut_every > 0 else inf
+            next_agent = time.monotonic() + args.agent_every / 2 if args.agent_every > 0 else inf
             try:
                 while time.monotonic() < end:
                     now = time.monotonic()
@@ -574,9 +575,11 @@ class Soak:
                         self.toggle_agent_proc()
                     else:
                         r = random.random()
+                        if args.mix == "tunnels":
+                            r *= 0.2  # tunnels opened and closed, no connections
                         if r < 0.10:
                             self.open_tunnel()
-                        elif r < 0.16 and self.tunnels() > 4:
+                        elif r < 0.16 and self.tunnels() > 4 and args.mix != "connections":
                             self.close_tunnel()
                         elif r < 0.20:
                             self.open_tunnel()
@@ -790,9 +793,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--out", type=Path, default=Path("bench/results/soak"))
     p.add_argument("--pace", type=float, default=0.1, help="seconds between churn operations")
-    p.add_argument("--cut-every", type=float, default=15.0, help="seconds between link cuts")
-    p.add_argument("--agent-every", type=float, default=10.0, help="agent process start/stop")
+    p.add_argument("--cut-every", type=float, default=15.0, help="link cut period, s (0: none)")
+    p.add_argument("--agent-every", type=float, default=10.0, help="agent process period (0: none)")
     p.add_argument("--max-growth", type=float, default=1.0, help="RSS growth limit, %%/h")
+    p.add_argument(
+        "--mix",
+        choices=("all", "connections", "tunnels"),
+        default="all",
+        help="all; or only connections (tunnels never closed); or only tunnel open/close "
+        "(with --cut-every 0 --agent-every 0 to isolate one kind of operation)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--relay-prefix", default="", help="command put before the relay's twistd")
     args = p.parse_args(argv)
