@@ -108,7 +108,9 @@ class Relay:
         self.state = work / "relay-state"
         self.port = free_port()
         self.admin_port = free_port()
-        low = random.randrange(30000, 38000)
+        # Below Linux's ephemeral range (32768-60999): an outgoing connection that happens to
+        # take a port of the range as its local port makes a reclaim miss that port.
+        low = random.randrange(20000, 30000)
         self.tcp_range = (low, low + 1999)
         self.log = work / "relay.log"
         self.proc: Proc | None = None
