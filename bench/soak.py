@@ -696,14 +696,16 @@ def _median_rss(rows: list[dict[str, Any]]) -> float:
     return float(statistics.median(r["rss_kib"] for r in rows))
 
 
-def summarize(soak: Soak, duration: float, max_growth: float) -> dict[str, Any]:
+def summarize(
+    soak: Soak, duration: float, max_growth: float, warmup: float = 0.10
+) -> dict[str, Any]:
     stats = soak.stats
     rows = [r for r in stats.samples if r["phase"] == "churn"]
     if len(rows) < 2:
         raise RuntimeError("fewer than two samples: nothing to compare")
     t_first, t_last = rows[0]["t"], rows[-1]["t"]
     span = t_last - t_first
-    warm_t = t_first + 0.10 * span
+    warm_t = t_first + warmup * span
     after = [r for r in rows if r["t"] >= warm_t] or rows[-1:]
     # The samples just after warm-up and the last 5% of the run, medians of each.
     w_hi = after[0]["t"] + max(0.05 * span, 1e-9)
@@ -725,6 +727,7 @@ def summarize(soak: Soak, duration: float, max_growth: float) -> dict[str, Any]:
         "interval_s": soak.args.interval,
         "samples": len(rows),
         "warmup_s": round(warm_t, 1),
+        "warmup_fraction": warmup,
         "rss_kib_start": rows[0]["rss_kib"],
         "rss_kib_after_warmup": rss_warm,
         "rss_kib_end": rss_end,
@@ -798,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cut-every", type=float, default=15.0, help="link cut period, s (0: none)")
     p.add_argument("--agent-every", type=float, default=10.0, help="agent process period (0: none)")
     p.add_argument("--max-growth", type=float, default=1.0, help="RSS growth limit, %%/h")
+    p.add_argument("--warmup", type=float, default=0.10, help="share of the run counted as warm-up")
     p.add_argument(
         "--mix",
         choices=("all", "connections", "tunnels"),
@@ -810,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.duration <= 0 or args.interval <= 0 or args.pace <= 0:
         p.error("--duration, --interval and --pace must be positive")
+    if not 0 <= args.warmup < 0.9:
+        p.error("--warmup is a share of the run, from 0 to 0.9")
     random.seed(args.seed)
 
     def terminate(signum: int, frame: Any) -> None:
@@ -829,7 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     if code == 2 and not getattr(soak, "idle_end", None):
         print("soak: the run did not complete", file=sys.stderr)
         return 2
-    summary = summarize(soak, args.duration, args.max_growth)
+    summary = summarize(soak, args.duration, args.max_growth, args.warmup)
+    if args.warmup != 0.10:
+        # The figure with the default warm-up too, so the two can be compared.
+        summary["rss_growth_pct_per_hour_warmup_10pct"] = summarize(
+            soak, args.duration, args.max_growth, 0.10
+        )["rss_growth_pct_per_hour"]
     plot(soak.stats.samples, summary["warmup_s"], out / "soak.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
