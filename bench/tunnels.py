@@ -62,7 +62,7 @@ class _Tunnel(BenchPath):
     def start(self) -> None:
         self.relay_port = free_port()
         self.state = self.dir / "relay-state"
-        low = 30000 + (self.relay_port % 20) * 1000
+        low = 21000 + (self.relay_port % 10) * 1000  # below the ephemeral range
         self.relay = self.spawn(
             [
                 "prlimit", _NOFILE, _twistd(), "-n", "--pidfile", "", "--logfile", "-",

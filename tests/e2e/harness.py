@@ -192,7 +192,7 @@ class Procs:
         last = ""
         for _ in range(5):
             port = free_port()
-            low = random.randrange(30000, 39000)
+            low = random.randrange(20000, 32000)  # below the ephemeral range (32768+)
             proc = self.start(
                 "relay",
                 [

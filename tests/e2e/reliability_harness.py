@@ -195,7 +195,7 @@ class RelayProc:
         self.state = group.dir / f"relay-state-{group.next_id()}"
         self.port = 0
         self.admin_port = 0
-        self.tcp_low = random.randrange(30000, 39000)
+        self.tcp_low = random.randrange(20000, 32000)  # below the ephemeral range (32768+)
         self.tcp_range = (self.tcp_low, self.tcp_low + 499)
         self.proc: Proc | None = None
         self.starts = 0
