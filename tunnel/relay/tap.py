@@ -117,6 +117,23 @@ class Options(usage.Options):
             self["state-dir"] = _default_state_dir()
 
 
+def _ephemeral_overlap(low: int, high: int) -> tuple[int, int] | None:
+    """
+    The kernel's range of ports for outgoing connections, when it overlaps `low`-`high`.
+
+    A port of the TCP range that an outgoing connection happens to hold cannot be listened
+    on, so a reclaimed tunnel would not get its port back.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            first, last = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    if low <= last and first <= high:
+        return first, last
+    return None
+
+
 def _listen_port(listen: str) -> int | None:
     for part in listen.split(":")[1:]:
         if part.isdigit() and int(part) > 0:
@@ -145,6 +162,17 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
             "trust it with: curl --cacert {ca} / TUNNEL_CA={ca}",
             domain=domain,
             ca=dev.ca_path,
+        )
+    overlap = _ephemeral_overlap(*options["tcp-ports"])
+    if overlap is not None:
+        _log.warn(
+            "--tcp-ports {low}-{high} overlaps the ephemeral port range {first}-{last}: a port "
+            "held by an outgoing connection cannot be listened on, so tunnels may not get "
+            "their ports back after a reconnect",
+            low=options["tcp-ports"][0],
+            high=options["tcp-ports"][1],
+            first=overlap[0],
+            last=overlap[1],
         )
     tokens = None
     if options["tokens"]:
