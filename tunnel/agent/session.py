@@ -35,7 +35,7 @@ from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
 from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream
-from tunnel.wire import PROTOCOL_VERSION, ErrorCode, LinkSettings
+from tunnel.wire import LINK_ALPN, PROTOCOL_VERSION, ErrorCode, LinkSettings
 from tunnel.wire.control import (
     AgentHello,
     ControlError,
@@ -57,8 +57,6 @@ from tunnel.wire.control import (
 __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward", "parse_relays"]
 
 _log = Logger()
-
-LINK_ALPN = b"tunnel/1"
 
 
 @dataclass(frozen=True)
@@ -178,8 +176,8 @@ class Agent:
     """
     Keeps one link to a relay and the tunnels on it.
 
-    @param relays: relays to use, in order; the agent fails over to the next one when a
-        connection attempt fails.
+    @param relays: relays to use; with several, the agent times a TCP connection to each,
+        uses the nearest and fails over to the next in that order when an attempt fails.
     @param fail_fast: fail a `forward` as soon as a connection attempt fails (the API);
         otherwise keep retrying until `connect_timeout` (the daemon retries forever).
     """

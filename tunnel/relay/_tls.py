@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL
 from twisted.logger import Logger
 
+from tunnel.wire.mux import LINK_ALPN  # the link's ALPN id, re-exported here
+
 __all__ = [
     "ALPN_H2",
     "ALPN_HTTP1",
@@ -31,7 +33,7 @@ __all__ = [
     "server_context",
 ]
 
-LINK_ALPN = b"tunnel/1"
+
 """ALPN protocol id of the agent <-> relay link."""
 ALPN_HTTP1: tuple[bytes, ...] = (b"http/1.1",)
 """ALPN preference for HTTP/1.1 tunnels and the relay's root-domain info page."""

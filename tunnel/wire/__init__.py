@@ -18,9 +18,17 @@ from tunnel.wire.events import (
     StreamReset,
     WindowUpdated,
 )
-from tunnel.wire.mux import PROTOCOL_VERSION, LinkSettings, LinkState, Multiplexer, StreamState
+from tunnel.wire.mux import (
+    LINK_ALPN,
+    PROTOCOL_VERSION,
+    LinkSettings,
+    LinkState,
+    Multiplexer,
+    StreamState,
+)
 
 __all__ = [
+    "LINK_ALPN",
     "PROTOCOL_VERSION",
     "ControlReceived",
     "DataReceived",

@@ -41,6 +41,7 @@ from tunnel.wire.events import (
 from tunnel.wire.windows import ReceiveWindow
 
 __all__ = [
+    "LINK_ALPN",
     "PROTOCOL_VERSION",
     "STREAM_TRANSITIONS",
     "LinkSettings",
@@ -52,6 +53,8 @@ __all__ = [
 
 #: The one protocol version this implementation speaks.
 PROTOCOL_VERSION = 1
+#: The ALPN protocol id of a link (how the relay tells an agent from a browser).
+LINK_ALPN = b"tunnel/1"
 _MIN_VERSION = 1
 _MAX_WINDOW = (1 << 31) - 1
 _MAX_OUTSTANDING_PINGS = 16
