@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet import address, error, interfaces, tcp
+from twisted.internet import address, defer, error, interfaces, tcp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -374,6 +374,7 @@ class LinkProtocol(Protocol):
         self._abort_call: IDelayedCall | None = None
         self._flush_call: IDelayedCall | None = None
         self._lost = False
+        self._lost_waiters: list[defer.Deferred[None]] = []
         self.terminated: tuple[int, str, bool] | None = None
 
     # -- hooks -------------------------------------------------------------------------------
@@ -444,7 +445,12 @@ class LinkProtocol(Protocol):
             for stream in list(self.streams.values()):
                 stream._reset(ErrorCode.CANCEL, "link lost")
         finally:
-            self.linkLost(reason)
+            try:
+                self.linkLost(reason)
+            finally:
+                waiters, self._lost_waiters = self._lost_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
 
     # -- IPushProducer (our transport's buffer is full) --------------------------------------
 
@@ -491,6 +497,25 @@ class LinkProtocol(Protocol):
         """
         self._dispatch(self.mux.go_away(code, message))
         self.flush()
+
+    def close(self, message: str = "closing", timeout: float = 1.0) -> defer.Deferred[None]:
+        """
+        End the link gracefully: a GOAWAY, then the transport closes once what is queued is
+        written; it is aborted if that takes longer than `timeout` seconds.
+
+        @return: fires when the connection is gone.
+        """
+        done: defer.Deferred[None] = defer.Deferred()
+        if self._lost or self.transport is None:
+            done.callback(None)
+            return done
+        self._lost_waiters.append(done)
+        self._dispatch(self.mux.go_away(ErrorCode.NO_ERROR, message))
+        self.flush()
+        self.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.reactor.callLater(timeout, self._abort)
+        return done
 
     def flush_soon(self) -> None:
         """

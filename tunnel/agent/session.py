@@ -261,21 +261,27 @@ class Agent:
 
     def stop(self) -> defer.Deferred[None]:
         """
-        Close every tunnel and the link; stop reconnecting.
+        Close every tunnel (telling the relay, so their names stop answering at once) and the
+        link; stop reconnecting. Fires once the link is closed (within about a second).
         """
-        for forward in list(self.forwards):
-            self._fail(forward, RelayUnavailable("the agent is stopping"))
         link = self.link
+        closing: defer.Deferred[Any] = defer.succeed(None)
         if link is not None and link.transport is not None:
-            link.goAway(ErrorCode.NO_ERROR, "agent stopping")
-            link.abort()
+            for forward in self.forwards:
+                if forward.tunnel_id is not None and not forward.closed:
+                    link.send(TunnelClose(forward.tunnel_id))
+            closing = link.close("agent stopping")
+        for forward in list(self.forwards):
+            forward.closed = True
+            self._fail(forward, RelayUnavailable("the agent is stopping"))
         if not self._started:
-            return defer.succeed(None)
+            return closing
         self._started = False
         if not self._service.running:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.maybeDeferred(self._service.stopService)
-        return d
+            return closing
+        stopped = defer.maybeDeferred(self._service.stopService)
+        d: defer.Deferred[Any] = defer.gatherResults([closing, stopped], consumeErrors=True)
+        return d.addBoth(lambda _: None)
 
     # -- the API -----------------------------------------------------------------------------
 
