@@ -232,6 +232,8 @@ class _SNIDispatchProtocol(protocol.Protocol):
             return
         if hello is not None:
             self._server_name = hello.server_name
+            # The parser holds the whole ClientHello; a long-lived connection needs none of it.
+            self._parser = None  # type: ignore[assignment]
             self._dispatch(hello)
 
     def _dispatch(self, hello: ClientHello) -> None:
