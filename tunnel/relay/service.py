@@ -9,6 +9,7 @@ joins one public connection to one stream. `RelayService` wires them into a Twis
 
 from __future__ import annotations
 
+import gc
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from twisted.internet import defer, error, interfaces
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,6 +57,9 @@ from tunnel.wire.control import (
 __all__ = ["PublicProtocol", "Relay", "RelayConfig", "RelayLink", "RelayService"]
 
 _log = Logger()
+
+#: Seconds between collections of cyclic garbage (closed connections).
+GC_INTERVAL = 30.0
 
 HTTP1 = (b"http/1.1",)
 H2 = (b"h2", b"http/1.1")
@@ -604,9 +609,18 @@ class RelayService(service.MultiService):
         self.endpoint = serverFromString(reactor, listen)
         self.port: Any = None
         self.admin_port: Any = None
+        self._collector: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
+        # Closed links and connections are reference cycles (transport <-> protocol, TLS
+        # layers) that hold OpenSSL state; CPython's generational collector may leave many
+        # of them for a long time, which shows as a slow RSS creep under churn. Collect
+        # every 30 s instead, with the start-up objects frozen out of the scans.
+        gc.freeze()
+        self._collector = LoopingCall(gc.collect)
+        self._collector.clock = self.reactor
+        self._collector.start(GC_INTERVAL, now=False)
         if self.admin:
             from tunnel.relay.admin import admin_site
 
@@ -648,6 +662,8 @@ class RelayService(service.MultiService):
         )
         port = self.port
         self.port = None
+        if self._collector is not None and self._collector.running:
+            self._collector.stop()
         if self.admin_port is not None:
             self.admin_port.stopListening()
             self.admin_port = None
