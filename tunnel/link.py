@@ -736,15 +736,15 @@ def half_close(transport: Any) -> None:
         transport.loseConnection()
 
 
-class _SpliceHalf(Protocol):
+@implementer(interfaces.IHalfCloseableProtocol)
+class SpliceProtocol(Protocol):
     """
     Forwards what one transport receives to another, with backpressure both ways and
-    half-close carried across.
+    half-close carried across (it receives half-closes: a FIN on a TCP socket or a stream).
     """
 
     def __init__(self, other: Any) -> None:
         self.other = other
-        self.peer_half: _SpliceHalf | None = None
         self.lost = False
 
     def connectionMade(self) -> None:
@@ -768,17 +768,10 @@ class _SpliceHalf(Protocol):
             other.unregisterProducer()
         except Exception:
             pass
-        if reason.check(error.ConnectionDone) and not reason.check(StreamResetError):
+        if reason.check(error.ConnectionDone):
             other.loseConnection()
         else:
             other.abortConnection()
-
-
-@implementer(interfaces.IHalfCloseableProtocol)
-class SpliceProtocol(_SpliceHalf):
-    """
-    A `_SpliceHalf` that receives half-closes (a FIN on a TCP socket or a stream).
-    """
 
 
 def splice(stream: Stream, connected: Any) -> SpliceProtocol:

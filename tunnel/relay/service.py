@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, error, interfaces
+from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from tunnel import __version__
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream, set_nodelay, write_now
@@ -540,7 +539,6 @@ class PublicProtocol(SpliceProtocol):
         super().connectionLost(reason)
 
 
-@implementer(interfaces.IHalfCloseableProtocol)
 class _Activity(SpliceProtocol):
     """
     The stream's side of a public connection: forwards to the public transport and counts
