@@ -85,8 +85,8 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             except WantReadError:
                 self._bufferedWrite(view[done:].tobytes())
                 break
-            except Error:
-                self._tlsShutdownFinished(Failure())
+            except Error as e:
+                self._tlsShutdownFinished(_untraced(e))
                 return
             done += sent
         self._flushSendBIO()
@@ -126,8 +126,8 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                 chunks, size = [], 0
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
-            except Error:
-                failure = Failure()
+            except Error as e:
+                failure = _untraced(e)
                 self._deliver(chunks)
                 chunks, size = [], 0
                 self._tlsShutdownFinished(failure)
@@ -144,6 +144,16 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         if chunks and not self._aborted:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             ProtocolWrapper.dataReceived(self, data)
+
+
+def _untraced(error: Exception) -> Failure:
+    """
+    A failure for an OpenSSL error, without its traceback: that would hold the frames of this
+    connection's methods (and so the connection and its OpenSSL state) in a reference cycle
+    until a cyclic collection. The type and message are all that is reported.
+    """
+    error.__traceback__ = None
+    return Failure(error)
 
 
 class FastTLSFactory(TLSMemoryBIOFactory):

@@ -222,10 +222,10 @@ class Stream:
         self._finish(Failure(StreamResetError(code, "reset by this side")))
 
     def getPeer(self) -> Any:
-        return self._peer or self.link.transport.getPeer()  # type: ignore[union-attr]
+        return self._peer or self.link.peer
 
     def getHost(self) -> Any:
-        return self.link.transport.getHost()  # type: ignore[union-attr]
+        return self.link.host
 
     # -- IConsumer ---------------------------------------------------------------------------
 
@@ -376,6 +376,9 @@ class LinkProtocol(Protocol):
         self._lost = False
         self._lost_waiters: list[defer.Deferred[None]] = []
         self.terminated: tuple[int, str, bool] | None = None
+        #: The transport's addresses, kept for streams asking after the link is gone.
+        self.host: Any = None
+        self.peer: Any = None
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -418,6 +421,8 @@ class LinkProtocol(Protocol):
         )
         transport = self.transport
         assert transport is not None
+        self.host = transport.getHost()
+        self.peer = transport.getPeer()
         set_nodelay(transport)
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._last_received = self.reactor.seconds()
@@ -448,6 +453,11 @@ class LinkProtocol(Protocol):
             try:
                 self.linkLost(reason)
             finally:
+                # The transport (a TLS layer, which holds this link as its protocol and its
+                # producer) is let go, so that reference counting frees the closed link and its
+                # OpenSSL state now rather than at some later cyclic collection.
+                release_connector(self.transport)
+                self.transport = None
                 waiters, self._lost_waiters = self._lost_waiters, []
                 for waiter in waiters:
                     waiter.callback(None)
@@ -736,6 +746,21 @@ def half_close(transport: Any) -> None:
         transport.loseConnection()
 
 
+def release_connector(transport: Any) -> None:
+    """
+    Break the reference cycle between a closed outgoing TCP connection (`transport`, or the
+    TCP transport under a TLS one) and its connector, which Twisted leaves to the cyclic
+    collector, so that the connection and everything it holds are freed at once.
+
+    Call it from the protocol's ``connectionLost``: the connector is finished with its
+    transport by then (it is told of the loss next and needs only its factory).
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        connector = getattr(candidate, "connector", None)
+        if connector is not None and getattr(connector, "transport", None) is candidate:
+            connector.transport = None
+
+
 @implementer(interfaces.IHalfCloseableProtocol)
 class SpliceProtocol(Protocol):
     """
@@ -763,6 +788,7 @@ class SpliceProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.lost = True
+        release_connector(self.transport)
         other = self.other
         try:
             other.unregisterProducer()
