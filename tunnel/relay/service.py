@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from tunnel import __version__
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream, set_nodelay, write_now
+from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._sni import Route, SNIDispatchFactory
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
@@ -56,9 +57,6 @@ from tunnel.wire.control import (
 __all__ = ["PublicProtocol", "Relay", "RelayConfig", "RelayLink", "RelayService"]
 
 _log = Logger()
-
-#: Seconds between collections of cyclic garbage (closed connections).
-GC_INTERVAL = 30.0
 
 HTTP1 = (b"http/1.1",)
 H2 = (b"h2", b"http/1.1")
@@ -611,14 +609,12 @@ class RelayService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        # Closed links and connections are reference cycles (transport <-> protocol, TLS
-        # layers) that hold OpenSSL state; CPython's generational collector may leave many
-        # of them for a long time, which shows as a slow RSS creep under churn. Collect
-        # every 30 s instead, with the start-up objects frozen out of the scans.
+        # Memory freed under churn goes back to the system every 30 s (see `_memory`); the
+        # start-up objects are frozen out of the collector's scans.
         gc.freeze()
-        self._collector = LoopingCall(gc.collect)
+        self._collector = LoopingCall(_memory.collect)
         self._collector.clock = self.reactor
-        self._collector.start(GC_INTERVAL, now=False)
+        self._collector.start(_memory.INTERVAL, now=False)
         if self.admin:
             from tunnel.relay.admin import admin_site
 
