@@ -794,10 +794,17 @@ class SpliceProtocol(Protocol):
             other.unregisterProducer()
         except Exception:
             pass
+        self.closeOther(reason)
+
+    def closeOther(self, reason: Failure) -> None:
+        """
+        This side ended for `reason`; close the other: gracefully after a clean close,
+        at once otherwise (a reset tells its peer that what it received may be cut short).
+        """
         if reason.check(error.ConnectionDone):
-            other.loseConnection()
+            self.other.loseConnection()
         else:
-            other.abortConnection()
+            self.other.abortConnection()
 
 
 def splice(stream: Stream, connected: Any) -> SpliceProtocol:

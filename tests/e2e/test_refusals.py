@@ -6,12 +6,24 @@ forwarded port. Each must end promptly with a clear error, never hang.
 from __future__ import annotations
 
 import socket
+import ssl
+import time
 from typing import Any
 
 import pytest
 import pytest_twisted
 
-from tests.e2e.harness import DEADLINE, LOOPBACK, Procs, Relay, curl, free_port, require_tool, run
+from tests.e2e.harness import (
+    DEADLINE,
+    LOOPBACK,
+    Procs,
+    Relay,
+    curl,
+    free_port,
+    require_tool,
+    run,
+    tls_context,
+)
 from tunnel import client
 from tunnel.errors import AuthenticationError, RelayUnavailable
 
@@ -95,13 +107,54 @@ def test_nothing_listening_tls_client_closed_promptly(procs: Procs, relay: Relay
     agent = procs.agent(relay, [str(port)])
     tunnel = agent.ready(str(port))
     result = curl(relay, tunnel, tunnel.url + "/", timeout=30)
-    # curl finished on its own and failed because the relay closed the connection: after the
-    # handshake (empty reply 52, receive error 56) or, when the agent's refusal beat it,
-    # during the handshake (35) or even before curl's first send (55). Never its own
-    # --max-time (28): the close is prompt.
-    assert result.returncode in (35, 52, 55, 56), (result.returncode, result.stderr)
+    # The relay finished the handshake, then closed cleanly: an empty reply (52), not a TLS
+    # error (35) that would look like a certificate problem, and not curl's own --max-time
+    # (28): the close is prompt.
+    assert result.returncode == 52, (result.returncode, result.stderr)
     assert result.stdout == b""
     agent.proc.wait_log(rf"cannot connect to 127\.0\.0\.1:{port}")
+
+
+def test_nothing_listening_tls_handshake_still_completes_then_clean_close(
+    procs: Procs, relay: Relay
+):
+    """
+    The agent's refusal reaches the relay while the client is still in its TLS handshake:
+    the relay finishes the handshake and then closes with close_notify, so the client sees
+    an empty reply, never a handshake failure or a reset that would look like a TLS problem.
+    """
+    port = free_port()  # nothing listens here
+    agent = procs.agent(relay, [str(port)])
+    tunnel = agent.ready(str(port))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = tls_context(relay).wrap_bio(incoming, outgoing, server_hostname=tunnel.host)
+    with socket.create_connection((LOOPBACK, relay.port), timeout=DEADLINE) as sock:
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        sock.sendall(outgoing.read())  # the ClientHello: the relay opens a stream
+        agent.proc.wait_log(rf"cannot connect to 127\.0\.0\.1:{port}")
+        # Only now the rest of the handshake, then a read for the response.
+        deadline = time.monotonic() + DEADLINE
+        closed_cleanly = False
+        while time.monotonic() < deadline:
+            try:
+                if tls.do_handshake() is None and tls.read(1024) == b"":
+                    closed_cleanly = True
+                    break
+            except ssl.SSLZeroReturnError:
+                closed_cleanly = True
+                break
+            except ssl.SSLWantReadError:
+                pass
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            if not data:
+                incoming.write_eof()
+            else:
+                incoming.write(data)
+        assert closed_cleanly
+        assert tls.version() is not None  # the handshake did complete
 
 
 def test_nothing_listening_tcp_client_closed_promptly(procs: Procs, relay: Relay):

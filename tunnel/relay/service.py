@@ -19,13 +19,23 @@ from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tunnel import __version__
-from tunnel.link import LinkProtocol, SpliceProtocol, Stream, set_nodelay, write_now
+from tunnel.link import (
+    LinkProtocol,
+    SpliceProtocol,
+    Stream,
+    StreamResetError,
+    set_nodelay,
+    write_now,
+)
 from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._sni import Route, SNIDispatchFactory
@@ -478,6 +488,7 @@ class RelayLink(LinkProtocol):
         self.relay.link_lost(self)
 
 
+@implementer(IHandshakeListener)
 class PublicProtocol(SpliceProtocol):
     """
     A public client's connection (TLS-terminated, or raw TCP), joined to a new stream.
@@ -489,10 +500,13 @@ class PublicProtocol(SpliceProtocol):
         self.tunnel_id = tunnel_id
         self._counted = False
         self._idle: Any = None
+        self._handshaking = False
+        self._close_when_ready = False
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
+        self._handshaking = isinstance(transport, TLSMemoryBIOProtocol)
         set_nodelay(transport)
         stream = self.relay.open_public_stream(self.tunnel_id, self)
         if stream is None:
@@ -505,6 +519,23 @@ class PublicProtocol(SpliceProtocol):
         stream.attach(_Activity(self, transport))
         if self.relay.config.idle_timeout:
             self._touch()
+
+    def handshakeCompleted(self) -> None:
+        self._handshaking = False
+        if self._close_when_ready and self.transport is not None:
+            self.transport.loseConnection()
+
+    def target_unreachable(self) -> None:
+        """
+        The agent could not connect to the tunnel's target, so nothing was sent. Close
+        cleanly, after the TLS handshake if it is still going (the relay's handshake timeout
+        bounds that): the client sees an empty reply, not a TLS error that would look like
+        a problem with the relay's certificate.
+        """
+        if self._handshaking:
+            self._close_when_ready = True
+        elif self.transport is not None:
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         self._touch()
@@ -537,6 +568,11 @@ class PublicProtocol(SpliceProtocol):
         super().connectionLost(reason)
 
 
+#: Stream reset codes meaning that the agent could not reach the tunnel's target: nothing was
+#: sent on the stream, so the public client is closed cleanly rather than reset.
+_TARGET_UNREACHABLE = frozenset({ErrorCode.CONNECT_FAILED, ErrorCode.CONNECT_TIMEOUT})
+
+
 class _Activity(SpliceProtocol):
     """
     The stream's side of a public connection: forwards to the public transport and counts
@@ -550,6 +586,12 @@ class _Activity(SpliceProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.public._touch()
         write_now(self.other, data)
+
+    def closeOther(self, reason: Failure) -> None:
+        if reason.check(StreamResetError) and reason.value.code in _TARGET_UNREACHABLE:  # type: ignore[union-attr]
+            self.public.target_unreachable()
+        else:
+            super().closeOther(reason)
 
 
 class _PublicFactory(Factory):
