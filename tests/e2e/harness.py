@@ -1,6 +1,6 @@
 """
 Helpers of the end-to-end tests: real relay and agent processes (twistd), local servers,
-and clients, all on loopback.
+and clients, all on loopback. ``reliability_harness`` builds on the pieces here.
 
 Every wait polls with a deadline; nothing sleeps to see whether something happened. Every
 process started here is kept (by PID) and ended by `Proc.stop`: SIGTERM, then SIGKILL after a
@@ -9,6 +9,7 @@ timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -19,10 +20,10 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -76,7 +77,7 @@ def free_port() -> int:
 def wait_for(check: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
     """Poll `check` until it returns something other than None/False, or fail at `timeout`."""
     deadline = time.monotonic() + timeout
-    delay = 0.01
+    delay = 0.005
     while True:
         value = check()
         if value is not None and value is not False:
@@ -84,7 +85,58 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float = DEADLINE
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 2, 0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines
+
+
+def twistd_args(plugin: str, *args: str) -> list[str]:
+    """``twistd`` running `plugin` in the foreground, no pidfile, logging to stdout."""
+    return [twistd(), "-n", "--pidfile", "", "--logfile", "-", plugin, *args]
+
+
+def tcp_port_range() -> tuple[int, int]:
+    """500 ports for a relay's raw TCP tunnels, below the ephemeral range (32768+)."""
+    low = random.randrange(20000, 32000)
+    return low, low + 499
+
+
+def relay_args(
+    port: int,
+    state: Path,
+    tcp_ports: tuple[int, int],
+    extra: Sequence[str] = (),
+    listen_options: str = "",
+) -> list[str]:
+    """``twistd tunnelrelay`` on 127.0.0.1:`port` (`listen_options` appended to the endpoint)."""
+    return twistd_args(
+        "tunnelrelay",
+        "--domain",
+        DOMAIN,
+        "--listen",
+        f"tcp:{port}:interface={LOOPBACK}{listen_options}",
+        "--state-dir",
+        str(state),
+        "--tcp-ports",
+        f"{tcp_ports[0]}-{tcp_ports[1]}",
+        "--tcp-interface",
+        LOOPBACK,
+        *extra,
+    )
+
+
+def agent_args(
+    relays: str, ca: Path, forwards: Sequence[str], token: str | None = None
+) -> list[str]:
+    """``twistd tunnelagent`` linking to `relays` (the ``--relay`` value), trusting `ca`."""
+    args = twistd_args("tunnelagent", "--relay", relays, "--ca", str(ca))
+    for f in forwards:
+        args += ["--forward", f]
+    if token is not None:
+        args += ["--token", token]
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +166,21 @@ class Proc:
         except FileNotFoundError:
             return ""
 
+    def size(self) -> int:
+        try:
+            return self.log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def wait(self, check: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
+        """`wait_for`, with the end of this process's log in the error."""
+        try:
+            return wait_for(check, what, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- {self.log} ---\n{self.text()[-3000:]}") from None
+
     def wait_log(self, pattern: str, timeout: float = DEADLINE, start: int = 0) -> re.Match[str]:
-        """The first match of regex `pattern` in the log (from offset `start`)."""
+        """The first match of regex `pattern` in the log after character offset `start`."""
         regex = re.compile(pattern)
 
         def check() -> re.Match[str] | None:
@@ -124,44 +189,54 @@ class Proc:
                 m = regex.search(self.text(), start)
                 if m is None:
                     raise AssertionError(
-                        f"{self.args[:3]} exited ({self.popen.returncode}) before logging "
+                        f"{self.args[:7]} exited ({self.popen.returncode}) before logging "
                         f"{pattern!r}:\n{self.text()[-3000:]}"
                     )
             return m
 
-        try:
-            return wait_for(check, f"{pattern!r} in {self.log}", timeout)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n--- {self.log} ---\n{self.text()[-3000:]}") from None
+        return self.wait(check, f"{pattern!r} in {self.log.name}", timeout)
+
+    def count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.text()))
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL now, and reap."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
                 self.popen.wait(timeout)
         self._out.close()
 
 
-class Procs:
-    """Every process a test (or fixture) started; all stopped at teardown."""
+class ProcGroup:
+    """Every process a test (or fixture) started, logging to numbered files in `directory`;
+    all stopped at teardown."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.procs: list[Proc] = []
         self._n = 0
 
-    def start(self, name: str, args: Sequence[str]) -> Proc:
+    def next_id(self) -> int:
         self._n += 1
-        proc = Proc(args, self.dir / f"{self._n:02d}-{name}.log", cwd=self.dir)
+        return self._n
+
+    def start(self, name: str, args: Sequence[str]) -> Proc:
+        proc = Proc(args, self.dir / f"{self.next_id():02d}-{name}.log", cwd=self.dir)
         self.procs.append(proc)
         return proc
 
@@ -169,6 +244,36 @@ class Procs:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+
+
+def start_relay(
+    launch: Callable[[], tuple[Proc, int]],
+    attempts: int = 5,
+    also: Sequence[str] = (),
+    timeout: float = DEADLINE,
+) -> Proc:
+    """
+    Start a relay with `launch` (which returns its process and public port) and wait until it
+    listens there (and has logged every pattern of `also`); stop it and launch again (on new
+    ports) if it does not, up to `attempts` times: a free port may be taken meanwhile.
+    """
+    last = ""
+    for _ in range(attempts):
+        proc, port = launch()
+        try:
+            proc.wait_log(rf"relay listening on 127\.0\.0\.1:{port}\b", timeout)
+            for pattern in also:
+                proc.wait_log(pattern, timeout)
+        except AssertionError as e:
+            last = str(e)
+            proc.stop()
+            continue
+        return proc
+    raise AssertionError(f"the relay did not start:\n{last}")
+
+
+class Procs(ProcGroup):
+    """A `ProcGroup` starting relays, agents and the local servers of ``servers/backend.py``."""
 
     # -- relay -------------------------------------------------------------------------------
 
@@ -181,7 +286,7 @@ class Procs:
     ) -> Relay:
         """Start a relay on a free port; returns once it listens."""
         state = self.dir / f"relay-state-{self._n + 1}"
-        args_tail: list[str] = []
+        args_tail = ["--drain-grace", "1"]
         if tokens is not None:
             token_file = self.dir / f"tokens-{self._n + 1}.txt"
             token_file.write_text("# e2e tokens\n" + "\n".join(tokens) + "\n")
@@ -189,43 +294,15 @@ class Procs:
         if handshake_timeout is not None:
             args_tail += ["--handshake-timeout", str(handshake_timeout)]
         args_tail += list(extra)
-        last = ""
-        for _ in range(5):
+        port = 0
+
+        def launch() -> tuple[Proc, int]:
+            nonlocal port
             port = free_port()
-            low = random.randrange(20000, 32000)  # below the ephemeral range (32768+)
-            proc = self.start(
-                "relay",
-                [
-                    twistd(),
-                    "-n",
-                    "--pidfile",
-                    "",
-                    "--logfile",
-                    "-",
-                    "tunnelrelay",
-                    "--domain",
-                    DOMAIN,
-                    "--listen",
-                    f"tcp:{port}:interface={LOOPBACK}",
-                    "--state-dir",
-                    str(state),
-                    "--tcp-ports",
-                    f"{low}-{low + 499}",
-                    "--tcp-interface",
-                    LOOPBACK,
-                    "--drain-grace",
-                    "1",
-                    *args_tail,
-                ],
-            )
-            try:
-                proc.wait_log(rf"relay listening on 127\.0\.0\.1:{port}\b")
-            except AssertionError as e:
-                last = str(e)
-                proc.stop()
-                continue
-            return Relay(proc, port, state / "ca.pem")
-        raise AssertionError(f"the relay did not start:\n{last}")
+            return self.start("relay", relay_args(port, state, tcp_port_range(), args_tail)), port
+
+        proc = start_relay(launch)
+        return Relay(proc, port, state / "ca.pem")
 
     # -- agent -------------------------------------------------------------------------------
 
@@ -238,23 +315,7 @@ class Procs:
         wait: bool = True,
     ) -> Agent:
         """Start `twistd tunnelagent`; with `wait`, returns once every forward is ready."""
-        args = [
-            twistd(),
-            "-n",
-            "--pidfile",
-            "",
-            "--logfile",
-            "-",
-            "tunnelagent",
-            "--relay",
-            f"localhost:{relay.port}",
-            "--ca",
-            str(relay.ca),
-        ]
-        for f in forwards:
-            args += ["--forward", f]
-        if token is not None:
-            args += ["--token", token]
+        args = agent_args(f"localhost:{relay.port}", relay.ca, forwards, token)
         agent = Agent(self.start("agent", args))
         if wait:
             for f in forwards:
@@ -309,6 +370,16 @@ class Endpoint:
         return self.host.split(".", 1)[0]
 
 
+def ready_tunnels(log: str) -> Iterator[tuple[str, Endpoint]]:
+    """Each ``tunnel ready`` line of an agent's `log`, in order: (its target, its tunnel)."""
+    for m in READY.finditer(log):
+        tcp = m.group("tcp_port")
+        yield (
+            m.group("target"),
+            Endpoint(m.group("host"), int(m.group("port")), int(tcp) if tcp else None),
+        )
+
+
 @dataclass
 class Agent:
     proc: Proc
@@ -321,22 +392,25 @@ class Agent:
         if target not in self.tunnels:
 
             def check() -> Endpoint | None:
-                for m in READY.finditer(self.proc.text()):
-                    tcp = m.group("tcp_port")
-                    self.tunnels[m.group("target")] = Endpoint(
-                        m.group("host"), int(m.group("port")), int(tcp) if tcp else None
-                    )
+                self.tunnels.update(ready_tunnels(self.proc.text()))
                 return self.tunnels.get(target)
 
-            try:
-                wait_for(check, f"tunnel ready for {target}", timeout)
-            except AssertionError as e:
-                raise AssertionError(f"{e}\n--- agent log ---\n{self.proc.text()[-3000:]}")
+            self.proc.wait(check, f"tunnel ready for {target}", timeout)
         return self.tunnels[target]
 
 
 # ---------------------------------------------------------------------------------------------
 # Clients
+
+
+class RelayLike(Protocol):
+    """What a client needs of a relay (`Relay`, or the reliability tests' `RelayProc`)."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def ca(self) -> Path: ...
 
 
 def run(
@@ -353,7 +427,7 @@ def run(
     )
 
 
-def curl(relay: Relay, tunnel: Endpoint, *args: str, timeout: float = 60.0) -> Any:
+def curl(relay: RelayLike, tunnel: Endpoint, *args: str, timeout: float = 60.0) -> Any:
     """curl against a TLS tunnel, trusting the relay's dev CA, resolving to loopback."""
     return run(
         [
@@ -371,20 +445,23 @@ def curl(relay: Relay, tunnel: Endpoint, *args: str, timeout: float = 60.0) -> A
     )
 
 
-def tls_context(relay: Relay) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(relay.ca))
-    return ctx
+def tls_context(relay: RelayLike) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(relay.ca))
 
 
 def tls_connect(
-    relay: Relay, tunnel: Endpoint, timeout: float = DEADLINE, alpn: Sequence[str] = ()
+    relay: RelayLike, tunnel: Endpoint, timeout: float = DEADLINE, alpn: Sequence[str] = ()
 ) -> ssl.SSLSocket:
     """A TLS connection to the tunnel through the relay (SNI = the tunnel's host)."""
     ctx = tls_context(relay)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     raw = socket.create_connection((LOOPBACK, relay.port), timeout=timeout)
-    return ctx.wrap_socket(raw, server_hostname=tunnel.host)
+    try:
+        return ctx.wrap_socket(raw, server_hostname=tunnel.host)
+    except BaseException:
+        raw.close()
+        raise
 
 
 def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:

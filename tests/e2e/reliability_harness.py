@@ -1,7 +1,8 @@
 """
 Helpers of the reliability tests: relay and agent processes that can be killed, restarted on
 the same port and state directory, inspected through the admin ``/status`` JSON; small local
-servers (threads of the test process: they are not what fails); raw clients.
+servers (threads of the test process: they are not what fails); raw clients. The basics
+(processes, waits, the agent's ``tunnel ready`` lines, TLS clients) are those of ``harness``.
 
 Everything is loopback only. Every wait polls with a deadline. Every process is kept by PID
 and stopped with SIGTERM, then SIGKILL after a timeout.
@@ -12,79 +13,41 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
-import signal
 import socket
 import socketserver
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import pytest
+from tests.e2e.harness import (
+    DEADLINE,
+    ProcGroup,
+    agent_args,
+    free_port,
+    ready_tunnels,
+    relay_args,
+    run,
+    start_relay,
+    tcp_port_range,
+)
 
-DOMAIN = "tunnel.localhost"
-LOOPBACK = "127.0.0.1"
-DEADLINE = 20.0
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
-    """Poll `check` until it returns something other than None/False, or fail at `timeout`."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = check()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-def twistd() -> str:
-    here = Path(sys.executable).parent / "twistd"
-    if here.exists():
-        return str(here)
-    found = shutil.which("twistd")
-    if found is None:
-        pytest.skip("twistd is not installed")
-    return found
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
-
-
-def clean_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("TUNNEL_") and k.lower() not in ("http_proxy", "https_proxy")
-    }
-    env["NO_PROXY"] = "*"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+# The ``X as X`` names are re-exported: the reliability tests and bench/soak.py import them
+# from here.
+from tests.e2e.harness import LOOPBACK as LOOPBACK
+from tests.e2e.harness import READY as READY
+from tests.e2e.harness import Endpoint as Endpoint
+from tests.e2e.harness import Proc as Proc
+from tests.e2e.harness import clean_env as clean_env
+from tests.e2e.harness import curl as harness_curl
+from tests.e2e.harness import require_tool as require_tool
+from tests.e2e.harness import tls_connect as tls_connect
+from tests.e2e.harness import wait_for as wait_for
 
 
 def port_accepts(port: int) -> bool:
@@ -97,81 +60,6 @@ def port_accepts(port: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Processes
-
-
-class Proc:
-    """A child process we started; its output goes to `log`."""
-
-    def __init__(self, args: Sequence[str], log: Path, cwd: Path) -> None:
-        self.args = list(args)
-        self.log = log
-        self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            self.args,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd,
-            env=clean_env(),
-        )
-        self.pid = self.popen.pid
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def size(self) -> int:
-        try:
-            return self.log.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def wait_log(self, pattern: str, timeout: float = DEADLINE, start: int = 0) -> re.Match[str]:
-        """The first match of regex `pattern` in the log after character offset `start`."""
-        regex = re.compile(pattern)
-
-        def check() -> re.Match[str] | None:
-            m = regex.search(self.text(), start)
-            if m is None and self.popen.poll() is not None:
-                m = regex.search(self.text(), start)
-                if m is None:
-                    raise AssertionError(
-                        f"{self.args[:7]} exited ({self.popen.returncode}) before logging "
-                        f"{pattern!r}:\n{self.text()[-3000:]}"
-                    )
-            return m
-
-        try:
-            return wait_for(check, f"{pattern!r} in {self.log.name}", timeout)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n--- {self.log} ---\n{self.text()[-3000:]}") from None
-
-    def count(self, pattern: str) -> int:
-        return len(re.findall(pattern, self.text()))
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL now, and reap."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self.popen.wait(10)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
-        self._out.close()
 
 
 class RelayProc:
@@ -195,8 +83,8 @@ class RelayProc:
         self.state = group.dir / f"relay-state-{group.next_id()}"
         self.port = 0
         self.admin_port = 0
-        self.tcp_low = random.randrange(20000, 32000)  # below the ephemeral range (32768+)
-        self.tcp_range = (self.tcp_low, self.tcp_low + 499)
+        self.tcp_range = tcp_port_range()
+        self.tcp_low = self.tcp_range[0]
         self.proc: Proc | None = None
         self.starts = 0
 
@@ -205,49 +93,30 @@ class RelayProc:
         return self.state / "ca.pem"
 
     def _args(self) -> list[str]:
+        admin = ["--admin", f"tcp:{self.admin_port}:interface={LOOPBACK}"]
         return [
             *self.prefix,
-            twistd(),
-            "-n",
-            "--pidfile",
-            "",
-            "--logfile",
-            "-",
-            "tunnelrelay",
-            "--domain",
-            DOMAIN,
-            "--listen",
-            f"tcp:{self.port}:interface={LOOPBACK}{self.listen_options}",
-            "--state-dir",
-            str(self.state),
-            "--tcp-ports",
-            f"{self.tcp_range[0]}-{self.tcp_range[1]}",
-            "--tcp-interface",
-            LOOPBACK,
-            "--admin",
-            f"tcp:{self.admin_port}:interface={LOOPBACK}",
-            *self.extra,
+            *relay_args(
+                self.port, self.state, self.tcp_range, [*admin, *self.extra], self.listen_options
+            ),
         ]
 
     def start(self, timeout: float = DEADLINE) -> RelayProc:
         """Start (on new free ports the first time; on the same ports afterwards)."""
-        attempts = 5 if self.starts == 0 else 1
-        last = ""
-        for _ in range(attempts):
+
+        def launch() -> tuple[Proc, int]:
             if self.starts == 0:
                 self.port, self.admin_port = free_port(), free_port()
-            proc = self.group.start("relay", self._args())
-            try:
-                proc.wait_log(rf"relay listening on 127\.0\.0\.1:{self.port}\b", timeout)
-                proc.wait_log(r"admin on http://", timeout)
-            except AssertionError as e:
-                last = str(e)
-                proc.stop()
-                continue
-            self.proc = proc
-            self.starts += 1
-            return self
-        raise AssertionError(f"the relay did not start:\n{last}")
+            return self.group.start("relay", self._args()), self.port
+
+        self.proc = start_relay(
+            launch,
+            attempts=5 if self.starts == 0 else 1,
+            also=[r"admin on http://"],
+            timeout=timeout,
+        )
+        self.starts += 1
+        return self
 
     def status(self, timeout: float = 5.0) -> dict[str, int]:
         url = f"http://{LOOPBACK}:{self.admin_port}/status"
@@ -279,45 +148,18 @@ class RelayProc:
         return self.proc.pid
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A tunnel as the agent reported it."""
-
-    host: str
-    port: int
-    tcp_port: int | None
-
-    @property
-    def url(self) -> str:
-        return f"https://{self.host}:{self.port}"
-
-
-READY = re.compile(
-    r"tunnel ready: https://(?P<host>[a-z0-9]+\.[a-z0-9.\-]+):(?P<port>\d+)"
-    r"(?: tcp://(?P<tcp_host>[^\s:]+):(?P<tcp_port>\d+))? -> (?P<target>\S+)"
-)
-
-
 class AgentProc:
     def __init__(self, proc: Proc) -> None:
         self.proc = proc
 
     def ready(self, target_port: int, timeout: float = DEADLINE) -> Endpoint:
+        """The tunnel first reported ready for 127.0.0.1:`target_port`."""
         target = f"127.0.0.1:{target_port}"
 
         def check() -> Endpoint | None:
-            for m in READY.finditer(self.proc.text()):
-                if m.group("target") == target:
-                    tcp = m.group("tcp_port")
-                    return Endpoint(
-                        m.group("host"), int(m.group("port")), int(tcp) if tcp else None
-                    )
-            return None
+            return next((t for at, t in ready_tunnels(self.proc.text()) if at == target), None)
 
-        try:
-            return wait_for(check, f"tunnel ready for {target}", timeout)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n--- agent log ---\n{self.proc.text()[-3000:]}") from None
+        return self.proc.wait(check, f"tunnel ready for {target}", timeout)
 
     def back_count(self, tunnel: Endpoint) -> int:
         return self.proc.count(rf"tunnel {re.escape(tunnel.url)} is back")
@@ -330,23 +172,12 @@ class AgentProc:
         )
 
 
-class Group:
+class Group(ProcGroup):
     """Every process (and helper) a test started; all stopped at teardown."""
 
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.procs: list[Proc] = []
+        super().__init__(directory)
         self.cleanups: list[Callable[[], None]] = []
-        self._n = 0
-
-    def next_id(self) -> int:
-        self._n += 1
-        return self._n
-
-    def start(self, name: str, args: Sequence[str]) -> Proc:
-        proc = Proc(args, self.dir / f"{self.next_id():02d}-{name}.log", cwd=self.dir)
-        self.procs.append(proc)
-        return proc
 
     def relay(self, *extra: str, prefix: Sequence[str] = (), listen_options: str = "") -> RelayProc:
         return RelayProc(self, extra, prefix, listen_options).start()
@@ -354,21 +185,7 @@ class Group:
     def agent(
         self, relay: RelayProc, forwards: Sequence[str], via_port: int | None = None
     ) -> AgentProc:
-        args = [
-            twistd(),
-            "-n",
-            "--pidfile",
-            "",
-            "--logfile",
-            "-",
-            "tunnelagent",
-            "--relay",
-            f"localhost:{via_port or relay.port}",
-            "--ca",
-            str(relay.ca),
-        ]
-        for f in forwards:
-            args += ["--forward", f]
+        args = agent_args(f"localhost:{via_port or relay.port}", relay.ca, forwards)
         return AgentProc(self.start("agent", args))
 
     def stop_all(self) -> None:
@@ -376,9 +193,7 @@ class Group:
             with contextlib.suppress(Exception):
                 cleanup()
         self.cleanups.clear()
-        for proc in reversed(self.procs):
-            proc.stop()
-        self.procs.clear()
+        super().stop_all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,52 +289,16 @@ def slow_sender(
 # Clients
 
 
-def tls_context(ca: Path) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(ca))
-
-
-def tls_connect(
-    relay: RelayProc, tunnel: Endpoint, timeout: float = 10.0, ctx: ssl.SSLContext | None = None
-) -> ssl.SSLSocket:
-    ctx = ctx or tls_context(relay.ca)
-    raw = socket.create_connection((LOOPBACK, relay.port), timeout=timeout)
-    try:
-        return ctx.wrap_socket(raw, server_hostname=tunnel.host)
-    except BaseException:
-        raw.close()
-        raise
-
-
 def curl(relay: RelayProc, tunnel: Endpoint, path: str = "/", timeout: float = 15.0) -> Any:
-    return subprocess.run(
-        [
-            require_tool("curl"),
-            "-sS",
-            "--max-time",
-            str(int(timeout)),
-            "--cacert",
-            str(relay.ca),
-            "--resolve",
-            f"{tunnel.host}:{tunnel.port}:{LOOPBACK}",
-            tunnel.url + path,
-        ],
-        capture_output=True,
-        timeout=timeout + 10,
-        stdin=subprocess.DEVNULL,
-        env=clean_env(),
-    )
+    """``harness.curl`` of `path` on the tunnel, with a shorter timeout."""
+    return harness_curl(relay, tunnel, tunnel.url + path, timeout=timeout)
 
 
 def nc_echo(port: int, data: bytes, timeout: float = 15.0) -> bytes:
     """Send `data` with ``nc -N`` (close after stdin's EOF) to a raw TCP port; its output."""
-    result = subprocess.run(
-        [require_tool("nc"), "-N", "-w", "5", LOOPBACK, str(port)],
-        input=data,
-        capture_output=True,
-        timeout=timeout,
-        env=clean_env(),
-    )
-    return result.stdout
+    return run(
+        [require_tool("nc"), "-N", "-w", "5", LOOPBACK, str(port)], timeout=timeout, input=data
+    ).stdout
 
 
 def echo_roundtrip(sock: socket.socket, data: bytes = b"ping\n") -> bool:

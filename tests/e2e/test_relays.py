@@ -15,9 +15,10 @@ from tests.e2e.harness import (
     Agent,
     Proc,
     Procs,
+    agent_args,
     curl,
     free_port,
-    twistd,
+    twistd_args,
 )
 
 pytestmark = pytest.mark.e2e
@@ -27,37 +28,18 @@ def _relay(procs: Procs, state: Path) -> tuple[Proc, int]:
     port = free_port()
     proc = procs.start(
         "relay",
-        [
-            twistd(), "-n", "--pidfile", "", "--logfile", "-", "tunnelrelay",
+        twistd_args(
+            "tunnelrelay",
             "--domain", DOMAIN, "--listen", f"tcp:{port}:interface={LOOPBACK}",
             "--state-dir", str(state), "--drain-grace", "1",
-        ],
+        ),
     )  # fmt: skip
     proc.wait_log(rf"relay listening on 127\.0\.0\.1:{port}\b")
     return proc, port
 
 
 def _agent(procs: Procs, relays: str, ca: Path, forward: str) -> Agent:
-    return Agent(
-        procs.start(
-            "agent",
-            [
-                twistd(),
-                "-n",
-                "--pidfile",
-                "",
-                "--logfile",
-                "-",
-                "tunnelagent",
-                "--relay",
-                relays,
-                "--ca",
-                str(ca),
-                "--forward",
-                forward,
-            ],
-        )
-    )
+    return Agent(procs.start("agent", agent_args(relays, ca, [forward])))
 
 
 def test_a_relay_that_does_not_answer_is_ranked_last(procs: Procs, tmp_path: Path) -> None:
