@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tunnel",
         description="Give local ports public URLs through a Tunnels relay.",
         epilog="FORWARD is PORT or HOST:PORT, with :tcp for a raw TCP port as well, or :h2 "
-        "when the local server speaks HTTP/2 in the clear.",
+        "when the local server speaks HTTP/2 in the clear, and :proxy1 or :proxy2 to send it "
+        "a PROXY protocol header with the client's address (e.g. 22:tcp:proxy2).",
     )
     parser.add_argument("forwards", nargs="+", metavar="FORWARD")
     parser.add_argument("--relay", help="relay HOST:PORT, or a list (default $TUNNEL_RELAY)")
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     host=spec.host,
                     unencrypted=spec.unencrypted,
                     h2=spec.h2,
+                    proxy_protocol=spec.proxy_protocol,
                     relay=relay,
                     token=args.token,
                     ca=args.ca,

@@ -99,6 +99,7 @@ def forward(
     *,
     unencrypted: bool = False,
     h2: bool = False,
+    proxy_protocol: int = 0,
     host: str = "127.0.0.1",
     relay: str | None = None,
     token: str | None = None,
@@ -110,6 +111,9 @@ def forward(
     @param port: the local port to expose.
     @param unencrypted: also give the tunnel a raw TCP port at the relay (`Tunnel.tcp_socket`).
     @param h2: advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear).
+    @param proxy_protocol: 1 or 2: the local server gets a PROXY protocol header of that
+        version, with the public client's address, before each connection's first byte
+        (nginx ``proxy_protocol``, HAProxy ``accept-proxy``); 0 (the default): none.
     @param host: the local host to connect to (default 127.0.0.1).
     @param relay: ``host:port`` of the relay, or several separated by commas;
         default ``TUNNEL_RELAY``.
@@ -121,7 +125,7 @@ def forward(
         `AuthenticationError` or `TunnelRefused` (never hanging: the relay must answer within
         the agent's connect timeout).
     """
-    spec = ForwardSpec(port, host, unencrypted, h2)
+    spec = ForwardSpec(port, host, unencrypted, h2, proxy_protocol)
     agent = agent_for(reactor, relay, token, ca)
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)

@@ -123,9 +123,11 @@ def test_malformed_payloads(payload: bytes) -> None:
         C.decode_message(payload)
 
 
-@given(text, text, st.integers(0, 65535))
-def test_stream_info_round_trip(tunnel_id: str, host: str, port: int) -> None:
-    info = C.StreamInfo(tunnel_id, host, port)
+@given(text, text, st.integers(0, 65535), text, st.integers(0, 65535))
+def test_stream_info_round_trip(
+    tunnel_id: str, host: str, port: int, server_host: str, server_port: int
+) -> None:
+    info = C.StreamInfo(tunnel_id, host, port, server_host, server_port)
     assert C.StreamInfo.decode(info.encode()) == info
 
 
@@ -133,6 +135,11 @@ def test_stream_info_lenient_client_and_strict_tunnel() -> None:
     assert C.StreamInfo.decode(b'{"tunnel":"t"}') == C.StreamInfo("t")
     assert C.StreamInfo.decode(b'{"tunnel":"t","client":"bad"}') == C.StreamInfo("t")
     assert C.StreamInfo.decode(b'{"tunnel":"t","client":[1,2]}') == C.StreamInfo("t")
+    # Metadata without the server's address (as the first relays sent it) still decodes.
+    assert C.StreamInfo.decode(b'{"tunnel":"t","client":["h",1]}') == C.StreamInfo("t", "h", 1)
+    assert C.StreamInfo.decode(
+        b'{"tunnel":"t","client":["h",1],"server":["s",true]}'
+    ) == C.StreamInfo("t", "h", 1)
     for bad in (b'{"client":["h",1]}', b'{"tunnel":1}', b"[]", b"nope"):
         with pytest.raises(C.ControlError):
             C.StreamInfo.decode(bad)

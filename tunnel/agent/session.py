@@ -33,6 +33,8 @@ from zope.interface import implementer
 from tunnel import __version__
 from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
+from tunnel.agent._proxyheader import VERSIONS as PROXY_VERSIONS
+from tunnel.agent._proxyheader import proxy_header
 from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream
 from tunnel.wire import LINK_ALPN, PROTOCOL_VERSION, ErrorCode, LinkSettings
@@ -113,6 +115,9 @@ class ForwardSpec:
     unencrypted: bool = False
     #: Advertise HTTP/2 in ALPN for this tunnel (the target speaks HTTP/2 in the clear).
     h2: bool = False
+    #: Send the target a PROXY protocol header (version 1 or 2) with the public client's
+    #: address before each connection's first byte; 0: none.
+    proxy_protocol: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -123,6 +128,10 @@ class ForwardSpec:
             raise ValueError("the target host is empty")
         if self.unencrypted and self.h2:
             raise ValueError("h2 applies to TLS tunnels only, not unencrypted ones")
+        if self.proxy_protocol not in (0, *PROXY_VERSIONS) or isinstance(self.proxy_protocol, bool):
+            raise ValueError(
+                f"proxy_protocol must be 0 (none), 1 or 2, not {self.proxy_protocol!r}"
+            )
 
     @property
     def target(self) -> str:
@@ -134,26 +143,38 @@ class ForwardSpec:
 
 def parse_forward(text: str) -> ForwardSpec:
     """
-    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT``, either followed by ``:tcp``
-    (a raw TCP tunnel) or ``:h2``.
+    Parse a ``--forward`` value: ``PORT`` or ``HOST:PORT``, then options each after a colon:
+    ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and ``proxy1`` or
+    ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
 
     @raise ValueError: not of that form.
     """
     parts = text.split(":")
-    unencrypted = h2 = False
-    if parts and parts[-1] in ("tcp", "h2", "tls"):
-        suffix = parts.pop()
-        unencrypted = suffix == "tcp"
-        h2 = suffix == "h2"
+    kinds = {"tcp", "h2", "tls"}
+    proxies = {"proxy1": 1, "proxy2": 2}
+    kind = proxy = None
+    while len(parts) > 1 and parts[-1] in kinds | proxies.keys():
+        option = parts.pop()
+        if option in kinds:
+            if kind is not None:
+                raise ValueError(f"--forward {text!r}: {option} and {kind} together")
+            kind = option
+        else:
+            if proxy is not None:
+                raise ValueError(f"--forward {text!r}: two PROXY protocol versions")
+            proxy = proxies[option]
     if len(parts) == 1:
         host, port_text = "127.0.0.1", parts[0]
     elif len(parts) == 2:
         host, port_text = parts
     else:
-        raise ValueError(f"--forward {text!r} is not PORT, HOST:PORT, or either with :tcp")
+        raise ValueError(
+            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
+            ":proxy2"
+        )
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
-    return ForwardSpec(int(port_text), host or "127.0.0.1", unencrypted, h2)
+    return ForwardSpec(int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0)
 
 
 class _Forward:
@@ -491,7 +512,7 @@ class Agent:
         self.reactor.connectTCP(
             spec.host,
             spec.port,
-            _LocalFactory(stream, spec),
+            _LocalFactory(stream, spec, info),
             timeout=self.local_connect_timeout,
         )
 
@@ -654,12 +675,21 @@ class _LocalFactory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, stream: Stream, spec: ForwardSpec) -> None:
+    def __init__(self, stream: Stream, spec: ForwardSpec, info: StreamInfo) -> None:
         self.stream = stream
         self.spec = spec
+        self.info = info
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        return _LocalProtocol(self.stream)
+        header = b""
+        if self.spec.proxy_protocol:
+            info = self.info
+            header = proxy_header(
+                self.spec.proxy_protocol,
+                (info.client_host, info.client_port),
+                (info.server_host, info.server_port),
+            )
+        return _LocalProtocol(self.stream, header)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         timed_out = reason.check(error.TimeoutError, error.UserError) is not None
@@ -677,8 +707,10 @@ class _LocalProtocol(SpliceProtocol):
     The local target's connection, joined to its stream.
     """
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, header: bytes = b"") -> None:
         super().__init__(stream)
+        #: Written to the target before anything from the stream (a PROXY header).
+        self.header = header
 
     def connectionMade(self) -> None:
         stream: Stream = self.other
@@ -687,5 +719,7 @@ class _LocalProtocol(SpliceProtocol):
         if stream._closed:
             transport.abortConnection()  # type: ignore[attr-defined]
             return
+        if self.header:
+            transport.write(self.header)
         super().connectionMade()
         stream.attach(SpliceProtocol(transport))

@@ -46,7 +46,8 @@ class Options(usage.Options):
 
     def opt_forward(self, value: str) -> None:
         """
-        Forward PORT or HOST:PORT; add :tcp for a raw TCP port too, :h2 for HTTP/2.
+        Forward PORT or HOST:PORT; add :tcp for a raw TCP port too, :h2 for HTTP/2,
+        :proxy1 or :proxy2 for a PROXY protocol header to the target.
         """
         try:
             self["forward"].append(parse_forward(value))

@@ -313,9 +313,14 @@ class Relay:
         transport = protocol.transport
         assert transport is not None
         peer = transport.getPeer()
-        host = getattr(peer, "host", "")
-        port = getattr(peer, "port", 0)
-        info = StreamInfo(tunnel_id, host, port)
+        here = transport.getHost()
+        info = StreamInfo(
+            tunnel_id,
+            getattr(peer, "host", ""),
+            getattr(peer, "port", 0),
+            getattr(here, "host", ""),
+            getattr(here, "port", 0),
+        )
         link: RelayLink = record.owner
         if len(link.streams) >= self.config.max_streams_per_link:
             _log.warn(

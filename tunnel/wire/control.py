@@ -277,13 +277,21 @@ class StreamInfo:
     #: The public client's address and port as the relay saw them.
     client_host: str = ""
     client_port: int = 0
+    #: The relay's address and port that the client connected to ("" and 0 when the relay
+    #: did not say: it is optional, added after the first version).
+    server_host: str = ""
+    server_port: int = 0
 
     def encode(self) -> bytes:
         """
         Encode as OPEN metadata.
         """
         return json.dumps(
-            {"tunnel": self.tunnel_id, "client": [self.client_host, self.client_port]},
+            {
+                "tunnel": self.tunnel_id,
+                "client": [self.client_host, self.client_port],
+                "server": [self.server_host, self.server_port],
+            },
             separators=(",", ":"),
         ).encode()
 
@@ -298,13 +306,22 @@ class StreamInfo:
         tunnel_id = body.get("tunnel")
         if not isinstance(tunnel_id, str):
             raise ControlError("stream metadata has no tunnel id")
-        client = body.get("client", ["", 0])
-        if (
-            not isinstance(client, list)
-            or len(client) != 2
-            or not isinstance(client[0], str)
-            or not isinstance(client[1], int)
-            or isinstance(client[1], bool)
-        ):
-            client = ["", 0]
-        return cls(tunnel_id, client[0], client[1])
+        client_host, client_port = _address(body.get("client"))
+        server_host, server_port = _address(body.get("server"))
+        return cls(tunnel_id, client_host, client_port, server_host, server_port)
+
+
+def _address(value: Any) -> tuple[str, int]:
+    """
+    A ``[host, port]`` pair of stream metadata, or ``("", 0)`` when absent or malformed (the
+    addresses are informational: a bad one never fails the stream).
+    """
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not isinstance(value[0], str)
+        or not isinstance(value[1], int)
+        or isinstance(value[1], bool)
+    ):
+        return "", 0
+    return value[0], value[1]

@@ -7,6 +7,9 @@ Local servers that e2e tests put behind a tunnel (stdlib only, one process per s
         POST /sha256        replies with the sha256 (hex) of the request body
         GET /ws             websocket upgrade, then echoes every frame (text or binary)
     python backend.py echo                raw TCP echo (until EOF, then close)
+    python backend.py proxy               raw TCP: reads a PROXY protocol header (version 1
+                                          or 2), replies ``proxy vN SRC SPORT DST DPORT`` (or
+                                          ``proxy vN UNKNOWN``) and a newline, then echoes
     python backend.py sink [--reply N] [--read-delay S] [--length-prefixed]
                                           raw TCP: read to EOF, reply with the sha256 (hex) of
                                           what was read and a newline, then N bytes
@@ -172,6 +175,46 @@ class EchoHandler(socketserver.BaseRequestHandler):
             sock.sendall(data)
 
 
+class ProxyHandler(socketserver.BaseRequestHandler):
+    V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        f = sock.makefile("rb")
+        first = read_exact(f, 12)
+        if first is None:
+            return
+        if first == self.V2_SIGNATURE:
+            head = read_exact(f, 4)
+            assert head is not None
+            command, family, length = struct.unpack("!BBH", head)
+            body = read_exact(f, length) or b""
+            if command != 0x21 or family not in (0x11, 0x21):
+                line = "proxy v2 UNKNOWN"
+            else:
+                n = 4 if family == 0x11 else 16
+                src = socket.inet_ntop(socket.AF_INET if n == 4 else socket.AF_INET6, body[:n])
+                dst = socket.inet_ntop(
+                    socket.AF_INET if n == 4 else socket.AF_INET6, body[n : 2 * n]
+                )
+                sport, dport = struct.unpack("!HH", body[2 * n : 2 * n + 4])
+                line = f"proxy v2 {src} {sport} {dst} {dport}"
+        else:
+            rest = f.readline(107)
+            fields = (first + rest).decode("ascii").rstrip("\r\n").split(" ")
+            if fields[:2] == ["PROXY", "UNKNOWN"]:
+                line = "proxy v1 UNKNOWN"
+            else:
+                _, _, src, dst, sport, dport = fields
+                line = f"proxy v1 {src} {sport} {dst} {dport}"
+        sock.sendall(line.encode() + b"\n")
+        while True:
+            data = f.read1(1 << 16)
+            if not data:
+                break
+            sock.sendall(data)
+
+
 class SinkHandler(socketserver.BaseRequestHandler):
     reply = 0
     read_delay = 0.0
@@ -219,7 +262,7 @@ class SendHandler(socketserver.BaseRequestHandler):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["http", "echo", "sink", "send"])
+    parser.add_argument("mode", choices=["http", "echo", "proxy", "sink", "send"])
     parser.add_argument("--root", default=".")
     parser.add_argument("--reply", type=int, default=0)
     parser.add_argument("--read-delay", type=float, default=0.0)
@@ -235,6 +278,8 @@ def main() -> None:
         server = ThreadingHTTPServer(("127.0.0.1", 0), HTTPHandler)
     elif args.mode == "echo":
         server = TCPServer(("127.0.0.1", 0), EchoHandler)
+    elif args.mode == "proxy":
+        server = TCPServer(("127.0.0.1", 0), ProxyHandler)
     elif args.mode == "sink":
         SinkHandler.reply = args.reply
         SinkHandler.read_delay = args.read_delay

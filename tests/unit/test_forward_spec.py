@@ -1,0 +1,55 @@
+"""What to forward: `ForwardSpec` and the ``--forward`` syntax."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunnel.agent.session import ForwardSpec, parse_forward
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("8000", ForwardSpec(8000)),
+        ("10.0.0.5:8000", ForwardSpec(8000, "10.0.0.5")),
+        ("8000:tls", ForwardSpec(8000)),
+        ("22:tcp", ForwardSpec(22, unencrypted=True)),
+        ("8000:h2", ForwardSpec(8000, h2=True)),
+        ("8000:proxy1", ForwardSpec(8000, proxy_protocol=1)),
+        ("22:tcp:proxy2", ForwardSpec(22, unencrypted=True, proxy_protocol=2)),
+        ("22:proxy2:tcp", ForwardSpec(22, unencrypted=True, proxy_protocol=2)),
+        ("db:5432:tcp:proxy1", ForwardSpec(5432, "db", unencrypted=True, proxy_protocol=1)),
+    ],
+)
+def test_forward_syntax(text: str, spec: ForwardSpec) -> None:
+    assert parse_forward(text) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not a port"),
+        ("http", "not a port"),
+        ("tcp", "not a port"),
+        ("a:b:8000", "is not PORT or HOST:PORT"),
+        ("8000:tcp:h2", "tcp and h2 together"),
+        ("8000:proxy1:proxy2", "two PROXY protocol versions"),
+        ("8000:proxy3", "not a port"),
+        ("70000", "out of range"),
+        ("8000:h2:tcp", "h2 and tcp together"),
+    ],
+)
+def test_bad_forwards_say_why(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_forward(text)
+
+
+@pytest.mark.parametrize("version", [3, -1, True, "2"])
+def test_proxy_protocol_version_is_checked(version: object) -> None:
+    with pytest.raises(ValueError, match="proxy_protocol must be 0"):
+        ForwardSpec(8000, proxy_protocol=version)  # type: ignore[arg-type]
+
+
+def test_h2_is_for_tls_tunnels() -> None:
+    with pytest.raises(ValueError, match="h2 applies to TLS tunnels only"):
+        ForwardSpec(8000, unencrypted=True, h2=True)
