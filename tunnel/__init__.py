@@ -18,7 +18,7 @@ Where the relay is comes from the arguments or from ``TUNNEL_RELAY``, ``TUNNEL_T
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +99,7 @@ def forward(
     unencrypted: bool = False,
     h2: bool = False,
     proxy_protocol: int = 0,
+    allow: Sequence[str] = (),
     host: str = "127.0.0.1",
     relay: str | None = None,
     token: str | None = None,
@@ -128,6 +129,7 @@ def forward(
             unencrypted=unencrypted,
             h2=h2,
             proxy_protocol=proxy_protocol,
+            allow=allow,
             host=host,
             relay=relay,
             token=token,

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 __all__ = ["main"]
 
@@ -32,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--relay", help="relay HOST:PORT, or a list (default $TUNNEL_RELAY)")
     parser.add_argument("--token", help="agent token (default $TUNNEL_TOKEN)")
     parser.add_argument("--ca", help="PEM CA bundle to trust (default $TUNNEL_CA)")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="NETWORK",
+        help="only clients from this network or address may connect (repeatable)",
+    )
     return parser
 
 
@@ -45,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         specs: list[ForwardSpec] = [parse_forward(f) for f in args.forwards]
+        allow = [a.strip() for value in args.allow for a in value.split(",") if a.strip()]
+        if allow:
+            specs = [replace(spec, allow=tuple(allow)) for spec in specs]
     except ValueError as e:
         parser.error(str(e))
     relay = args.relay or os.environ.get("TUNNEL_RELAY")
@@ -69,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     unencrypted=spec.unencrypted,
                     h2=spec.h2,
                     proxy_protocol=spec.proxy_protocol,
+                    allow=spec.allow,
                     relay=relay,
                     token=args.token,
                     ca=args.ca,

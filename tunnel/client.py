@@ -16,6 +16,7 @@ CA, so a second `forward` costs one round trip on a link that is already up.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -100,6 +101,7 @@ def forward(
     unencrypted: bool = False,
     h2: bool = False,
     proxy_protocol: int = 0,
+    allow: Sequence[str] = (),
     host: str = "127.0.0.1",
     relay: str | None = None,
     token: str | None = None,
@@ -114,6 +116,9 @@ def forward(
     @param proxy_protocol: 1 or 2: the local server gets a PROXY protocol header of that
         version, with the public client's address, before each connection's first byte
         (nginx ``proxy_protocol``, HAProxy ``accept-proxy``); 0 (the default): none.
+    @param allow: only clients from these networks or addresses (``"203.0.113.0/24"``,
+        ``"2001:db8::1"``) may connect, enforced by the relay: others get a TLS
+        ``access_denied`` alert, or their raw TCP connection closed. Default: everyone.
     @param host: the local host to connect to (default 127.0.0.1).
     @param relay: ``host:port`` of the relay, or several separated by commas;
         default ``TUNNEL_RELAY``.
@@ -125,7 +130,9 @@ def forward(
         `AuthenticationError` or `TunnelRefused` (never hanging: the relay must answer within
         the agent's connect timeout).
     """
-    spec = ForwardSpec(port, host, unencrypted, h2, proxy_protocol)
+    if isinstance(allow, str):
+        raise ValueError(f"allow is a list of networks, not one string: [{allow!r}]")
+    spec = ForwardSpec(port, host, unencrypted, h2, proxy_protocol, tuple(allow))
     agent = agent_for(reactor, relay, token, ca)
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)

@@ -313,9 +313,11 @@ class Procs(ProcGroup):
         *,
         token: str | None = None,
         wait: bool = True,
+        extra: Sequence[str] = (),
     ) -> Agent:
-        """Start `twistd tunnelagent`; with `wait`, returns once every forward is ready."""
-        args = agent_args(f"localhost:{relay.port}", relay.ca, forwards, token)
+        """Start `twistd tunnelagent` (`extra`: more options); with `wait`, returns once
+        every forward is ready."""
+        args = [*agent_args(f"localhost:{relay.port}", relay.ca, forwards, token), *extra]
         agent = Agent(self.start("agent", args))
         if wait:
             for f in forwards:

@@ -12,48 +12,23 @@ switched off; whatever ends must be gone once its connection is lost.
 from __future__ import annotations
 
 import gc
-import time
 import weakref
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tunnel.agent.session import Agent, ForwardSpec, RelayAddress
-from tunnel.relay import tap as relay_tap
+from tests.protocol.inprocess import Echo, agent_for, get_reactor, wait_until
+from tunnel.agent.session import ForwardSpec
 from tunnel.relay.service import RelayService
-
-DEADLINE = 20.0
-
-
-def get_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def wait_until(check: Callable[[], bool], what: str) -> None:
-    reactor = get_reactor()
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 def holders(ref: weakref.ref[Any]) -> list[str]:
     """What still refers to the object behind `ref` (for a failing assertion's message)."""
     return [type(r).__qualname__ for r in gc.get_referrers(ref())]
-
-
-class Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
 
 
 class Client(protocol.Protocol):
@@ -66,35 +41,6 @@ class Client(protocol.Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)
-
-
-@pytest_twisted.async_yield_fixture
-async def relay(tmp_path: Path) -> AsyncIterator[RelayService]:
-    reactor = get_reactor()
-    options = relay_tap.Options()
-    options.parseOptions(
-        [
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--tcp-ports",
-            "24000-24999",
-            "--tcp-interface",
-            "127.0.0.1",
-        ]
-    )
-    service = relay_tap.makeService(options, reactor)
-    assert isinstance(service, RelayService)
-    service.startService()
-    # The relay freezes what exists at start-up out of collections; in a test process that
-    # is the test run itself.
-    gc.unfreeze()
-    try:
-        await wait_until(lambda: service.port is not None, "the relay to listen")
-        yield service
-    finally:
-        await service.stopService()
 
 
 @pytest.fixture
@@ -113,12 +59,7 @@ async def test_lost_links_and_closed_connections_are_freed_at_once(
 ) -> None:
     reactor = get_reactor()
     echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
-    agent = Agent(
-        reactor,
-        [RelayAddress("localhost", relay.port.getHost().port)],
-        ca=str(tmp_path / "state" / "ca.pem"),
-        fail_fast=True,
-    )
+    agent = agent_for(relay, tmp_path / "state")
     try:
         tunnel = await agent.forward(ForwardSpec(echo.getHost().port, unencrypted=True))
         state = relay.relay
@@ -165,12 +106,7 @@ async def test_a_link_cut_by_the_peer_is_freed_at_once(
     relay: RelayService, tmp_path: Path, no_cyclic_gc: None
 ) -> None:
     reactor = get_reactor()
-    agent = Agent(
-        reactor,
-        [RelayAddress("localhost", relay.port.getHost().port)],
-        ca=str(tmp_path / "state" / "ca.pem"),
-        fail_fast=True,
-    )
+    agent = agent_for(relay, tmp_path / "state")
     echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     try:
         await agent.forward(ForwardSpec(echo.getHost().port))

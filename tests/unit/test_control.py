@@ -149,3 +149,16 @@ def test_stream_info_lenient_client_and_strict_tunnel() -> None:
 def test_deep_nesting_is_control_error(decode: Any) -> None:
     with pytest.raises(C.ControlError):
         decode(b"[" * 5000)
+
+
+def test_welcome_features() -> None:
+    welcome = C.RelayWelcome("d", 443, features=["allow"])
+    assert C.decode_message(C.encode_message(welcome)) == welcome
+    # A first-release welcome has none; a malformed list is an error.
+    assert C.decode_message(b'{"type":"welcome","domain":"d","public_port":1}') == (
+        C.RelayWelcome("d", 1)
+    )
+    with pytest.raises(C.ControlError, match="features"):
+        C.decode_message(b'{"type":"welcome","domain":"d","public_port":1,"features":[1]}')
+    with pytest.raises(C.ControlError, match="features"):
+        C.decode_message(b'{"type":"welcome","domain":"d","public_port":1,"features":"allow"}')

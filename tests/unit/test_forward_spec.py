@@ -53,3 +53,34 @@ def test_proxy_protocol_version_is_checked(version: object) -> None:
 def test_h2_is_for_tls_tunnels() -> None:
     with pytest.raises(ValueError, match="h2 applies to TLS tunnels only"):
         ForwardSpec(8000, unencrypted=True, h2=True)
+
+
+def test_allow_lists_are_checked_and_kept_as_tuples() -> None:
+    spec = ForwardSpec(8000, allow=["10.0.0.0/8", "::1"])  # type: ignore[arg-type]
+    assert spec.allow == ("10.0.0.0/8", "::1")
+    assert hash(spec) == hash(ForwardSpec(8000, allow=("10.0.0.0/8", "::1")))
+    with pytest.raises(ValueError, match="'nope' is not an IP network"):
+        ForwardSpec(8000, allow=("nope",))
+    with pytest.raises(ValueError, match="is a list"):
+        ForwardSpec(8000, allow="10.0.0.0/8")  # type: ignore[arg-type]
+
+
+def test_agent_allow_option_applies_to_every_forward() -> None:
+    from twisted.python import usage
+
+    from tunnel.agent.tap import Options
+
+    options = Options()
+    forwards = ["--forward", "8000", "--forward", "22:tcp"]
+    allows = ["--allow", "10.0.0.0/8,192.0.2.1", "--allow", "::1"]
+    options.parseOptions(["--relay", "localhost:8443", *forwards, *allows])
+    assert [f.allow for f in options["forward"]] == [("10.0.0.0/8", "192.0.2.1", "::1")] * 2
+    with pytest.raises(usage.UsageError, match="--allow: 'x' is not an IP network"):
+        Options().parseOptions(["--relay", "localhost:8443", "--forward", "8000", "--allow", "x"])
+
+
+def test_api_refuses_one_string_as_an_allow_list() -> None:
+    from tunnel import client
+
+    with pytest.raises(ValueError, match="a list of networks, not one string"):
+        client.forward(object(), 8000, allow="10.0.0.0/8")

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel import __version__
+from tunnel._allow import AllowList
 from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
 from tunnel.agent._proxyheader import VERSIONS as PROXY_VERSIONS
@@ -118,6 +119,9 @@ class ForwardSpec:
     #: Send the target a PROXY protocol header (version 1 or 2) with the public client's
     #: address before each connection's first byte; 0: none.
     proxy_protocol: int = 0
+    #: Only clients from these networks (``"203.0.113.0/24"``, ``"2001:db8::/32"``, single
+    #: addresses) may connect; empty: everyone. The relay enforces it.
+    allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -132,6 +136,9 @@ class ForwardSpec:
             raise ValueError(
                 f"proxy_protocol must be 0 (none), 1 or 2, not {self.proxy_protocol!r}"
             )
+        if self.allow:
+            AllowList.parse(self.allow)  # raises ValueError naming a bad entry
+            object.__setattr__(self, "allow", tuple(self.allow))
 
     @property
     def target(self) -> str:
@@ -369,11 +376,31 @@ class Agent:
         request_id = next(self._request_ids)
         self._requests[request_id] = forward
         spec = forward.spec
+        options: dict[str, Any] = {}
+        if spec.h2:
+            options["h2"] = True
+        if spec.allow:
+            features = self.welcome.features if self.welcome is not None else []
+            if "allow" not in features:
+                # An older relay would ignore the option and let everyone in: refuse instead.
+                del self._requests[request_id]
+                _log.error(
+                    "the relay does not support allow lists; not opening {target} to everyone",
+                    target=spec.target,
+                )
+                self._fail(
+                    forward,
+                    TunnelRefused(
+                        "unsupported", "the relay does not support allow lists (--allow)"
+                    ),
+                )
+                return
+            options["allow"] = list(spec.allow)
         link.send(
             TunnelRequest(
                 request_id=request_id,
                 kind="tcp" if spec.unencrypted else "tls",
-                options={"h2": True} if spec.h2 else {},
+                options=options,
                 reclaim_id=forward.tunnel_id,
                 reclaim_secret=forward.secret,
                 reclaim_port=forward.tcp_port,

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from twisted.application import service
@@ -27,7 +28,10 @@ class Options(usage.Options):
     Options of the agent.
     """
 
-    synopsis = "--relay HOST:PORT --forward PORT[:tcp] [--forward ...] [--token T] [--ca CA]"
+    synopsis = (
+        "--relay HOST:PORT --forward PORT[:tcp] [--forward ...] [--allow NETWORK] [--token T] "
+        "[--ca CA]"
+    )
     longdesc = (
         "The agent of Tunnels: dials out to a relay over TLS and forwards public "
         "connections of each tunnel to a local port."
@@ -43,12 +47,14 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["forward"] = []
+        self["allow"] = []
+
+    def opt_allow(self, value: str) -> None:
+        """Only clients from this network or address may connect (repeatable; a,b too)."""
+        self["allow"].extend(v.strip() for v in value.split(",") if v.strip())
 
     def opt_forward(self, value: str) -> None:
-        """
-        Forward PORT or HOST:PORT; add :tcp for a raw TCP port too, :h2 for HTTP/2,
-        :proxy1 or :proxy2 for a PROXY protocol header to the target.
-        """
+        """Forward PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or :proxy2 (repeatable)."""
         try:
             self["forward"].append(parse_forward(value))
         except ValueError as e:
@@ -71,6 +77,11 @@ class Options(usage.Options):
         targets = [(f.host, f.port) for f in self["forward"]]
         if len(set(targets)) != len(targets):
             raise usage.UsageError("the same target is forwarded twice")
+        if self["allow"]:
+            try:
+                self["forward"] = [replace(f, allow=tuple(self["allow"])) for f in self["forward"]]
+            except ValueError as e:
+                raise usage.UsageError(f"--allow: {e}") from None
 
 
 class AgentService(service.Service):

@@ -43,6 +43,7 @@ from zope.interface import implementer
 from tunnel._fasttls import FastTLSProtocol
 
 from ._clienthello import (
+    ALERT_ACCESS_DENIED,
     ALERT_DECODE_ERROR,
     ALERT_INTERNAL_ERROR,
     ALERT_UNRECOGNIZED_NAME,
@@ -71,6 +72,13 @@ class Route:
 
 Router = Callable[[ClientHello], Route | None]
 """Maps a ClientHello to a Route, or None to refuse with ``unrecognized_name``."""
+
+
+class AccessDenied(Exception):
+    """
+    Raised by a route's factory (from ``buildProtocol``, which gets the client's address) to
+    refuse that client with an ``access_denied`` alert.
+    """
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -254,6 +262,10 @@ class _SNIDispatchProtocol(protocol.Protocol):
         assert transport is not None
         try:
             inner = route.factory.buildProtocol(transport.getPeer())
+        except AccessDenied as e:
+            self._refuseLog(f"access denied: {e}")
+            self._refuse(ALERT_ACCESS_DENIED)
+            return
         except Exception:
             _log.failure("route factory raised for SNI {sni!r}", sni=hello.server_name)
             inner = None

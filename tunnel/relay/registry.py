@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunnel._allow import AllowList
+
 __all__ = [
     "ID_ALPHABET",
     "PortPool",
@@ -184,6 +186,8 @@ class TunnelRecord:
     owner: Any
     #: Options from the request, such as {"h2": True}.
     options: dict[str, Any] = field(default_factory=dict)
+    #: The clients that may connect; None: everyone.
+    allow: AllowList | None = None
     #: For raw TCP tunnels: the listening port and its `IListeningPort`.
     tcp_port: int | None = None
     listener: Any = None

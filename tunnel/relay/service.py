@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel import __version__
+from tunnel._allow import AllowList
 from tunnel.link import (
     LinkProtocol,
     SpliceProtocol,
@@ -38,7 +39,7 @@ from tunnel.link import (
 )
 from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
-from tunnel.relay._sni import Route, SNIDispatchFactory
+from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
 from tunnel.relay.registry import (
     PortPool,
@@ -67,6 +68,9 @@ from tunnel.wire.control import (
 __all__ = ["PublicProtocol", "Relay", "RelayConfig", "RelayLink", "RelayService"]
 
 _log = Logger()
+
+#: What this relay supports beyond the first release (`RelayWelcome.features`).
+FEATURES = ("allow",)
 
 HTTP1 = (b"http/1.1",)
 H2 = (b"h2", b"http/1.1")
@@ -133,6 +137,8 @@ class Relay:
         )
         self.links: set[RelayLink] = set()
         self.public_connections: set[Protocol] = set()
+        #: Public connections refused by a tunnel's allow list, since start.
+        self.denied_connections = 0
         self.draining = False
         self.domain = config.domain.lower().rstrip(".")
         self._suffix = "." + self.domain
@@ -165,7 +171,7 @@ class Relay:
         if record is None:
             return None
         alpn = H2 if record.options.get("h2") else HTTP1
-        return Route(self.tls.context_for(alpn), _PublicFactory(self, tunnel_id))
+        return Route(self.tls.context_for(alpn), _PublicFactory(self, tunnel_id, tls=True))
 
     def host_of(self, tunnel_id: str) -> str:
         """
@@ -223,16 +229,23 @@ class Relay:
                 "limit", f"an agent may hold at most {self.config.max_tunnels_per_agent} tunnels"
             )
         options = {k: v for k, v in request.options.items() if k in ("h2",)}
-        record = TunnelRecord(tunnel_id, kind, link, options)
+        allow = None
+        if "allow" in request.options:
+            try:
+                allow = AllowList.parse(request.options["allow"])
+            except ValueError as e:
+                return refuse("bad_request", str(e))
+        record = TunnelRecord(tunnel_id, kind, link, options, allow)
         if kind == "tcp" and not self._listen_tcp(record, request.reclaim_port):
             return refuse("no_ports", "no free port in the relay's TCP range")
         self.registry.add(record)
         _log.info(
-            "granted {kind} tunnel {host}{port} to {peer}",
+            "granted {kind} tunnel {host}{port} to {peer}{allow}",
             kind=kind,
             host=self.host_of(tunnel_id),
             port=f" (tcp port {record.tcp_port})" if record.tcp_port else "",
             peer=link.peer_name,
+            allow=f", clients from {', '.join(allow.entries())} only" if allow else "",
         )
         return self._granted(request, record)
 
@@ -248,7 +261,7 @@ class Relay:
         )
 
     def _listen_tcp(self, record: TunnelRecord, wanted: int | None) -> bool:
-        factory = _PublicFactory(self, record.tunnel_id)
+        factory = _PublicFactory(self, record.tunnel_id, tls=False)
         for port in self.ports.candidates(record.tunnel_id, wanted):
             try:
                 listener = self.reactor.listenTCP(
@@ -478,6 +491,7 @@ class RelayLink(LinkProtocol):
                 keepalive_interval=config.keepalive_interval,
                 keepalive_timeout=config.keepalive_timeout,
                 relay=f"tunnels/{__version__}",
+                features=list(FEATURES),
             )
         )
 
@@ -601,16 +615,29 @@ class _Activity(SpliceProtocol):
 
 class _PublicFactory(Factory):
     """
-    Builds the protocols of public connections to one tunnel (TLS-terminated or raw TCP).
+    Builds the protocols of public connections to one tunnel (TLS-terminated or raw TCP),
+    for the clients its allow list admits.
     """
 
     noisy = False
 
-    def __init__(self, relay: Relay, tunnel_id: str) -> None:
+    def __init__(self, relay: Relay, tunnel_id: str, tls: bool) -> None:
         self.relay = relay
         self.tunnel_id = tunnel_id
+        self.tls = tls
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        """
+        @raise AccessDenied: a TLS client the allow list refuses (it gets an
+            ``access_denied`` alert). A raw TCP one gets None: its connection is closed.
+        """
+        record = self.relay.registry.get(self.tunnel_id)
+        allow = record.allow if record is not None else None
+        if allow is not None and not allow.admits(getattr(addr, "host", "")):
+            self.relay.denied_connections += 1
+            if self.tls:
+                raise AccessDenied(f"{getattr(addr, 'host', '?')} is not on the allow list")
+            return None
         return PublicProtocol(self.relay, self.tunnel_id)
 
 

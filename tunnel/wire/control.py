@@ -82,6 +82,10 @@ class RelayWelcome(ControlMessage):
     keepalive_timeout: float = 15.0
     #: A name of the relay, for the agent's logs.
     relay: str = ""
+    #: What this relay supports beyond the first release, such as ``"allow"`` (client
+    #: allow lists). An agent needing a feature the relay does not list refuses to use it
+    #: rather than have it ignored.
+    features: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,9 @@ class TunnelRequest(ControlMessage):
     request_id: int
     #: ``"tls"`` (TLS terminated at the relay, routed by SNI) or ``"tcp"`` (a raw port).
     kind: TunnelKind
-    #: Extensible options, such as ``{"h2": true}``; unknown ones are ignored.
+    #: Extensible options, such as ``{"h2": true}`` or ``{"allow": ["203.0.113.0/24"]}``;
+    #: unknown ones are ignored (an agent checks `RelayWelcome.features` before relying on
+    #: one that restricts access).
     options: dict[str, Any] = field(default_factory=dict)
     #: To get a previous tunnel back: its id and the secret it was granted with.
     reclaim_id: str | None = None
@@ -209,6 +215,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "tcp_port": (int, type(None)),
     "secret": (str,),
     "reason": (str,),
+    "features": (list,),
 }
 
 
@@ -263,6 +270,8 @@ def decode_message(payload: bytes) -> ControlMessage | None:
         raise ControlError(f"{kind}: {e}") from None
     if isinstance(message, TunnelRequest) and message.kind not in ("tls", "tcp"):
         raise ControlError(f"tunnel_request: unknown kind {message.kind!r}")
+    if isinstance(message, RelayWelcome) and not all(isinstance(f, str) for f in message.features):
+        raise ControlError("welcome: member 'features' is not a list of strings")
     return message
 
 

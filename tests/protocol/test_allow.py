@@ -1,0 +1,103 @@
+"""
+Allow lists between a real agent and relay in this process: the relay enforces them, refuses
+malformed ones, and an agent never sends one to a relay that would ignore it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from tests.protocol.inprocess import Echo, agent_for, get_reactor, wait_until
+from tunnel.agent.session import ForwardSpec
+from tunnel.errors import TunnelRefused
+from tunnel.relay import service as relay_service
+from tunnel.relay.service import RelayService
+from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
+from tunnel.wire.control import TunnelRequest
+
+
+class Recorder(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed = True
+
+
+async def exchange(port: int) -> Recorder:
+    """Connect to the raw TCP `port`, send a line, and return once the connection closes or
+    the line comes back."""
+    client = Recorder()
+    await connectProtocol(TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port), client)
+    assert client.transport is not None
+    client.transport.write(b"hello\n")
+    await wait_until(lambda: client.closed or client.received == b"hello\n", "echo or close")
+    if not client.closed:
+        client.transport.loseConnection()
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_raw_tcp_clients_outside_the_list_are_closed(
+    relay: RelayService, tmp_path: Path
+) -> None:
+    reactor = get_reactor()
+    echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    echo2 = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    agent = agent_for(relay, tmp_path / "state")
+    try:
+        outside = await agent.forward(
+            ForwardSpec(echo.getHost().port, unencrypted=True, allow=("10.0.0.0/8",))
+        )
+        inside = await agent.forward(
+            ForwardSpec(echo2.getHost().port, unencrypted=True, allow=("10.0.0.0/8", "127.0.0.1"))
+        )
+        assert outside.unencrypted_port is not None and inside.unencrypted_port is not None
+        refused = await exchange(outside.unencrypted_port)
+        assert refused.closed and refused.received == b""
+        assert relay.relay.denied_connections == 1
+        admitted = await exchange(inside.unencrypted_port)
+        assert admitted.received == b"hello\n"
+        assert relay.relay.denied_connections == 1
+    finally:
+        await agent.stop()
+        await echo.stopListening()
+        await echo2.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_refuses_a_malformed_allow_list(relay: RelayService) -> None:
+    class Link:
+        peer_name = "test"
+
+    for bad, why in ((["nope"], "'nope' is not an IP network"), ("10.0.0.0/8", "is a list")):
+        answer = relay.relay.grant(Link(), TunnelRequest(1, "tls", {"allow": bad}))  # type: ignore[arg-type]
+        assert isinstance(answer, TunnelRefusedMessage), answer
+        assert answer.code == "bad_request" and why in answer.message
+    assert len(relay.relay.registry) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_will_not_send_an_allow_list_to_a_relay_that_would_ignore_it(
+    relay: RelayService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_service, "FEATURES", ())  # as a first-release relay
+    agent = agent_for(relay, tmp_path / "state")
+    try:
+        with pytest.raises(TunnelRefused, match="does not support allow lists"):
+            await agent.forward(ForwardSpec(8000, allow=("10.0.0.0/8",)))
+        assert len(relay.relay.registry) == 0
+        # Without one, the same relay grants the tunnel.
+        await agent.forward(ForwardSpec(8001))
+        assert len(relay.relay.registry) == 1
+    finally:
+        await agent.stop()
