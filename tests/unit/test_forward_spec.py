@@ -19,6 +19,8 @@ from tunnel.agent.session import ForwardSpec, parse_forward
         ("22:tcp:proxy2", ForwardSpec(22, unencrypted=True, proxy_protocol=2)),
         ("22:proxy2:tcp", ForwardSpec(22, unencrypted=True, proxy_protocol=2)),
         ("db:5432:tcp:proxy1", ForwardSpec(5432, "db", unencrypted=True, proxy_protocol=1)),
+        ("[::1]:8000", ForwardSpec(8000, "::1")),
+        ("[2001:db8::5]:22:tcp", ForwardSpec(22, "2001:db8::5", unencrypted=True)),
     ],
 )
 def test_forward_syntax(text: str, spec: ForwardSpec) -> None:
@@ -37,6 +39,11 @@ def test_forward_syntax(text: str, spec: ForwardSpec) -> None:
         ("8000:proxy3", "not a port"),
         ("70000", "out of range"),
         ("8000:h2:tcp", "h2 and tcp together"),
+        ("[::1]8000", "as \\[ADDRESS\\]:PORT"),
+        ("[::1", "as \\[ADDRESS\\]:PORT"),
+        ("[]:80", "as \\[ADDRESS\\]:PORT"),
+        ("[::1]:a:80", "is not PORT or HOST:PORT"),
+        ("::1:8000", "is not PORT or HOST:PORT"),
     ],
 )
 def test_bad_forwards_say_why(text: str, message: str) -> None:
@@ -84,3 +91,8 @@ def test_api_refuses_one_string_as_an_allow_list() -> None:
 
     with pytest.raises(ValueError, match="a list of networks, not one string"):
         client.forward(object(), 8000, allow="10.0.0.0/8")
+
+
+def test_ipv6_targets_are_written_in_brackets() -> None:
+    assert ForwardSpec(8000, "::1").target == "[::1]:8000"
+    assert ForwardSpec(8000).target == "127.0.0.1:8000"

@@ -143,20 +143,28 @@ class ForwardSpec:
     @property
     def target(self) -> str:
         """
-        The target as ``host:port``.
+        The target as ``host:port`` (``[address]:port`` for IPv6).
         """
-        return f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 def parse_forward(text: str) -> ForwardSpec:
     """
-    Parse a ``--forward`` value: ``PORT`` or ``HOST:PORT``, then options each after a colon:
-    ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and ``proxy1`` or
-    ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
+    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
+    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
+    ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
 
     @raise ValueError: not of that form.
     """
-    parts = text.split(":")
+    host = "127.0.0.1"
+    rest = text
+    if text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or not inside or not rest.startswith(":"):
+            raise ValueError(f"--forward {text!r}: write an IPv6 target as [ADDRESS]:PORT")
+        host, rest = inside, rest[1:]
+    parts = rest.split(":")
     kinds = {"tcp", "h2", "tls"}
     proxies = {"proxy1": 1, "proxy2": 2}
     kind = proxy = None
@@ -171,8 +179,8 @@ def parse_forward(text: str) -> ForwardSpec:
                 raise ValueError(f"--forward {text!r}: two PROXY protocol versions")
             proxy = proxies[option]
     if len(parts) == 1:
-        host, port_text = "127.0.0.1", parts[0]
-    elif len(parts) == 2:
+        port_text = parts[0]
+    elif len(parts) == 2 and not text.startswith("["):
         host, port_text = parts
     else:
         raise ValueError(
@@ -181,7 +189,9 @@ def parse_forward(text: str) -> ForwardSpec:
         )
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
-    return ForwardSpec(int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0)
+    return ForwardSpec(
+        int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0
+    )
 
 
 class _Forward:
