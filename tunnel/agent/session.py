@@ -189,9 +189,7 @@ def parse_forward(text: str) -> ForwardSpec:
         )
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
-    return ForwardSpec(
-        int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0
-    )
+    return ForwardSpec(int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0)
 
 
 class _Forward:
