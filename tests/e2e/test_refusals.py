@@ -5,9 +5,11 @@ forwarded port. Each must end promptly with a clear error, never hang.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +53,41 @@ def test_wrong_token_is_refused_and_logged_on_both_sides(procs: Procs):
     result = curl(relay, tunnel, "-w", " %{http_code}", tunnel.url + "/hello")
     assert result.stdout == b"hello /hello\n 200", result.stderr
     assert "tunnel ready" not in wrong.proc.text()
+
+
+def test_tokens_file_changes_apply_without_a_restart(procs: Procs, tmp_path: Path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("token-alice-1234\ntoken-bob-5678\n")
+    relay = procs.relay(extra=["--tokens", str(tokens)])
+    backends = [procs.backend("http") for _ in range(3)]
+    alice = procs.agent(relay, [str(backends[0].port)], token="token-alice-1234")
+    bob = procs.agent(relay, [str(backends[1].port)], token="token-bob-5678")
+    alice_tunnel = alice.ready(str(backends[0].port))
+    bob_tunnel = bob.ready(str(backends[1].port))
+
+    # Alice's token revoked, Carol's added: the file replaced as a deploy tool would.
+    new = tmp_path / "tokens.new"
+    new.write_text("token-bob-5678\ntoken-carol-9012\n")
+    os.replace(new, tokens)
+    relay.wait_log(r"token of agent 127\.0\.0\.1:\d+ revoked; closing its link")
+    alice.proc.wait_log(r"the relay no longer accepts this token; stopping")
+    alice.proc.wait(lambda: not alice.proc.alive(), "the revoked agent to exit")
+    assert "token-alice" not in relay.proc.text(), "the relay logged the token itself"
+
+    gone = curl(relay, alice_tunnel, alice_tunnel.url + "/hello")
+    assert gone.returncode == 35 and b"unrecognized name" in gone.stderr, gone.stderr
+    kept = curl(relay, bob_tunnel, bob_tunnel.url + "/hello")
+    assert kept.stdout == b"hello /hello\n", kept.stderr
+    carol = procs.agent(relay, [str(backends[2].port)], token="token-carol-9012")
+    carol_tunnel = carol.ready(str(backends[2].port))
+    added = curl(relay, carol_tunnel, carol_tunnel.url + "/hello")
+    assert added.stdout == b"hello /hello\n", added.stderr
+
+    # A file emptied by mistake changes nothing.
+    tokens.write_text("# nothing\n")
+    relay.wait_log(r"tokens not reloaded, keeping the previous ones: .* holds no token")
+    again = curl(relay, bob_tunnel, bob_tunnel.url + "/hello")
+    assert again.stdout == b"hello /hello\n", again.stderr
 
 
 def test_no_token_is_refused(procs: Procs):

@@ -262,6 +262,8 @@ class Agent:
         )
         self._started = False
         self._ranked = False
+        #: Called with the reason when the relay refuses this agent's token.
+        self.on_refused: list[Callable[[str], object]] = []
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -506,11 +508,29 @@ class Agent:
         """
         self.last_error = reason
         _log.warn("relay {relay}: {reason}", relay=self._relay_names(), reason=reason)
-        # A refused token is not fixed by retrying: fail what waits even in a daemon.
-        if self.fail_fast or error_type is AuthenticationError:
+        if error_type is AuthenticationError:
+            self._refused(reason)
+        elif self.fail_fast:
             for forward in list(self.forwards):
                 if forward.waiting is not None:
                     self._fail(forward, error_type(reason))
+
+    def _refused(self, reason: str) -> None:
+        """
+        The relay refused the token (at the handshake, or later when it was revoked):
+        retrying cannot help. Every forward fails or closes, reconnecting stops (until the
+        next `forward`), and the `on_refused` observers are told.
+        """
+        for forward in list(self.forwards):
+            if forward.waiting is None and forward.tunnel is not None:
+                _log.error("tunnel {url} closed: {reason}", url=forward.tunnel.url, reason=reason)
+            self._fail(forward, AuthenticationError(reason))
+        if self._started:
+            self._started = False
+            if self._service.running:
+                self._service.stopService().addErrback(lambda _: None)
+        for observer in list(self.on_refused):
+            observer(reason)
 
     def _link_lost(self, link: AgentLink, reason: Failure) -> None:
         if self.link is link:

@@ -95,8 +95,17 @@ class AgentService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self.agent.on_refused.append(self._refused)
         for spec in self.forwards:
             self._ask(spec)
+
+    def _refused(self, reason: str) -> None:
+        # A refused (or revoked) token is not fixed by retrying.
+        if not self.running:
+            return
+        _log.error("{why}; stopping: check --token / TUNNEL_TOKEN", why=reason)
+        self.running = False
+        self.agent.reactor.stop()
 
     def _ask(self, spec: ForwardSpec) -> None:
         if not self.running:
@@ -104,10 +113,7 @@ class AgentService(service.Service):
 
         def failed(reason: Failure) -> None:
             if reason.check(AuthenticationError):
-                _log.error("{why}; stopping: check --token / TUNNEL_TOKEN", why=reason.value)
-                if self.running:
-                    self.agent.reactor.stop()
-                return
+                return  # `_refused` stops the agent
             _log.error(
                 "tunnel for {target} not granted: {why}", target=spec.target, why=reason.value
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import hmac
-from collections.abc import Iterable
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
+from tunnel.relay._tokens import TokenFile
 from tunnel.relay.registry import (
     PortPool,
     ReclaimKey,
@@ -69,6 +70,9 @@ __all__ = ["PublicProtocol", "Relay", "RelayConfig", "RelayLink", "RelayService"
 
 _log = Logger()
 
+#: Seconds between checks of the tokens file for changes.
+TOKENS_CHECK_INTERVAL = 2.0
+
 #: What this relay supports beyond the first release (`RelayWelcome.features`).
 FEATURES = ("allow",)
 
@@ -92,6 +96,8 @@ class RelayConfig:
     tcp_interface: str = ""
     #: Accepted agent tokens; None accepts any agent.
     tokens: frozenset[str] | None = None
+    #: The file `tokens` came from, watched for changes (None: they never change).
+    tokens_file: TokenFile | None = None
     #: Seconds a public TLS handshake (or an agent's hello) may take.
     handshake_timeout: float = 10.0
     #: TLS handshakes in progress at once; more are refused at accept.
@@ -195,6 +201,36 @@ class Relay:
         for candidate in tokens:
             ok |= hmac.compare_digest(candidate.encode(), given)
         return ok
+
+    def set_tokens(self, tokens: frozenset[str]) -> None:
+        """
+        Accept `tokens` from now on; links accepted with a token no longer among them are
+        told (``unauthorized``) and closed, with their tunnels.
+        """
+        self.config.tokens = tokens
+        for link in list(self.links):
+            if link.authenticated and not self.authenticate(link.token):
+                _log.warn("token of agent {peer} revoked; closing its link", peer=link.peer_name)
+                link.refuse(
+                    "unauthorized", "the relay no longer accepts this token", ErrorCode.UNAUTHORIZED
+                )
+
+    def reload_tokens(self) -> None:
+        """
+        Read the tokens file again if it changed (`set_tokens`); an unreadable or empty file
+        keeps the tokens as they were.
+        """
+        tokens_file = self.config.tokens_file
+        if tokens_file is None or not tokens_file.changed():
+            return
+        try:
+            tokens = tokens_file.read()
+        except (OSError, ValueError) as e:
+            _log.error("tokens not reloaded, keeping the previous ones: {e}", e=e)
+            return
+        if tokens != self.config.tokens:
+            _log.info("tokens reloaded from {path}: {n}", path=tokens_file.path, n=len(tokens))
+            self.set_tokens(tokens)
 
     # -- tunnels -------------------------------------------------------------------------------
 
@@ -411,6 +447,8 @@ class RelayLink(LinkProtocol):
         )
         self.relay = relay
         self.authenticated = False
+        #: The token it was accepted with (checked again when the tokens change).
+        self.token: str | None = None
         self.peer_name = "?"
         self._hello_timer: Any = None
 
@@ -482,6 +520,7 @@ class RelayLink(LinkProtocol):
             )
             return
         self.authenticated = True
+        self.token = hello.token
         _log.info("agent {peer} connected ({agent})", peer=self.peer_name, agent=hello.agent)
         config = self.relay.config
         self.send(
@@ -680,6 +719,7 @@ class RelayService(service.MultiService):
         self.port: Any = None
         self.admin_port: Any = None
         self._collector: LoopingCall | None = None
+        self._token_watch: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -689,6 +729,16 @@ class RelayService(service.MultiService):
         self._collector = LoopingCall(_memory.collect)
         self._collector.clock = self.reactor
         self._collector.start(_memory.INTERVAL, now=False)
+        if self.relay.config.tokens_file is not None:
+            # Token changes (added, revoked) apply within TOKENS_CHECK_INTERVAL, or at once on
+            # SIGHUP; no restart.
+            self._token_watch = LoopingCall(self.relay.reload_tokens)
+            self._token_watch.clock = self.reactor
+            self._token_watch.start(TOKENS_CHECK_INTERVAL, now=False)
+            signal.signal(
+                signal.SIGHUP,
+                lambda signum, frame: self.reactor.callFromThread(self.relay.reload_tokens),
+            )
         if self.admin:
             from tunnel.relay.admin import admin_site
 
@@ -730,8 +780,9 @@ class RelayService(service.MultiService):
         )
         port = self.port
         self.port = None
-        if self._collector is not None and self._collector.running:
-            self._collector.stop()
+        for loop in (self._collector, self._token_watch):
+            if loop is not None and loop.running:
+                loop.stop()
         if self.admin_port is not None:
             self.admin_port.stopListening()
             self.admin_port = None
@@ -753,11 +804,3 @@ def parse_port_range(text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi <= 65535:
         raise ValueError(f"bad port range {text!r}")
     return lo, hi
-
-
-def read_tokens(lines: Iterable[str]) -> frozenset[str]:
-    """
-    Tokens from a file's lines: one per line; blank lines and ``#`` comments skipped.
-    """
-    tokens = {line.strip() for line in lines}
-    return frozenset(t for t in tokens if t and not t.startswith("#"))

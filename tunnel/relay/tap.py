@@ -13,13 +13,13 @@ from twisted.python import usage
 
 from tunnel.relay._certs import ensure_dev_certificates
 from tunnel.relay._tls import RelayTLS
+from tunnel.relay._tokens import TokenFile
 from tunnel.relay.registry import ReclaimKey
 from tunnel.relay.service import (
     Relay,
     RelayConfig,
     RelayService,
     parse_port_range,
-    read_tokens,
 )
 from tunnel.wire import LinkSettings
 
@@ -174,12 +174,13 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
             first=overlap[0],
             last=overlap[1],
         )
-    tokens = None
+    tokens = tokens_file = None
     if options["tokens"]:
-        with open(options["tokens"], encoding="utf-8") as f:
-            tokens = read_tokens(f)
-        if not tokens:
-            raise usage.UsageError(f"{options['tokens']} holds no token")
+        tokens_file = TokenFile(options["tokens"])
+        try:
+            tokens = tokens_file.read()
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
     else:
         _log.warn("NO --tokens GIVEN: THIS RELAY ACCEPTS ANY AGENT. Use --tokens in production.")
     # 0: the port the listener gets (for tcp:0), filled in once it listens.
@@ -190,6 +191,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         tcp_ports=options["tcp-ports"],
         tcp_interface=options["tcp-interface"],
         tokens=tokens,
+        tokens_file=tokens_file,
         handshake_timeout=options["handshake-timeout"],
         max_pending_handshakes=options["max-pending-handshakes"],
         max_tunnels_per_agent=options["max-tunnels-per-agent"],
