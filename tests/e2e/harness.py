@@ -447,6 +447,16 @@ def curl(relay: RelayLike, tunnel: Endpoint, *args: str, timeout: float = 60.0) 
     )
 
 
+def first_reply(port: int, data: bytes) -> bytes:
+    """Send `data` to the raw TCP `port`; what comes back first (b"" on a close or reset)."""
+    with socket.create_connection((LOOPBACK, port), timeout=DEADLINE) as sock:
+        sock.sendall(data)
+        try:
+            return sock.recv(1024)
+        except ConnectionResetError:
+            return b""
+
+
 def tls_context(relay: RelayLike) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(relay.ca))
 

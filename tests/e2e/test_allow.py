@@ -6,11 +6,9 @@ and other tunnels of the same relay are not affected.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
-from tests.e2e.harness import DEADLINE, LOOPBACK, Procs, Relay, curl
+from tests.e2e.harness import Procs, Relay, curl, first_reply
 
 pytestmark = pytest.mark.e2e
 
@@ -30,13 +28,7 @@ def test_clients_outside_the_allow_list_are_refused(procs: Procs, relay: Relay) 
     relay.wait_log(r"access denied: 127\.0\.0\.1 is not on the allow list")
 
     assert tcp_tunnel.tcp_port is not None
-    with socket.create_connection((LOOPBACK, tcp_tunnel.tcp_port), timeout=DEADLINE) as raw:
-        raw.sendall(b"hello\n")
-        try:
-            data = raw.recv(1024)
-        except ConnectionResetError:
-            data = b""
-    assert data == b""
+    assert first_reply(tcp_tunnel.tcp_port, b"hello\n") == b""
 
     # The same servers through an agent whose list admits loopback clients.
     backend2 = procs.backend("http")

@@ -21,6 +21,7 @@ from tests.e2e.harness import (
     Procs,
     Relay,
     curl,
+    first_reply,
     free_port,
     require_tool,
     run,
@@ -199,12 +200,7 @@ def test_nothing_listening_tcp_client_closed_promptly(procs: Procs, relay: Relay
     agent = procs.agent(relay, [f"{port}:tcp"])
     tunnel = agent.ready(f"{port}:tcp")
     assert tunnel.tcp_port is not None
-    with socket.create_connection((LOOPBACK, tunnel.tcp_port), timeout=DEADLINE) as s:
-        s.sendall(b"anyone there?\n")
-        try:
-            data = s.recv(1024)
-        except ConnectionResetError:
-            data = b""
+    data = first_reply(tunnel.tcp_port, b"anyone there?\n")
     assert data == b"", data  # closed (EOF or reset), not left hanging until the timeout
     agent.proc.wait_log(rf"cannot connect to 127\.0\.0\.1:{port}")
     # The tunnel itself stays up: the relay still accepts on its port.

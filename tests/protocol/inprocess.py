@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import protocol, task
+from twisted.internet import defer, protocol, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from tunnel.agent.session import Agent, RelayAddress
 from tunnel.relay import tap as relay_tap
@@ -40,6 +41,30 @@ class Echo(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+
+class Recorder(protocol.Protocol):
+    """A client that keeps what it receives and notes when its connection ends."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed = False
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed = True
+        self.lost.callback(None)
+
+
+async def connect(port: int) -> Recorder:
+    """A `Recorder` connected to 127.0.0.1:`port`."""
+    client = Recorder()
+    await connectProtocol(TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port), client)
+    assert client.transport is not None
+    return client
 
 
 async def running_relay(state: Path) -> AsyncIterator[RelayService]:

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.protocol.inprocess import Echo, agent_for, get_reactor, wait_until
+from tests.protocol.inprocess import Echo, Recorder, agent_for, connect, get_reactor, wait_until
 from tunnel.agent.session import ForwardSpec
 from tunnel.errors import TunnelRefused
 from tunnel.relay import service as relay_service
@@ -21,23 +20,10 @@ from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
 from tunnel.wire.control import TunnelRequest
 
 
-class Recorder(protocol.Protocol):
-    def __init__(self) -> None:
-        self.received = b""
-        self.closed = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.closed = True
-
-
 async def exchange(port: int) -> Recorder:
     """Connect to the raw TCP `port`, send a line, and return once the connection closes or
     the line comes back."""
-    client = Recorder()
-    await connectProtocol(TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port), client)
+    client = await connect(port)
     assert client.transport is not None
     client.transport.write(b"hello\n")
     await wait_until(lambda: client.closed or client.received == b"hello\n", "echo or close")

@@ -18,10 +18,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import protocol
 
-from tests.protocol.inprocess import Echo, agent_for, get_reactor, wait_until
+from tests.protocol.inprocess import Echo, agent_for, connect, get_reactor, wait_until
 from tunnel.agent.session import ForwardSpec
 from tunnel.relay.service import RelayService
 
@@ -29,18 +28,6 @@ from tunnel.relay.service import RelayService
 def holders(ref: weakref.ref[Any]) -> list[str]:
     """What still refers to the object behind `ref` (for a failing assertion's message)."""
     return [type(r).__qualname__ for r in gc.get_referrers(ref())]
-
-
-class Client(protocol.Protocol):
-    def __init__(self) -> None:
-        self.received = b""
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(None)
 
 
 @pytest.fixture
@@ -68,9 +55,7 @@ async def test_lost_links_and_closed_connections_are_freed_at_once(
         del link
 
         # A public connection through the tunnel, echoed, then closed by the client.
-        client = Client()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.unencrypted_port)
-        await connectProtocol(endpoint, client)
+        client = await connect(tunnel.unencrypted_port)
         assert client.transport is not None
         client.transport.write(b"ping")
         await wait_until(lambda: client.received == b"ping", "the echo")

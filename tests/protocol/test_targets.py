@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.protocol.inprocess import Echo, agent_for, get_reactor, wait_until
+from tests.protocol.inprocess import Echo, agent_for, connect, get_reactor, wait_until
 from tunnel.agent.session import parse_forward
 from tunnel.relay.service import RelayService
 
@@ -24,14 +23,6 @@ def ipv6_loopback() -> bool:
         return False
 
 
-class Recorder(protocol.Protocol):
-    def __init__(self) -> None:
-        self.received = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest_twisted.ensureDeferred
 async def test_an_ipv6_target(relay: RelayService, tmp_path: Path) -> None:
@@ -42,9 +33,7 @@ async def test_an_ipv6_target(relay: RelayService, tmp_path: Path) -> None:
         spec = parse_forward(f"[::1]:{echo.getHost().port}:tcp")
         tunnel = await agent.forward(spec)
         assert tunnel.unencrypted_port is not None
-        client = Recorder()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.unencrypted_port)
-        await connectProtocol(endpoint, client)
+        client = await connect(tunnel.unencrypted_port)
         assert client.transport is not None
         client.transport.write(b"over ipv6\n")
         await wait_until(lambda: client.received == b"over ipv6\n", "the echo from ::1")
