@@ -6,6 +6,7 @@ forwarded port. Each must end promptly with a clear error, never hang.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import time
@@ -89,6 +90,22 @@ def test_tokens_file_changes_apply_without_a_restart(procs: Procs, tmp_path: Pat
     relay.wait_log(r"tokens not reloaded, keeping the previous ones: .* holds no token")
     again = curl(relay, bob_tunnel, bob_tunnel.url + "/hello")
     assert again.stdout == b"hello /hello\n", again.stderr
+
+
+def test_sighup_reloads_and_never_ends_the_relay(procs: Procs, tmp_path: Path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("token-alice-1234\n")
+    with_tokens = procs.relay(extra=["--tokens", str(tokens)])
+    without = procs.relay()
+    for relay in (with_tokens, without):
+        os.kill(relay.proc.pid, signal.SIGHUP)
+    with_tokens.wait_log(r"SIGHUP: checking .*tokens\.txt")
+    without.wait_log(r"SIGHUP: nothing to reload")
+    backend = procs.backend("http")
+    agent = procs.agent(without, [str(backend.port)])
+    tunnel = agent.ready(str(backend.port))
+    assert curl(without, tunnel, tunnel.url + "/hello").stdout == b"hello /hello\n"
+    assert with_tokens.proc.alive()
 
 
 def test_no_token_is_refused(procs: Procs):

@@ -735,10 +735,10 @@ class RelayService(service.MultiService):
             self._token_watch = LoopingCall(self.relay.reload_tokens)
             self._token_watch.clock = self.reactor
             self._token_watch.start(TOKENS_CHECK_INTERVAL, now=False)
-            signal.signal(
-                signal.SIGHUP,
-                lambda signum, frame: self.reactor.callFromThread(self.relay.reload_tokens),
-            )
+        # SIGHUP means "reload" to operators; by default it would end the process.
+        signal.signal(
+            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._sighup)
+        )
         if self.admin:
             from tunnel.relay.admin import admin_site
 
@@ -771,6 +771,13 @@ class RelayService(service.MultiService):
             self.reactor.stop()
 
         d.addCallbacks(listening, failed)
+
+    def _sighup(self) -> None:
+        if self.relay.config.tokens_file is None:
+            _log.info("SIGHUP: nothing to reload (no --tokens file)")
+            return
+        _log.info("SIGHUP: checking {path}", path=self.relay.config.tokens_file.path)
+        self.relay.reload_tokens()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
