@@ -516,10 +516,13 @@ def test_thousand_silent_sockets_aborted(grp: Group) -> None:
     http = _server(grp, http_handler)
     # Twisted listens with a backlog of 50 by default: a burst of 1000 connects overflows it
     # and the kernel drops handshake ACKs (accepted seconds later, on SYN-ACK retransmits).
+    # All from 127.0.0.1, like the curls: the per-source bound is lifted as well.
     relay = grp.relay(
         "--handshake-timeout",
         str(hs_timeout),
         "--max-pending-handshakes",
+        "2000",
+        "--max-pending-per-source",
         "2000",
         listen_options=":backlog=2048",
     )
@@ -714,7 +717,14 @@ def test_limit_pending_handshakes(grp: Group) -> None:
 def test_fd_exhaustion_and_recovery(grp: Group) -> None:
     prlimit = require_tool("prlimit")
     http = _server(grp, http_handler)
-    relay = grp.relay("--handshake-timeout", "30", "--max-pending-handshakes", "2000")
+    relay = grp.relay(
+        "--handshake-timeout",
+        "30",
+        "--max-pending-handshakes",
+        "2000",
+        "--max-pending-per-source",
+        "2000",
+    )
     agent = grp.agent(relay, [str(http.port)])
     web = agent.ready(http.port)
     _curl_ok(relay, web)

@@ -191,10 +191,11 @@ class Recorder(protocol.Protocol):
         self.lost.callback(None)
 
 
-async def raw_connect(port: int, send: bytes = b"") -> Recorder:
+async def raw_connect(port: int, send: bytes = b"", source: str | None = None) -> Recorder:
     reactor = get_reactor()
     rec = Recorder()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), rec)
+    bind = (source, 0) if source is not None else None
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind), rec)
     if send:
         assert rec.transport is not None
         rec.transport.write(send)
@@ -478,6 +479,54 @@ async def test_max_pending_handshakes(
         assert good.code == 0, good.err
     finally:
         await front.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_pending_per_source(
+    front_factory: Callable[..., Front], dev_certs: DevCertificates
+) -> None:
+    """One source's silent connections take only its own share of handshake slots."""
+    curl_bin = require_tool("curl")
+    front = front_factory(max_pending_handshakes=10, max_pending_per_source=2, handshake_timeout=30)
+    port = front.listen()
+    try:
+        flood = [await raw_connect(port, source="127.0.0.2") for _ in range(2)]
+        await wait_until(lambda: front.factory.pending == 2)
+        extra = await raw_connect(port, source="127.0.0.2")
+        await wait_lost(extra, timeout=5)
+        assert front.factory.refused_overload == front.factory.refused_source_overload == 1
+        # Another source still gets its handshakes, silent or real.
+        other = await raw_connect(port, source="127.0.0.3")
+        await wait_until(lambda: front.factory.pending == 3)
+        good = await run(curl(curl_bin, port, dev_certs.ca_path, "a.tunnel.localhost"))
+        assert good.code == 0, good.err
+        assert other.lost_at is None and all(rec.lost_at is None for rec in flood)
+        for rec in [*flood, other]:
+            assert rec.transport is not None
+            rec.transport.loseConnection()
+            await wait_lost(rec)
+        await wait_until(lambda: front.factory.pending == 0)
+        assert front.factory._pending_by_source == {}
+        # The source's slots are free again.
+        again = await raw_connect(port, source="127.0.0.2")
+        await wait_until(lambda: front.factory.pending == 1)
+        assert again.transport is not None
+        again.transport.loseConnection()
+        await wait_lost(again)
+    finally:
+        await front.close()
+
+
+def test_sources_are_ipv4_addresses_and_ipv6_slash_64s() -> None:
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from tunnel.relay._sni import _source_of
+
+    assert _source_of(IPv4Address("TCP", "192.0.2.7", 1)) == "192.0.2.7"
+    assert _source_of(IPv6Address("TCP", "::ffff:192.0.2.7", 1)) == "192.0.2.7"
+    assert _source_of(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)) == "2001:db8:1:2::/64"
+    assert _source_of(IPv6Address("TCP", "2001:db8:1:2::9", 1)) == "2001:db8:1:2::/64"
+    assert _source_of(object()) == ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ Without one, the client gets a fatal ``unrecognized_name`` alert; garbage gets
 
 Bounds: the ClientHello size, the time from accept to the end of the TLS handshake
 (``handshake_timeout``, enforced with ``abortConnection``: Twisted's TLS ``loseConnection``
-waits for the peer and can hang), and the number of connections still handshaking
-(``max_pending_handshakes``; past it, new connections are aborted at once).
+waits for the peer and can hang), and the number of connections still handshaking, in all
+(``max_pending_handshakes``) and from one source (``max_pending_per_source``: an IPv4
+address or an IPv6 /64), so that one client cannot take every slot; past either, new
+connections are aborted at once.
 
 Route factories are not started or stopped by the dispatcher (``doStart``/``doStop``): their
 owner does that.
@@ -19,6 +21,7 @@ owner does that.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -150,6 +153,23 @@ class _HandshakeWatch(protocol.Protocol):
         return prefix() if callable(prefix) else self._inner.__class__.__name__
 
 
+def _source_of(peer: object) -> str:
+    """
+    Whom a pending handshake is counted against: the IPv4 address (also when it arrives
+    IPv4-mapped), or the /64 of an IPv6 one (a single host often holds a whole /64).
+    """
+    host = getattr(peer, "host", "")
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def _abortTransport(transport: object) -> None:
     """``abortConnection()`` on a TCP transport (or TLS layer): close now, never wait."""
     cast(ITCPTransport, transport).abortConnection()
@@ -174,6 +194,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
         self._parser = ClientHelloParser(factory.max_hello_size)
         self._timer: IDelayedCall | None = None
         self._counted = False
+        self._source: str | None = None
         self._tls: _RoutedTLS | None = None
         self._server_name: str | None = None
 
@@ -188,13 +209,22 @@ class _SNIDispatchProtocol(protocol.Protocol):
                 transport.setTcpNoDelay(True)
             except OSError:  # pragma: no cover - socket already gone
                 pass
+        peer = transport.getPeer()
+        source = _source_of(peer)
         if f.pending >= f.max_pending_handshakes:
-            f._refusedOverload(transport.getPeer())
+            f._refusedOverload(peer, f"{f.pending} handshakes pending, the limit")
+        elif f._pending_by_source.get(source, 0) >= f.max_pending_per_source:
+            f.refused_source_overload += 1
+            f._refusedOverload(peer, f"{f.max_pending_per_source} pending from {source}, the limit")
+        else:
+            f.pending += 1
+            f._pending_by_source[source] = f._pending_by_source.get(source, 0) + 1
+            self._source = source
+            self._counted = True
+        if not self._counted:
             self._state = _CLOSING
             _abortTransport(transport)
             return
-        f.pending += 1
-        self._counted = True
         self._timer = f.reactor.callLater(f.handshake_timeout, self._timedOut)
 
     def _timedOut(self) -> None:
@@ -212,7 +242,14 @@ class _SNIDispatchProtocol(protocol.Protocol):
         self._timer = None
         if self._counted:
             self._counted = False
-            self.factory.pending -= 1
+            f = self.factory
+            f.pending -= 1
+            source = self._source or ""
+            left = f._pending_by_source.get(source, 1) - 1
+            if left:
+                f._pending_by_source[source] = left
+            else:
+                f._pending_by_source.pop(source, None)
 
     # -- reading the ClientHello -----------------------------------------------------------
 
@@ -354,16 +391,18 @@ class SNIDispatchFactory(protocol.Factory):
         *,
         handshake_timeout: float = 10.0,
         max_pending_handshakes: int = 1024,
+        max_pending_per_source: int = 256,
         max_hello_size: int = 16384,
     ) -> None:
         if handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
-        if max_pending_handshakes < 1:
-            raise ValueError("max_pending_handshakes must be at least 1")
+        if max_pending_handshakes < 1 or max_pending_per_source < 1:
+            raise ValueError("max_pending_handshakes and max_pending_per_source must be >= 1")
         self.router = router
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
         self.max_pending_handshakes = max_pending_handshakes
+        self.max_pending_per_source = max_pending_per_source
         self.max_hello_size = max_hello_size
         # Raw bytes held while the hello arrives: the hello plus record headers, with room
         # for clients that split it into a few records.
@@ -371,7 +410,10 @@ class SNIDispatchFactory(protocol.Factory):
         self.pending = 0
         """Connections accepted whose TLS handshake has not completed yet."""
         self.refused_overload = 0
-        """Connections aborted because ``max_pending_handshakes`` was reached."""
+        """Connections aborted because a pending-handshake limit was reached."""
+        self.refused_source_overload = 0
+        """Of those, the ones aborted for ``max_pending_per_source``."""
+        self._pending_by_source: dict[str, int] = {}
         self._overload_logged_at: float | None = None
         self._overload_unlogged = 0
         # One TLS factory for every route: the context comes from each connection's route,
@@ -383,17 +425,16 @@ class SNIDispatchFactory(protocol.Factory):
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
         return _SNIDispatchProtocol(self)
 
-    def _refusedOverload(self, peer: IAddress) -> None:
+    def _refusedOverload(self, peer: IAddress, why: str) -> None:
         self.refused_overload += 1
         self._overload_unlogged += 1
         now = self.reactor.seconds()
         if self._overload_logged_at is None or now - self._overload_logged_at >= 1.0:
             _log.warn(
-                "TLS front refused {count} connection(s) (latest from {peer}): "
-                "{pending} handshakes pending, the limit",
+                "TLS front refused {count} connection(s) (latest from {peer}): {why}",
                 count=self._overload_unlogged,
                 peer=peer,
-                pending=self.pending,
+                why=why,
             )
             self._overload_logged_at = now
             self._overload_unlogged = 0

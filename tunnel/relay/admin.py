@@ -38,6 +38,7 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
         "tcp_ports_in_use": relay.ports.in_use,
         "pending_handshakes": getattr(front, "pending", 0),
         "refused_handshakes_overload": getattr(front, "refused_overload", 0),
+        "refused_handshakes_per_source": getattr(front, "refused_source_overload", 0),
         "denied_connections": relay.denied_connections,
         "open_fds": fds,
         "draining": int(relay.draining),

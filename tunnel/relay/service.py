@@ -102,6 +102,8 @@ class RelayConfig:
     handshake_timeout: float = 10.0
     #: TLS handshakes in progress at once; more are refused at accept.
     max_pending_handshakes: int = 1024
+    #: Of those, from one source (an IPv4 address or an IPv6 /64).
+    max_pending_per_source: int = 256
     #: Tunnels one agent link may hold.
     max_tunnels_per_agent: int = 64
     #: Streams open on one link at once (public connections through one agent).
@@ -714,6 +716,7 @@ class RelayService(service.MultiService):
             reactor,
             handshake_timeout=relay.config.handshake_timeout,
             max_pending_handshakes=relay.config.max_pending_handshakes,
+            max_pending_per_source=relay.config.max_pending_per_source,
         )
         self.endpoint = serverFromString(reactor, listen)
         self.port: Any = None

@@ -73,6 +73,13 @@ class Options(usage.Options):
             "TLS handshakes in progress at once.",
             _positive(int),
         ],
+        [
+            "max-pending-per-source",
+            None,
+            256,
+            "TLS handshakes in progress at once from one IPv4 address or IPv6 /64.",
+            _positive(int),
+        ],
         ["max-tunnels-per-agent", None, 64, "Tunnels one agent may hold.", _positive(int)],
         ["max-streams-per-link", None, 4096, "Open streams per agent link.", _positive(int)],
         [
@@ -194,6 +201,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         tokens_file=tokens_file,
         handshake_timeout=options["handshake-timeout"],
         max_pending_handshakes=options["max-pending-handshakes"],
+        max_pending_per_source=options["max-pending-per-source"],
         max_tunnels_per_agent=options["max-tunnels-per-agent"],
         max_streams_per_link=options["max-streams-per-link"],
         max_connections_per_tunnel=options["max-connections-per-tunnel"],
