@@ -104,6 +104,7 @@ def forward(
     relay: str | None = None,
     token: str | None = None,
     ca: str | None = None,
+    proxy: str | None = None,
 ) -> Iterator[Tunnel]:
     """
     Forward a local port through the relay for the duration of a ``with`` block.
@@ -134,6 +135,7 @@ def forward(
             relay=relay,
             token=token,
             ca=ca,
+            proxy=proxy,
         )
 
     t: Tunnel = blockingCallFromThread(reactor, start)  # type: ignore[arg-type]

@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", help="agent token (default $TUNNEL_TOKEN)")
     parser.add_argument("--ca", help="PEM CA bundle to trust (default $TUNNEL_CA)")
     parser.add_argument(
+        "--proxy",
+        help="HTTP proxy to reach the relay through, http://[user:pass@]host:port "
+        "(default $TUNNEL_PROXY)",
+    )
+    parser.add_argument(
         "--allow",
         action="append",
         default=[],
@@ -84,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     relay=relay,
                     token=args.token,
                     ca=args.ca,
+                    proxy=args.proxy,
                 )
                 line = f"{t.url} -> {spec.target}"
                 if t.unencrypted_port is not None:

@@ -22,6 +22,7 @@ from typing import Any
 from twisted.internet import defer
 
 from tunnel._tunnel import Tunnel
+from tunnel.agent._httpconnect import ProxyAddress, parse_proxy_url
 from tunnel.agent.session import Agent, ForwardSpec, RelayAddress, parse_relays
 from tunnel.errors import (
     AuthenticationError,
@@ -43,7 +44,9 @@ __all__ = [
     "shutdown",
 ]
 
-_agents: dict[tuple[int, tuple[RelayAddress, ...], str | None, str | None], Agent] = {}
+_agents: dict[
+    tuple[int, tuple[RelayAddress, ...], str | None, str | None, ProxyAddress | None], Agent
+] = {}
 
 
 class ForwardDeferred(defer.Deferred[Tunnel]):
@@ -64,8 +67,8 @@ class ForwardDeferred(defer.Deferred[Tunnel]):
 
 
 def _settings(
-    relay: str | None, token: str | None, ca: str | None
-) -> tuple[list[RelayAddress], str | None, str | None]:
+    relay: str | None, token: str | None, ca: str | None, proxy: str | None = None
+) -> tuple[list[RelayAddress], str | None, str | None, ProxyAddress | None]:
     relay = relay if relay is not None else os.environ.get("TUNNEL_RELAY")
     if not relay:
         raise ValueError("no relay given: pass relay='host:port' or set TUNNEL_RELAY")
@@ -73,23 +76,28 @@ def _settings(
     ca = ca if ca is not None else os.environ.get("TUNNEL_CA") or None
     if ca is not None and not os.path.isfile(ca):
         raise ValueError(f"CA file {ca!r} does not exist")
-    return parse_relays(relay), token, ca
+    proxy = proxy if proxy is not None else os.environ.get("TUNNEL_PROXY") or None
+    return parse_relays(relay), token, ca, parse_proxy_url(proxy) if proxy else None
 
 
 def agent_for(
-    reactor: Any, relay: str | None = None, token: str | None = None, ca: str | None = None
+    reactor: Any,
+    relay: str | None = None,
+    token: str | None = None,
+    ca: str | None = None,
+    proxy: str | None = None,
 ) -> Agent:
     """
     The shared agent for these settings (arguments, else ``TUNNEL_RELAY``, ``TUNNEL_TOKEN``,
-    ``TUNNEL_CA``), created on first use.
+    ``TUNNEL_CA``, ``TUNNEL_PROXY``), created on first use.
 
-    @raise ValueError: no relay, a malformed relay address, or a missing CA file.
+    @raise ValueError: no relay, a malformed relay or proxy address, or a missing CA file.
     """
-    relays, token, ca = _settings(relay, token, ca)
-    key = (id(reactor), tuple(relays), token, ca)
+    relays, token, ca, proxy_address = _settings(relay, token, ca, proxy)
+    key = (id(reactor), tuple(relays), token, ca, proxy_address)
     agent = _agents.get(key)
     if agent is None:
-        agent = Agent(reactor, relays, token=token, ca=ca)
+        agent = Agent(reactor, relays, token=token, ca=ca, proxy=proxy_address)
         _agents[key] = agent
     return agent
 
@@ -106,6 +114,7 @@ def forward(
     relay: str | None = None,
     token: str | None = None,
     ca: str | None = None,
+    proxy: str | None = None,
 ) -> ForwardDeferred:
     """
     Forward a local port through the relay.
@@ -125,6 +134,8 @@ def forward(
     @param token: the agent token; default ``TUNNEL_TOKEN``.
     @param ca: a PEM CA bundle to trust for the relay; default ``TUNNEL_CA``, else the
         system's trust store.
+    @param proxy: ``http://[user:password@]host:port`` of an HTTP proxy to reach the relay
+        through (``CONNECT``); default ``TUNNEL_PROXY``, else none.
     @raise ValueError: at once, before any I/O, for a bad argument or a port already forwarded.
     @return: a Deferred firing with the `Tunnel`, or failing with `RelayUnavailable`,
         `AuthenticationError` or `TunnelRefused` (never hanging: the relay must answer within
@@ -133,7 +144,7 @@ def forward(
     if isinstance(allow, str):
         raise ValueError(f"allow is a list of networks, not one string: [{allow!r}]")
     spec = ForwardSpec(port, host, unencrypted, h2, proxy_protocol, tuple(allow))
-    agent = agent_for(reactor, relay, token, ca)
+    agent = agent_for(reactor, relay, token, ca, proxy)
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)
     return result

@@ -34,6 +34,7 @@ from tunnel import __version__
 from tunnel._allow import AllowList
 from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
+from tunnel.agent._httpconnect import HTTPConnectEndpoint, ProxyAddress
 from tunnel.agent._proxyheader import VERSIONS as PROXY_VERSIONS
 from tunnel.agent._proxyheader import proxy_header
 from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
@@ -230,9 +231,12 @@ class Agent:
         fail_fast: bool = True,
         settings: LinkSettings | None = None,
         retry_policy: Callable[[int], float] | None = None,
+        proxy: ProxyAddress | None = None,
     ) -> None:
         if not relays:
             raise ValueError("no relay given")
+        #: An HTTP proxy to reach the relays through (``CONNECT``), or None.
+        self.proxy = proxy
         self.reactor = reactor
         self.relays = list(relays)
         self.token = token
@@ -274,7 +278,7 @@ class Agent:
         if self._started:
             return
         self._started = True
-        if len(self.relays) > 1 and not self._ranked:
+        if len(self.relays) > 1 and not self._ranked and self.proxy is None:
             # The nearest relay first: connect to each (TCP only) and sort by the time it
             # took; one that does not answer goes last. Failover then follows this order.
             self._ranked = True
@@ -641,7 +645,20 @@ class _FailoverEndpoint:
         creator = optionsForClientTLS(
             relay.host, trustRoot=agent._trust, acceptableProtocols=[LINK_ALPN]
         )
-        inner = _tcp_endpoint(agent.reactor, relay, agent.connect_timeout)
+        if agent.proxy is None:
+            inner = _tcp_endpoint(agent.reactor, relay, agent.connect_timeout)
+        else:
+            proxy = agent.proxy
+            inner = HTTPConnectEndpoint(
+                agent.reactor,
+                _tcp_endpoint(
+                    agent.reactor, RelayAddress(proxy.host, proxy.port), agent.connect_timeout
+                ),
+                proxy,
+                relay.host,
+                relay.port,
+                agent.connect_timeout,
+            )
         d: defer.Deferred[Any] = fast_client_tls(creator, inner).connect(factory)
 
         def failed(reason: Failure) -> Failure:

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from tunnel.agent._httpconnect import parse_proxy_url
 from tunnel.agent.session import Agent, ForwardSpec, parse_forward, parse_relays
 from tunnel.errors import AuthenticationError
 from tunnel.wire import LinkSettings
@@ -40,6 +41,7 @@ class Options(usage.Options):
         ["relay", None, None, "Relay HOST:PORT, or a comma-separated list (TUNNEL_RELAY)."],
         ["token", None, None, "Agent token (TUNNEL_TOKEN)."],
         ["ca", None, None, "PEM CA bundle to trust for the relay (TUNNEL_CA)."],
+        ["proxy", None, None, "HTTP proxy to reach the relay through (TUNNEL_PROXY)."],
         ["max-streams", None, 16384, "Public connections the relay may open at once.", int],
         ["max-window", None, 16, "MiB a stream's receive window may auto-tune up to.", int],
     ]
@@ -70,6 +72,11 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         self["token"] = self["token"] or os.environ.get("TUNNEL_TOKEN") or None
         self["ca"] = self["ca"] or os.environ.get("TUNNEL_CA") or None
+        proxy = self["proxy"] or os.environ.get("TUNNEL_PROXY") or None
+        try:
+            self["proxy"] = parse_proxy_url(proxy) if proxy else None
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if self["ca"] and not os.path.isfile(self["ca"]):
             raise usage.UsageError(f"CA file {self['ca']!r} does not exist")
         if not self["forward"]:
@@ -139,6 +146,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         options["relays"],
         token=options["token"],
         ca=options["ca"],
+        proxy=options["proxy"],
         fail_fast=False,
         settings=LinkSettings(
             max_streams=options["max-streams"], max_window=options["max-window"] * 1024 * 1024
