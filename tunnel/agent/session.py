@@ -268,6 +268,8 @@ class Agent:
         self._ranked = False
         #: Called with the reason when the relay refuses this agent's token.
         self.on_refused: list[Callable[[str], object]] = []
+        #: Links the relay accepted (the first one, then one per reconnect).
+        self.links_made = 0
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -380,6 +382,7 @@ class Agent:
     def _welcomed(self, link: AgentLink, welcome: RelayWelcome) -> None:
         self.link = link
         self.welcome = welcome
+        self.links_made += 1
         self.last_error = None
         link.keepalive_interval = welcome.keepalive_interval
         link.keepalive_timeout = welcome.keepalive_timeout

@@ -42,6 +42,12 @@ class Options(usage.Options):
         ["token", None, None, "Agent token (TUNNEL_TOKEN)."],
         ["ca", None, None, "PEM CA bundle to trust for the relay (TUNNEL_CA)."],
         ["proxy", None, None, "HTTP proxy to reach the relay through (TUNNEL_PROXY)."],
+        [
+            "admin",
+            None,
+            None,
+            "Endpoint for /metrics, /status and /ready (e.g. tcp:9091:interface=127.0.0.1).",
+        ],
         ["max-streams", None, 16384, "Public connections the relay may open at once.", int],
         ["max-window", None, 16, "MiB a stream's receive window may auto-tune up to.", int],
     ]
@@ -152,4 +158,19 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
             max_streams=options["max-streams"], max_window=options["max-window"] * 1024 * 1024
         ),
     )
-    return AgentService(agent, options["forward"])
+    agent_service = AgentService(agent, options["forward"])
+    if not options["admin"]:
+        return agent_service
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet.endpoints import serverFromString
+
+    from tunnel.agent.admin import admin_site
+
+    top = service.MultiService()
+    agent_service.setServiceParent(top)
+    admin = StreamServerEndpointService(
+        serverFromString(reactor, options["admin"]), admin_site(agent)
+    )
+    admin._raiseSynchronously = True
+    admin.setServiceParent(top)
+    return top

@@ -1,0 +1,125 @@
+"""
+The agent's admin endpoint (``--admin tcp:9091:interface=127.0.0.1``): Prometheus metrics at
+``/metrics``, a JSON summary at ``/status``, and ``/ready`` for readiness probes (200 once the
+link is up and every tunnel is granted, 503 otherwise). Bind it to loopback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from tunnel.agent.session import Agent
+
+__all__ = ["admin_site", "agent_status"]
+
+
+def agent_status(agent: Agent) -> dict[str, Any]:
+    """
+    What the agent holds now: its link, its tunnels (with their URLs) and open streams.
+    """
+    link = agent.link
+    tunnels = [
+        {
+            "target": f.spec.target,
+            "url": f.tunnel.url if f.tunnel is not None else None,
+            "tcp": (
+                f"{f.tunnel.unencrypted_host}:{f.tunnel.unencrypted_port}"
+                if f.tunnel is not None and f.tunnel.unencrypted_port is not None
+                else None
+            ),
+            "ready": f.tunnel is not None and link is not None,
+        }
+        for f in agent.forwards
+    ]
+    return {
+        "link_up": link is not None,
+        "relay": str(agent.relays[agent._relay_index % len(agent.relays)]),
+        "links_made": agent.links_made,
+        "tunnels": tunnels,
+        "streams": len(link.streams) if link is not None else 0,
+        "last_error": agent.last_error,
+    }
+
+
+def agent_ready(agent: Agent) -> bool:
+    """
+    Whether the link is up and every tunnel asked for is granted.
+    """
+    status = agent_status(agent)
+    return bool(
+        status["link_up"] and status["tunnels"] and all(t["ready"] for t in status["tunnels"])
+    )
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.registry)
+
+
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(agent_status(self.agent)).encode() + b"\n"
+
+
+class _Ready(Resource):
+    isLeaf = True
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if agent_ready(self.agent):
+            return b"ready\n"
+        request.setResponseCode(503)
+        return b"not ready\n"
+
+
+def admin_site(agent: Agent) -> Site:
+    """
+    The admin web site of `agent`.
+    """
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    gauges = {
+        "link_up": ("Whether the link to the relay is up", lambda s: int(s["link_up"])),
+        "links_made": ("Links made to relays since start", lambda s: s["links_made"]),
+        "tunnels": ("Tunnels asked for", lambda s: len(s["tunnels"])),
+        "tunnels_ready": (
+            "Tunnels granted on the current link",
+            lambda s: sum(1 for t in s["tunnels"] if t["ready"]),
+        ),
+        "streams": ("Public connections open through the agent", lambda s: s["streams"]),
+    }
+    for key, (text, value) in gauges.items():
+        gauge = Gauge(f"tunnels_agent_{key}", text, registry=registry)
+        gauge.set_function(lambda value=value: value(agent_status(agent)))  # type: ignore[misc]
+    root = Resource()
+    root.putChild(b"metrics", _Metrics(registry))
+    root.putChild(b"status", _Status(agent))
+    root.putChild(b"ready", _Ready(agent))
+    site = Site(root)
+    site.noisy = False
+    return site
