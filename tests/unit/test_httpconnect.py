@@ -224,3 +224,13 @@ def test_a_proxy_that_closes_before_answering() -> None:
     assert len(out) == 1 and out[0].check(ProxyError)
     assert "closed the connection before answering" in str(out[0].value)
     assert not clock.getDelayedCalls()
+
+
+def test_cancelling_closes_the_proxy_connection() -> None:
+    endpoint, proxy, clock = _endpoint()
+    d = endpoint.connect(protocol.Factory.forProtocol(_Inner))
+    out = _result(d)
+    d.cancel()
+    assert len(out) == 1 and out[0].check(defer.CancelledError)
+    assert proxy.transport.disconnecting or proxy.transport.disconnected
+    assert not clock.getDelayedCalls()

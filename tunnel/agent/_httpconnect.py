@@ -158,7 +158,8 @@ class _Connecting(Protocol):
         self.target_factory = factory
         self.parser: ConnectResponseParser | None = ConnectResponseParser()
         self.inner: Any = None
-        self.result: defer.Deferred[Any] = defer.Deferred()
+        # Cancelled (the caller gave up, e.g. a stopping agent): the proxy connection closes.
+        self.result: defer.Deferred[Any] = defer.Deferred(lambda _: self._stop())
         self._timer: Any = None
 
     def connectionMade(self) -> None:
@@ -171,13 +172,16 @@ class _Connecting(Protocol):
         self._timer = None
         self._fail(ProxyError(f"the proxy {self.endpoint.proxy} did not answer in time"))
 
-    def _fail(self, error: Exception) -> None:
+    def _stop(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self.parser = None
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _fail(self, error: Exception) -> None:
+        self._stop()
         if not self.result.called:
             self.result.errback(Failure(error))
 
