@@ -277,4 +277,6 @@ class HTTPConnectEndpoint:
         proxy_factory = Factory.forProtocol(build)
         proxy_factory.noisy = False
         d: defer.Deferred[Any] = self.proxy_endpoint.connect(proxy_factory)
-        return d.addCallback(lambda _: holder[0].result)
+        # Popped: the factory (kept by the connection's connector) must not keep the
+        # protocol, or a closed link would wait in a reference cycle.
+        return d.addCallback(lambda _: holder.pop().result)
