@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         "(default $TUNNEL_PROXY)",
     )
     parser.add_argument(
+        "--client-ca",
+        metavar="PEM",
+        help="public TLS clients must show a certificate from one of these authorities",
+    )
+    parser.add_argument(
         "--allow",
         action="append",
         default=[],
@@ -86,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     h2=spec.h2,
                     proxy_protocol=spec.proxy_protocol,
                     allow=spec.allow,
+                    client_ca=args.client_ca,
                     relay=relay,
                     token=args.token,
                     ca=args.ca,

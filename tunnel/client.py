@@ -110,6 +110,7 @@ def forward(
     h2: bool = False,
     proxy_protocol: int = 0,
     allow: Sequence[str] = (),
+    client_ca: str | None = None,
     host: str = "127.0.0.1",
     relay: str | None = None,
     token: str | None = None,
@@ -128,6 +129,9 @@ def forward(
     @param allow: only clients from these networks or addresses (``"203.0.113.0/24"``,
         ``"2001:db8::1"``) may connect, enforced by the relay: others get a TLS
         ``access_denied`` alert, or their raw TCP connection closed. Default: everyone.
+    @param client_ca: path of a PEM file of certificate authorities: public TLS clients
+        must present a certificate from one of them (mutual TLS), checked by the relay.
+        Not with ``unencrypted=True``.
     @param host: the local host to connect to (default 127.0.0.1).
     @param relay: ``host:port`` of the relay, or several separated by commas;
         default ``TUNNEL_RELAY``.
@@ -143,7 +147,14 @@ def forward(
     """
     if isinstance(allow, str):
         raise ValueError(f"allow is a list of networks, not one string: [{allow!r}]")
-    spec = ForwardSpec(port, host, unencrypted, h2, proxy_protocol, tuple(allow))
+    pem = None
+    if client_ca is not None:
+        try:
+            with open(client_ca, encoding="ascii") as f:
+                pem = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"client_ca {client_ca!r}: {e}") from None
+    spec = ForwardSpec(port, host, unencrypted, h2, proxy_protocol, tuple(allow), pem)
     agent = agent_for(reactor, relay, token, ca, proxy)
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)

@@ -60,20 +60,34 @@ async def test_raw_tcp_clients_outside_the_list_are_closed(
         await echo2.stopListening()
 
 
+def relay_ca_pem(relay: RelayService) -> str:
+    """Some valid PEM certificate: the relay's own."""
+    from cryptography.hazmat.primitives import serialization
+
+    return relay.relay.tls.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
 @pytest_twisted.ensureDeferred
-async def test_relay_refuses_a_malformed_allow_list(relay: RelayService) -> None:
+async def test_relay_refuses_malformed_restrictions(relay: RelayService) -> None:
     class Link:
         peer_name = "test"
 
-    for bad, why in ((["nope"], "'nope' is not an IP network"), ("10.0.0.0/8", "is a list")):
-        answer = relay.relay.grant(Link(), TunnelRequest(1, "tls", {"allow": bad}))  # type: ignore[arg-type]
+    cases = [
+        ("tls", {"allow": ["nope"]}, "'nope' is not an IP network"),
+        ("tls", {"allow": "10.0.0.0/8"}, "is a list"),
+        ("tls", {"client_ca": "garbage"}, "no PEM certificate"),
+        ("tls", {"client_ca": 7}, "is PEM text"),
+        ("tcp", {"client_ca": relay_ca_pem(relay)}, "need a TLS tunnel"),
+    ]
+    for kind, options, why in cases:
+        answer = relay.relay.grant(Link(), TunnelRequest(1, kind, options))  # type: ignore[arg-type]
         assert isinstance(answer, TunnelRefusedMessage), answer
         assert answer.code == "bad_request" and why in answer.message
     assert len(relay.relay.registry) == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_agent_will_not_send_an_allow_list_to_a_relay_that_would_ignore_it(
+async def test_agent_will_not_send_restrictions_to_a_relay_that_would_ignore_them(
     relay: RelayService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(relay_service, "FEATURES", ())  # as a first-release relay
@@ -81,6 +95,8 @@ async def test_agent_will_not_send_an_allow_list_to_a_relay_that_would_ignore_it
     try:
         with pytest.raises(TunnelRefused, match="does not support allow lists"):
             await agent.forward(ForwardSpec(8000, allow=("10.0.0.0/8",)))
+        with pytest.raises(TunnelRefused, match="does not support client certificates"):
+            await agent.forward(ForwardSpec(8002, client_ca=relay_ca_pem(relay)))
         assert len(relay.relay.registry) == 0
         # Without one, the same relay grants the tunnel.
         await agent.forward(ForwardSpec(8001))

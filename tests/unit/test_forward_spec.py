@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tests.clientcerts import make_client_pki
 from tunnel.agent.session import ForwardSpec, parse_forward
 
 
@@ -96,3 +99,21 @@ def test_api_refuses_one_string_as_an_allow_list() -> None:
 def test_ipv6_targets_are_written_in_brackets() -> None:
     assert ForwardSpec(8000, "::1").target == "[::1]:8000"
     assert ForwardSpec(8000).target == "127.0.0.1:8000"
+
+
+def test_client_ca_is_checked_and_only_for_tls_tunnels(tmp_path: Path) -> None:
+    pki = make_client_pki(tmp_path, "unit")
+    pem = pki.ca.read_text()
+    assert ForwardSpec(8000, client_ca=pem).client_ca == pem
+    with pytest.raises(ValueError, match="need a TLS tunnel"):
+        ForwardSpec(22, unencrypted=True, client_ca=pem)
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        ForwardSpec(8000, client_ca="not a certificate")
+    with pytest.raises(ValueError, match="more than 16"):
+        ForwardSpec(8000, client_ca=pem * 17)
+    with pytest.raises(ValueError, match="is PEM text"):
+        ForwardSpec(8000, client_ca=b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"client_ca .*missing"):
+        from tunnel import client
+
+        client.forward(object(), 8000, client_ca=str(tmp_path / "missing"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from tunnel import __version__
 from tunnel._allow import AllowList
+from tunnel._clientca import parse_client_cas
 from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
 from tunnel.agent._httpconnect import HTTPConnectEndpoint, ProxyAddress
@@ -123,6 +124,9 @@ class ForwardSpec:
     #: Only clients from these networks (``"203.0.113.0/24"``, ``"2001:db8::/32"``, single
     #: addresses) may connect; empty: everyone. The relay enforces it.
     allow: tuple[str, ...] = ()
+    #: PEM text of the authorities whose client certificates the relay demands of public
+    #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
+    client_ca: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -140,6 +144,13 @@ class ForwardSpec:
         if self.allow:
             AllowList.parse(self.allow)  # raises ValueError naming a bad entry
             object.__setattr__(self, "allow", tuple(self.allow))
+        if self.client_ca is not None:
+            if self.unencrypted:
+                raise ValueError(
+                    "client certificates need a TLS tunnel (its raw TCP port would let clients "
+                    "without one in)"
+                )
+            parse_client_cas(self.client_ca)  # raises ValueError
 
     @property
     def target(self) -> str:
@@ -191,6 +202,10 @@ def parse_forward(text: str) -> ForwardSpec:
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
     return ForwardSpec(int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0)
+
+
+#: Tunnel options that restrict who may connect, as the agent's messages name them.
+_RESTRICTIONS = {"allow": "allow lists (--allow)", "client_ca": "client certificates (--client-ca)"}
 
 
 class _Forward:
@@ -397,22 +412,24 @@ class Agent:
         if spec.h2:
             options["h2"] = True
         if spec.allow:
-            features = self.welcome.features if self.welcome is not None else []
-            if "allow" not in features:
-                # An older relay would ignore the option and let everyone in: refuse instead.
-                del self._requests[request_id]
-                _log.error(
-                    "the relay does not support allow lists; not opening {target} to everyone",
-                    target=spec.target,
-                )
-                self._fail(
-                    forward,
-                    TunnelRefused(
-                        "unsupported", "the relay does not support allow lists (--allow)"
-                    ),
-                )
-                return
             options["allow"] = list(spec.allow)
+        if spec.client_ca is not None:
+            options["client_ca"] = spec.client_ca
+        # An older relay would ignore a restricting option and let everyone in: refuse.
+        features = self.welcome.features if self.welcome is not None else []
+        missing = [
+            name for name in ("allow", "client_ca") if name in options and name not in features
+        ]
+        if missing:
+            del self._requests[request_id]
+            what = " and ".join(_RESTRICTIONS[name] for name in missing)
+            _log.error(
+                "the relay does not support {what}; not opening {target} to everyone",
+                what=what,
+                target=spec.target,
+            )
+            self._fail(forward, TunnelRefused("unsupported", f"the relay does not support {what}"))
+            return
         link.send(
             TunnelRequest(
                 request_id=request_id,

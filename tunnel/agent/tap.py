@@ -43,6 +43,12 @@ class Options(usage.Options):
         ["ca", None, None, "PEM CA bundle to trust for the relay (TUNNEL_CA)."],
         ["proxy", None, None, "HTTP proxy to reach the relay through (TUNNEL_PROXY)."],
         [
+            "client-ca",
+            None,
+            None,
+            "PEM file of authorities: public TLS clients must show a certificate from one.",
+        ],
+        [
             "admin",
             None,
             None,
@@ -95,6 +101,13 @@ class Options(usage.Options):
                 self["forward"] = [replace(f, allow=tuple(self["allow"])) for f in self["forward"]]
             except ValueError as e:
                 raise usage.UsageError(f"--allow: {e}") from None
+        if self["client-ca"]:
+            try:
+                with open(self["client-ca"], encoding="ascii") as f:
+                    pem = f.read()
+                self["forward"] = [replace(f, client_ca=pem) for f in self["forward"]]
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--client-ca: {e}") from None
 
 
 class AgentService(service.Service):

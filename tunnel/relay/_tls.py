@@ -13,12 +13,13 @@ never raises; an exception inside an OpenSSL callback aborts the handshake.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.logger import Logger
 
 from tunnel.wire.mux import LINK_ALPN  # the link's ALPN id, re-exported here
@@ -30,6 +31,7 @@ __all__ = [
     "LINK_ALPN",
     "RelayTLS",
     "make_alpn_selector",
+    "require_client_certificates",
     "server_context",
 ]
 
@@ -112,6 +114,29 @@ def server_context(
     return ctx
 
 
+def _verified(conn: SSL.Connection, cert: object, errnum: int, depth: int, ok: int) -> bool:
+    # OpenSSL's verdict stands; never raise inside an OpenSSL callback.
+    return bool(ok)
+
+
+def require_client_certificates(ctx: SSL.Context, cas: Sequence[x509.Certificate]) -> None:
+    """
+    Make `ctx` demand a client certificate that chains to one of `cas`: a client without
+    one gets a ``certificate_required`` (TLS 1.3) or ``handshake_failure`` alert, one from
+    another authority ``unknown_ca``.
+    """
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in cas:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verified)
+    ctx.set_verify_depth(4)
+    # Sessions are resumable only with this same set of authorities.
+    digest = hashlib.sha256(b"".join(ca.fingerprint(hashes.SHA256()) for ca in cas)).digest()
+    ctx.set_session_id(b"tunnels-mtls-" + digest[:16])
+
+
 class RelayTLS:
     """
     The relay's certificate and key, loaded once, and one cached context per ALPN preference.
@@ -146,4 +171,15 @@ class RelayTLS:
         if ctx is None:
             ctx = server_context(self._chain, self._key, alpn)
             self._contexts[alpn] = ctx
+        return ctx
+
+    def client_verifying_context(
+        self, alpn: tuple[bytes, ...], cas: Sequence[x509.Certificate]
+    ) -> SSL.Context:
+        """
+        A new context like ``context_for(alpn)`` that also demands a client certificate from
+        one of `cas` (not cached: its owner, a tunnel, keeps it as long as it lives).
+        """
+        ctx = server_context(self._chain, self._key, alpn)
+        require_client_certificates(ctx, cas)
         return ctx

@@ -188,6 +188,8 @@ class TunnelRecord:
     options: dict[str, Any] = field(default_factory=dict)
     #: The clients that may connect; None: everyone.
     allow: AllowList | None = None
+    #: For a tunnel demanding client certificates: its own TLS server context.
+    context: Any = None
     #: For raw TCP tunnels: the listening port and its `IListeningPort`.
     tcp_port: int | None = None
     listener: Any = None

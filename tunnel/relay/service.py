@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from tunnel import __version__
 from tunnel._allow import AllowList
+from tunnel._clientca import parse_client_cas
 from tunnel.link import (
     LinkProtocol,
     SpliceProtocol,
@@ -74,7 +75,7 @@ _log = Logger()
 TOKENS_CHECK_INTERVAL = 2.0
 
 #: What this relay supports beyond the first release (`RelayWelcome.features`).
-FEATURES = ("allow",)
+FEATURES = ("allow", "client_ca")
 
 HTTP1 = (b"http/1.1",)
 H2 = (b"h2", b"http/1.1")
@@ -178,8 +179,12 @@ class Relay:
         record = self.registry.get(tunnel_id)
         if record is None:
             return None
-        alpn = H2 if record.options.get("h2") else HTTP1
-        return Route(self.tls.context_for(alpn), _PublicFactory(self, tunnel_id, tls=True))
+        context = record.context or self.tls.context_for(self._alpn(record.options))
+        return Route(context, _PublicFactory(self, tunnel_id, tls=True))
+
+    @staticmethod
+    def _alpn(options: dict[str, Any]) -> tuple[bytes, ...]:
+        return H2 if options.get("h2") else HTTP1
 
     def host_of(self, tunnel_id: str) -> str:
         """
@@ -267,23 +272,32 @@ class Relay:
                 "limit", f"an agent may hold at most {self.config.max_tunnels_per_agent} tunnels"
             )
         options = {k: v for k, v in request.options.items() if k in ("h2",)}
-        allow = None
-        if "allow" in request.options:
-            try:
+        allow = context = None
+        try:
+            if "allow" in request.options:
                 allow = AllowList.parse(request.options["allow"])
-            except ValueError as e:
-                return refuse("bad_request", str(e))
-        record = TunnelRecord(tunnel_id, kind, link, options, allow)
+            if "client_ca" in request.options:
+                if kind == "tcp":
+                    raise ValueError(
+                        "client certificates need a TLS tunnel: its raw TCP port would let "
+                        "clients without one in"
+                    )
+                cas = parse_client_cas(request.options["client_ca"])
+                context = self.tls.client_verifying_context(self._alpn(options), cas)
+        except ValueError as e:
+            return refuse("bad_request", str(e))
+        record = TunnelRecord(tunnel_id, kind, link, options, allow, context=context)
         if kind == "tcp" and not self._listen_tcp(record, request.reclaim_port):
             return refuse("no_ports", "no free port in the relay's TCP range")
         self.registry.add(record)
         _log.info(
-            "granted {kind} tunnel {host}{port} to {peer}{allow}",
+            "granted {kind} tunnel {host}{port} to {peer}{restrictions}",
             kind=kind,
             host=self.host_of(tunnel_id),
             port=f" (tcp port {record.tcp_port})" if record.tcp_port else "",
             peer=link.peer_name,
-            allow=f", clients from {', '.join(allow.entries())} only" if allow else "",
+            restrictions=(f", clients from {', '.join(allow.entries())} only" if allow else "")
+            + (", client certificates required" if context is not None else ""),
         )
         return self._granted(request, record)
 
