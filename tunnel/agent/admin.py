@@ -6,15 +6,14 @@ link is up and every tunnel is granted, 503 otherwise). Bind it to loopback.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from tunnel._admin import JSONResource, gauges
+from tunnel._admin import admin_site as _site
 from tunnel.agent.session import Agent
 
 __all__ = ["admin_site", "agent_status"]
@@ -58,30 +57,6 @@ def agent_ready(agent: Agent) -> bool:
     )
 
 
-class _Metrics(Resource):
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
-
-
-class _Status(Resource):
-    isLeaf = True
-
-    def __init__(self, agent: Agent) -> None:
-        super().__init__()
-        self.agent = agent
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(agent_status(self.agent)).encode() + b"\n"
-
-
 class _Ready(Resource):
     isLeaf = True
 
@@ -101,9 +76,7 @@ def admin_site(agent: Agent) -> Site:
     """
     The admin web site of `agent`.
     """
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    gauges = {
+    reads: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
         "link_up": ("Whether the link to the relay is up", lambda s: int(s["link_up"])),
         "links_made": ("Links made to relays since start", lambda s: s["links_made"]),
         "tunnels": ("Tunnels asked for", lambda s: len(s["tunnels"])),
@@ -113,13 +86,11 @@ def admin_site(agent: Agent) -> Site:
         ),
         "streams": ("Public connections open through the agent", lambda s: s["streams"]),
     }
-    for key, (text, value) in gauges.items():
-        gauge = Gauge(f"tunnels_agent_{key}", text, registry=registry)
-        gauge.set_function(lambda value=value: value(agent_status(agent)))  # type: ignore[misc]
-    root = Resource()
-    root.putChild(b"metrics", _Metrics(registry))
-    root.putChild(b"status", _Status(agent))
-    root.putChild(b"ready", _Ready(agent))
-    site = Site(root)
-    site.noisy = False
-    return site
+    values = {
+        name: (text, lambda read=read: read(agent_status(agent)))
+        for name, (text, read) in reads.items()
+    }
+    return _site(
+        gauges("tunnels_agent", values),
+        {b"status": JSONResource(lambda: agent_status(agent)), b"ready": _Ready(agent)},
+    )

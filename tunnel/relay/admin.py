@@ -5,16 +5,13 @@ The relay's admin endpoint: Prometheus metrics at ``/metrics`` and a JSON summar
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.process_collector import ProcessCollector
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
+from tunnel._admin import JSONResource, gauges
+from tunnel._admin import admin_site as _site
 from tunnel.relay.service import Relay
 
 __all__ = ["admin_site", "relay_status"]
@@ -45,44 +42,16 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
     }
 
 
-class _Metrics(Resource):
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
-
-
-class _Status(Resource):
-    isLeaf = True
-
-    def __init__(self, relay: Relay, front: Any) -> None:
-        super().__init__()
-        self.relay = relay
-        self.front = front
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(relay_status(self.relay, self.front)).encode() + b"\n"
-
-
 def admin_site(relay: Relay, front: Any = None) -> Site:
     """
     The admin web site of `relay` (`front` is its SNI-dispatching factory, for handshake
     counts).
     """
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    for key in relay_status(relay, front):
-        gauge = Gauge(f"tunnels_relay_{key}", f"Relay {key.replace('_', ' ')}", registry=registry)
-        gauge.set_function(lambda key=key: relay_status(relay, front)[key])  # type: ignore[misc]
-    root = Resource()
-    root.putChild(b"metrics", _Metrics(registry))
-    root.putChild(b"status", _Status(relay, front))
-    site = Site(root)
-    site.noisy = False
-    return site
+    values = {
+        key: (f"Relay {key.replace('_', ' ')}", lambda key=key: relay_status(relay, front)[key])
+        for key in relay_status(relay, front)
+    }
+    return _site(
+        gauges("tunnels_relay", values),
+        {b"status": JSONResource(lambda: relay_status(relay, front))},
+    )
