@@ -262,6 +262,9 @@ class Slot:
     host: str = ""
     tcp_port: int | None = None
     inflight: int = 0
+    #: Counts the tunnels this slot has held: a connection whose slot was closed and opened
+    #: again while it ran was disrupted by that close.
+    generation: int = 0
 
 
 @dataclass
@@ -393,6 +396,7 @@ class Soak:
                 tunnel.close().addBoth(lambda _: setattr(slot, "state", "free"))
                 return
             slot.state = "open"
+            slot.generation += 1
 
         def failed(f: Any) -> None:
             slot.state = "free"
@@ -447,6 +451,7 @@ class Soak:
         self.inflight += 1
         slot.inflight += 1
         started = time.monotonic()
+        generation = slot.generation
         d = threads.deferToThread(*call)
 
         def done(result: Any) -> None:
@@ -456,10 +461,20 @@ class Soak:
                 return
             # A cut during the connection (or just before it: the tunnel is reclaimed
             # within about a second), or the tunnel closed meanwhile, explains a failure.
-            if self.last_cut >= started - 3.0 or slot.state != "open":
+            if (
+                self.last_cut >= started - 3.0
+                or slot.state != "open"
+                or slot.generation != generation
+            ):
                 self.stats.disrupted[kind] += 1
             else:
-                self.stats.error(kind, f"{slot.host or slot.tcp_port}: {result.getErrorMessage()}")
+                when = time.strftime(
+                    "%H:%M:%S", time.gmtime(time.time() - (time.monotonic() - started))
+                )
+                self.stats.error(
+                    kind,
+                    f"{slot.host or slot.tcp_port} (started {when}Z): {result.getErrorMessage()}",
+                )
 
         d.addBoth(done)
 
