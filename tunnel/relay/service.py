@@ -15,6 +15,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -283,7 +284,10 @@ class Relay:
                         "clients without one in"
                     )
                 cas = parse_client_cas(request.options["client_ca"])
-                context = self.tls.client_verifying_context(self._alpn(options), cas)
+                try:
+                    context = self.tls.client_verifying_context(self._alpn(options), cas)
+                except (SSL.Error, crypto.Error) as e:
+                    raise ValueError(f"client_ca is not usable: {e}") from None
         except ValueError as e:
             return refuse("bad_request", str(e))
         record = TunnelRecord(tunnel_id, kind, link, options, allow, context=context)
