@@ -56,6 +56,7 @@ from typing import Any
 
 from bench.util import free_port
 from tests.e2e.cutproxy import CutProxy
+from tests.e2e.harness import agent_args
 from tests.e2e.reliability_harness import (
     READY,
     LocalServer,
@@ -514,23 +515,7 @@ class Soak:
         assert self.proxy is not None
         self.agent_proc_n += 1
         http, echo = self.http[0].port, self.echo[0].port
-        args = [
-            twistd(),
-            "-n",
-            "--pidfile",
-            "",
-            "--logfile",
-            "-",
-            "tunnelagent",
-            "--relay",
-            f"localhost:{self.proxy.port}",
-            "--ca",
-            str(self.relay.ca),
-            "--forward",
-            str(http),
-            "--forward",
-            f"{echo}:tcp",
-        ]
+        args = agent_args(f"localhost:{self.proxy.port}", self.relay.ca, [str(http), f"{echo}:tcp"])
         log = self.work / f"agent-{self.agent_proc_n:04d}.log"
         proc = Proc(args, log, cwd=self.work)
         self.agent_proc = proc
