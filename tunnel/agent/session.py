@@ -405,8 +405,6 @@ class Agent:
             self._request(link, forward)
 
     def _request(self, link: AgentLink, forward: _Forward) -> None:
-        request_id = next(self._request_ids)
-        self._requests[request_id] = forward
         spec = forward.spec
         options: dict[str, Any] = {}
         if spec.h2:
@@ -417,11 +415,8 @@ class Agent:
             options["client_ca"] = spec.client_ca
         # An older relay would ignore a restricting option and let everyone in: refuse.
         features = self.welcome.features if self.welcome is not None else []
-        missing = [
-            name for name in ("allow", "client_ca") if name in options and name not in features
-        ]
+        missing = [name for name in _RESTRICTIONS if name in options and name not in features]
         if missing:
-            del self._requests[request_id]
             what = " and ".join(_RESTRICTIONS[name] for name in missing)
             _log.error(
                 "the relay does not support {what}; not opening {target} to everyone",
@@ -430,6 +425,8 @@ class Agent:
             )
             self._fail(forward, TunnelRefused("unsupported", f"the relay does not support {what}"))
             return
+        request_id = next(self._request_ids)
+        self._requests[request_id] = forward
         link.send(
             TunnelRequest(
                 request_id=request_id,
