@@ -520,13 +520,13 @@ async def test_max_pending_per_source(
 def test_sources_are_ipv4_addresses_and_ipv6_slash_64s() -> None:
     from twisted.internet.address import IPv4Address, IPv6Address
 
-    from tunnel.relay._sni import _source_of
+    from tunnel.relay._sni import source_of
 
-    assert _source_of(IPv4Address("TCP", "192.0.2.7", 1)) == "192.0.2.7"
-    assert _source_of(IPv6Address("TCP", "::ffff:192.0.2.7", 1)) == "192.0.2.7"
-    assert _source_of(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)) == "2001:db8:1:2::/64"
-    assert _source_of(IPv6Address("TCP", "2001:db8:1:2::9", 1)) == "2001:db8:1:2::/64"
-    assert _source_of(object()) == ""
+    assert source_of(IPv4Address("TCP", "192.0.2.7", 1)) == "192.0.2.7"
+    assert source_of(IPv6Address("TCP", "::ffff:192.0.2.7", 1)) == "192.0.2.7"
+    assert source_of(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)) == "2001:db8:1:2::/64"
+    assert source_of(IPv6Address("TCP", "2001:db8:1:2::9", 1)) == "2001:db8:1:2::/64"
+    assert source_of(object()) == ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ class _HandshakeWatch(protocol.Protocol):
         return prefix() if callable(prefix) else self._inner.__class__.__name__
 
 
-def _source_of(peer: object) -> str:
+def source_of(peer: object) -> str:
     """
     Whom a pending handshake is counted against: the IPv4 address (also when it arrives
     IPv4-mapped), or the /64 of an IPv6 one (a single host often holds a whole /64).
@@ -210,7 +210,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
             except OSError:  # pragma: no cover - socket already gone
                 pass
         peer = transport.getPeer()
-        source = _source_of(peer)
+        source = source_of(peer)
         if f.pending >= f.max_pending_handshakes:
             f._refusedOverload(peer, f"{f.pending} handshakes pending, the limit")
         elif f._pending_by_source.get(source, 0) >= f.max_pending_per_source:

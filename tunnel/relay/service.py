@@ -10,6 +10,7 @@ joins one public connection to one stream. `RelayService` wires them into a Twis
 from __future__ import annotations
 
 import gc
+import hashlib
 import hmac
 import signal
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from tunnel.link import (
 )
 from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
-from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory
+from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory, source_of
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
 from tunnel.relay._tokens import TokenFile
 from tunnel.relay.registry import (
@@ -470,6 +471,10 @@ class RelayLink(LinkProtocol):
         #: The token it was accepted with (checked again when the tokens change).
         self.token: str | None = None
         self.peer_name = "?"
+        #: Who the link acts for, the key of per-party bounds and of reclaim secrets:
+        #: ``token:<digest>`` once accepted with a token, else ``addr:<source>`` (an IPv4
+        #: address or an IPv6 /64) of a relay that needs no token.
+        self.principal = "?"
         self._hello_timer: Any = None
 
     def connectionMade(self) -> None:
@@ -478,6 +483,7 @@ class RelayLink(LinkProtocol):
         assert transport is not None
         peer = transport.getPeer()
         self.peer_name = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.principal = "addr:" + source_of(peer)
         self.relay.links.add(self)
         self._hello_timer = self.reactor.callLater(
             self.relay.config.handshake_timeout, self._hello_timeout
@@ -541,6 +547,8 @@ class RelayLink(LinkProtocol):
             return
         self.authenticated = True
         self.token = hello.token
+        if hello.token:
+            self.principal = "token:" + hashlib.sha256(hello.token.encode()).hexdigest()[:32]
         _log.info("agent {peer} connected ({agent})", peer=self.peer_name, agent=hello.agent)
         config = self.relay.config
         self.send(
