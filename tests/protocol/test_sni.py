@@ -462,10 +462,13 @@ async def test_max_pending_handshakes(
     front_factory: Callable[..., Front], dev_certs: DevCertificates
 ) -> None:
     curl_bin = require_tool("curl")
-    front = front_factory(max_pending_handshakes=2, handshake_timeout=30)
+    front = front_factory(max_pending_handshakes=2, handshake_timeout=30, client_hello_timeout=30)
     port = front.listen()
     try:
-        idle = [await raw_connect(port), await raw_connect(port)]
+        # Stalled after a complete ClientHello: not silent, so never evicted for a newcomer.
+        hello = pyopenssl_hello(b"a.tunnel.localhost")
+        idle = [await raw_connect(port, hello), await raw_connect(port, hello)]
+        await wait_until(lambda: len(front.hellos) == 2)
         await wait_until(lambda: front.factory.pending == 2)
         extra = await raw_connect(port)
         await wait_lost(extra, timeout=5)
@@ -487,11 +490,18 @@ async def test_max_pending_per_source(
 ) -> None:
     """One source's silent connections take only its own share of handshake slots."""
     curl_bin = require_tool("curl")
-    front = front_factory(max_pending_handshakes=10, max_pending_per_source=2, handshake_timeout=30)
+    front = front_factory(
+        max_pending_handshakes=10,
+        max_pending_per_source=2,
+        handshake_timeout=30,
+        client_hello_timeout=30,
+    )
     port = front.listen()
     try:
-        flood = [await raw_connect(port, source="127.0.0.2") for _ in range(2)]
-        await wait_until(lambda: front.factory.pending == 2)
+        # Stalled after a complete ClientHello: not silent, so never evicted for a newcomer.
+        hello = pyopenssl_hello(b"a.tunnel.localhost")
+        flood = [await raw_connect(port, hello, source="127.0.0.2") for _ in range(2)]
+        await wait_until(lambda: front.factory.pending == 2 and len(front.hellos) == 2)
         extra = await raw_connect(port, source="127.0.0.2")
         await wait_lost(extra, timeout=5)
         assert front.factory.refused_overload == front.factory.refused_source_overload == 1

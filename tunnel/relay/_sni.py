@@ -8,12 +8,18 @@ TCP transport and replays the buffered bytes; the route's protocol sees only pla
 Without one, the client gets a fatal ``unrecognized_name`` alert; garbage gets
 ``decode_error`` (or, if it is not TLS at all, a plain abort).
 
-Bounds: the ClientHello size, the time from accept to the end of the TLS handshake
-(``handshake_timeout``, enforced with ``abortConnection``: Twisted's TLS ``loseConnection``
-waits for the peer and can hang), and the number of connections still handshaking, in all
-(``max_pending_handshakes``) and from one source (``max_pending_per_source``: an IPv4
-address or an IPv6 /64), so that one client cannot take every slot; past either, new
-connections are aborted at once.
+Bounds: the ClientHello size; the time from accept until the whole ClientHello has arrived
+(``client_hello_timeout``, short: real clients send it at once) and until the end of the TLS
+handshake (``handshake_timeout``), both enforced with ``abortConnection`` (Twisted's TLS
+``loseConnection`` waits for the peer and can hang); and the number of connections still
+handshaking, in all (``max_pending_handshakes``) and from one source
+(``max_pending_per_source``: an IPv4 address or an IPv6 /64), so that one client cannot take
+every slot.  When a limit is reached, the oldest *silent* connection (no complete ClientHello
+yet) under that limit is aborted to make room for the new one; only when there is none is
+the new connection aborted at once.
+
+A route marked `Route.local` (the relay answers the connection itself instead of handing it
+to an agent link or a tunnel) keeps its slot and its handshake deadline until it closes.
 
 Route factories are not started or stopped by the dispatcher (``doStart``/``doStop``): their
 owner does that.
@@ -71,6 +77,10 @@ class Route:
     factory: IProtocolFactory
     """Builds the protocol that receives the decrypted bytes (its transport is the TLS layer,
     so ``transport.negotiatedProtocol`` tells it the ALPN result)."""
+    local: bool = False
+    """The relay answers the connection itself (it is not handed to an agent link or a
+    tunnel): it stays under the handshake deadline, counted against the pending-handshake
+    limits, until it closes."""
 
 
 Router = Callable[[ClientHello], Route | None]
@@ -133,7 +143,9 @@ class _HandshakeWatch(protocol.Protocol):
     def makeConnection(self, transport: Any) -> None:
         self._inner.makeConnection(transport)
 
-    def dataReceived(self, data: bytes) -> None:  # pragma: no cover - only after handshake
+    def dataReceived(self, data: bytes) -> None:
+        # Only for a local route (or before the handshake completes): the watch stays in the
+        # path so that the dispatcher learns when the connection ends.
         self._inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -143,7 +155,9 @@ class _HandshakeWatch(protocol.Protocol):
     def handshakeCompleted(self) -> None:
         self._owner._handshakeFinished(completed=True)
         tls = self.tls
-        if tls is not None and cast(object, tls.wrappedProtocol) is self:
+        if self._owner._local:
+            pass  # still counted until it closes: stay in the path to see connectionLost
+        elif tls is not None and cast(object, tls.wrappedProtocol) is self:
             tls.wrappedProtocol = self._inner
         if IHandshakeListener.providedBy(self._inner):
             self._inner.handshakeCompleted()
@@ -193,7 +207,10 @@ class _SNIDispatchProtocol(protocol.Protocol):
         self._buffered = 0
         self._parser = ClientHelloParser(factory.max_hello_size)
         self._timer: IDelayedCall | None = None
+        self._accepted_at = 0.0
         self._counted = False
+        self._silent = False
+        self._local = False
         self._source: str | None = None
         self._tls: _RoutedTLS | None = None
         self._server_name: str | None = None
@@ -211,45 +228,56 @@ class _SNIDispatchProtocol(protocol.Protocol):
                 pass
         peer = transport.getPeer()
         source = source_of(peer)
-        if f.pending >= f.max_pending_handshakes:
-            f._refusedOverload(peer, f"{f.pending} handshakes pending, the limit")
-        elif f._pending_by_source.get(source, 0) >= f.max_pending_per_source:
-            f.refused_source_overload += 1
-            f._refusedOverload(peer, f"{f.max_pending_per_source} pending from {source}, the limit")
-        else:
-            f.pending += 1
-            f._pending_by_source[source] = f._pending_by_source.get(source, 0) + 1
-            self._source = source
-            self._counted = True
-        if not self._counted:
+        if not f._admit(self, source, peer):
             self._state = _CLOSING
             _abortTransport(transport)
             return
-        self._timer = f.reactor.callLater(f.handshake_timeout, self._timedOut)
+        self._accepted_at = f.reactor.seconds()
+        self._timer = f.reactor.callLater(f.client_hello_timeout, self._timedOut)
 
     def _timedOut(self) -> None:
         self._timer = None
-        self._refuseLog("handshake timeout")
+        if self._state == _READING_HELLO:
+            self._refuseLog("no complete ClientHello in time")
+        else:
+            self._refuseLog("handshake timeout")
+        self._close_now()
+
+    def _close_now(self) -> None:
+        """Give up the slot and abort: never ``loseConnection``, as TLS close waits for the
+        peer."""
+        self._release()
         self._state = _CLOSING
-        # abortConnection, never loseConnection: TLS close waits for the peer.
+        self._buffer.clear()
         if self.transport is not None:
             _abortTransport(self.transport)
 
+    def _evicted(self) -> None:
+        """Aborted to make room for a newer connection (this one is still silent)."""
+        self._refuseLog("evicted while silent: the pending-handshake slots are full")
+        self._close_now()
+
     def _handshakeFinished(self, completed: bool) -> None:
         """The TLS handshake completed, or the connection ended before it did."""
+        if completed and self._local:
+            # Answered by the relay itself: the slot and the deadline last until it closes.
+            return
+        self._release()
+
+    def _release(self) -> None:
+        """Stop the timer and give back the pending-handshake slot (idempotent)."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._leaveSilent()
         if self._counted:
             self._counted = False
-            f = self.factory
-            f.pending -= 1
-            source = self._source or ""
-            left = f._pending_by_source.get(source, 1) - 1
-            if left:
-                f._pending_by_source[source] = left
-            else:
-                f._pending_by_source.pop(source, None)
+            self.factory._released(self._source or "")
+
+    def _leaveSilent(self) -> None:
+        if self._silent:
+            self._silent = False
+            self.factory._unsilent(self, self._source or "")
 
     # -- reading the ClientHello -----------------------------------------------------------
 
@@ -279,7 +307,18 @@ class _SNIDispatchProtocol(protocol.Protocol):
             self._server_name = hello.server_name
             # The parser holds the whole ClientHello; a long-lived connection needs none of it.
             self._parser = None  # type: ignore[assignment]
+            self._heard()
             self._dispatch(hello)
+
+    def _heard(self) -> None:
+        """The whole ClientHello arrived: no longer evictable, and the rest of the handshake
+        has until ``handshake_timeout`` after accept."""
+        self._leaveSilent()
+        timer = self._timer
+        if timer is not None and timer.active():
+            f = self.factory
+            left = self._accepted_at + f.handshake_timeout - f.reactor.seconds()
+            timer.reset(max(left, 0.0))
 
     def _dispatch(self, hello: ClientHello) -> None:
         try:
@@ -310,6 +349,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
             self._refuseLog("route factory refused the connection")
             self._refuse(ALERT_INTERNAL_ERROR)
             return
+        self._local = route.local
         watch = _HandshakeWatch(self, inner)
         tls = _RoutedTLS(self.factory._tlsFactory, watch, route.context)
         watch.tls = tls
@@ -331,6 +371,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
 
     def _refuse(self, alert: int) -> None:
         """Send a fatal alert and close; the handshake timer still bounds the close."""
+        self._leaveSilent()
         self._state = _CLOSING
         self._buffer.clear()
         transport = self.transport
@@ -339,6 +380,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
         transport.loseConnection()
 
     def _abort(self) -> None:
+        self._leaveSilent()
         self._state = _CLOSING
         self._buffer.clear()
         if self.transport is not None:
@@ -364,13 +406,32 @@ class _SNIDispatchProtocol(protocol.Protocol):
     # -- teardown --------------------------------------------------------------------------
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self._state == _TLS and self._tls is not None:
-            # Not swapped: the TLS layer (and through it the watch) learns of it from us.
-            cast(IProtocol, self._tls).connectionLost(reason)
-        else:
-            self._handshakeFinished(completed=False)
+        tls, self._tls = self._tls, None
+        if tls is not None:
+            # Not swapped: the TLS layer (and through it the watch) learns of it from us,
+            # also after a timeout.
+            cast(IProtocol, tls).connectionLost(reason)
+        self._release()
         self._buffer.clear()
         self._state = _CLOSING
+
+
+class _Throttled:
+    """A warning logged at most once a second, with the count of what it summarises."""
+
+    def __init__(self, reactor: IReactorTime, text: str) -> None:
+        self._reactor = reactor
+        self._text = text
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def note(self, peer: IAddress, why: str) -> None:
+        self._unlogged += 1
+        now = self._reactor.seconds()
+        if self._logged_at is None or now - self._logged_at >= 1.0:
+            _log.warn(self._text, count=self._unlogged, peer=peer, why=why)
+            self._logged_at = now
+            self._unlogged = 0
 
 
 class SNIDispatchFactory(protocol.Factory):
@@ -380,6 +441,10 @@ class SNIDispatchFactory(protocol.Factory):
     ``router(hello)`` picks the `Route` for each connection, or None to refuse it with an
     ``unrecognized_name`` alert.  It is called at most once per connection, on the reactor
     thread; an exception in it is logged and counts as None.
+
+    ``client_hello_timeout`` is capped at ``handshake_timeout``.
+
+    @raise ValueError: a timeout that is not positive, or a limit below 1.
     """
 
     noisy = False
@@ -390,17 +455,19 @@ class SNIDispatchFactory(protocol.Factory):
         reactor: IReactorTime,
         *,
         handshake_timeout: float = 10.0,
+        client_hello_timeout: float = 3.0,
         max_pending_handshakes: int = 1024,
         max_pending_per_source: int = 256,
         max_hello_size: int = 16384,
     ) -> None:
-        if handshake_timeout <= 0:
-            raise ValueError("handshake_timeout must be positive")
+        if handshake_timeout <= 0 or client_hello_timeout <= 0:
+            raise ValueError("handshake_timeout and client_hello_timeout must be positive")
         if max_pending_handshakes < 1 or max_pending_per_source < 1:
             raise ValueError("max_pending_handshakes and max_pending_per_source must be >= 1")
         self.router = router
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
+        self.client_hello_timeout = min(client_hello_timeout, handshake_timeout)
         self.max_pending_handshakes = max_pending_handshakes
         self.max_pending_per_source = max_pending_per_source
         self.max_hello_size = max_hello_size
@@ -408,14 +475,26 @@ class SNIDispatchFactory(protocol.Factory):
         # for clients that split it into a few records.
         self.max_buffer = 2 * max_hello_size + 2**14
         self.pending = 0
-        """Connections accepted whose TLS handshake has not completed yet."""
+        """Connections accepted whose TLS handshake has not completed yet (or that a local
+        route answers, until they close)."""
         self.refused_overload = 0
         """Connections aborted because a pending-handshake limit was reached."""
         self.refused_source_overload = 0
         """Of those, the ones aborted for ``max_pending_per_source``."""
+        self.evicted_silent = 0
+        """Silent connections (no complete ClientHello) aborted to make room for new ones."""
         self._pending_by_source: dict[str, int] = {}
-        self._overload_logged_at: float | None = None
-        self._overload_unlogged = 0
+        # Silent connections, oldest first (dicts keep insertion order), in all and by source.
+        self._silent: dict[_SNIDispatchProtocol, None] = {}
+        self._silent_by_source: dict[str, dict[_SNIDispatchProtocol, None]] = {}
+        self._overload_log = _Throttled(
+            reactor, "TLS front refused {count} connection(s) (latest from {peer}): {why}"
+        )
+        self._evict_log = _Throttled(
+            reactor,
+            "TLS front evicted {count} silent connection(s) for newer ones "
+            "(latest for {peer}): {why}",
+        )
         # One TLS factory for every route: the context comes from each connection's route,
         # so no per-route (or per-connection) factory is needed.
         self._tlsFactory = TLSMemoryBIOFactory(
@@ -425,16 +504,59 @@ class SNIDispatchFactory(protocol.Factory):
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
         return _SNIDispatchProtocol(self)
 
+    # -- pending-handshake slots -------------------------------------------------------------
+
+    def _admit(self, conn: _SNIDispatchProtocol, source: str, peer: IAddress) -> bool:
+        """
+        Give `conn` a pending-handshake slot (and mark it silent), evicting the oldest
+        silent connection under a full limit; False (and counted) when none can be evicted.
+        """
+        if self._pending_by_source.get(source, 0) >= self.max_pending_per_source:
+            why = f"{self.max_pending_per_source} pending from {source}, the limit"
+            # The oldest silent one from the same source: evicting it frees a global slot too.
+            victim = next(iter(self._silent_by_source.get(source, ())), None)
+            if victim is None:
+                self.refused_source_overload += 1
+                self._refusedOverload(peer, why)
+                return False
+            self._evict(victim, peer, why)
+        elif self.pending >= self.max_pending_handshakes:
+            why = f"{self.pending} handshakes pending, the limit"
+            victim = next(iter(self._silent), None)
+            if victim is None:
+                self._refusedOverload(peer, why)
+                return False
+            self._evict(victim, peer, why)
+        self.pending += 1
+        self._pending_by_source[source] = self._pending_by_source.get(source, 0) + 1
+        conn._source = source
+        conn._counted = True
+        conn._silent = True
+        self._silent[conn] = None
+        self._silent_by_source.setdefault(source, {})[conn] = None
+        return True
+
+    def _evict(self, victim: _SNIDispatchProtocol, peer: IAddress, why: str) -> None:
+        self.evicted_silent += 1
+        self._evict_log.note(peer, why)
+        victim._evicted()
+
+    def _released(self, source: str) -> None:
+        self.pending -= 1
+        left = self._pending_by_source.get(source, 1) - 1
+        if left:
+            self._pending_by_source[source] = left
+        else:
+            self._pending_by_source.pop(source, None)
+
+    def _unsilent(self, conn: _SNIDispatchProtocol, source: str) -> None:
+        self._silent.pop(conn, None)
+        of_source = self._silent_by_source.get(source)
+        if of_source is not None:
+            of_source.pop(conn, None)
+            if not of_source:
+                del self._silent_by_source[source]
+
     def _refusedOverload(self, peer: IAddress, why: str) -> None:
         self.refused_overload += 1
-        self._overload_unlogged += 1
-        now = self.reactor.seconds()
-        if self._overload_logged_at is None or now - self._overload_logged_at >= 1.0:
-            _log.warn(
-                "TLS front refused {count} connection(s) (latest from {peer}): {why}",
-                count=self._overload_unlogged,
-                peer=peer,
-                why=why,
-            )
-            self._overload_logged_at = now
-            self._overload_unlogged = 0
+        self._overload_log.note(peer, why)

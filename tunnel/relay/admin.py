@@ -36,6 +36,7 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
         "pending_handshakes": getattr(front, "pending", 0),
         "refused_handshakes_overload": getattr(front, "refused_overload", 0),
         "refused_handshakes_per_source": getattr(front, "refused_source_overload", 0),
+        "evicted_silent_handshakes": getattr(front, "evicted_silent", 0),
         "denied_connections": relay.denied_connections,
         "open_fds": fds,
         "draining": int(relay.draining),

@@ -42,6 +42,7 @@ from tunnel.link import (
 )
 from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
+from tunnel.relay._info import info_factory
 from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory, source_of
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
 from tunnel.relay._tokens import TokenFile
@@ -103,6 +104,8 @@ class RelayConfig:
     tokens_file: TokenFile | None = None
     #: Seconds a public TLS handshake (or an agent's hello) may take.
     handshake_timeout: float = 10.0
+    #: Seconds from accept until the whole ClientHello has arrived (at most the above).
+    client_hello_timeout: float = 3.0
     #: TLS handshakes in progress at once; more are refused at accept.
     max_pending_handshakes: int = 1024
     #: Of those, from one source (an IPv4 address or an IPv6 /64).
@@ -155,8 +158,7 @@ class Relay:
         self._suffix = "." + self.domain
         self.link_factory = Factory.forProtocol(lambda: RelayLink(self))
         self.link_factory.noisy = False
-        self.info_factory = Factory.forProtocol(_InfoPage)
-        self.info_factory.noisy = False
+        self.info_factory = info_factory()
 
     # -- routing of public TLS connections ----------------------------------------------------
 
@@ -175,7 +177,7 @@ class Relay:
             # An agent may dial the relay by any name its certificate covers.
             return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory)
         if name == self.domain:
-            return Route(self.tls.context_for(HTTP1), self.info_factory)
+            return Route(self.tls.context_for(HTTP1), self.info_factory, local=True)
         if tunnel_id is None:
             return None
         record = self.registry.get(tunnel_id)
@@ -708,25 +710,6 @@ class _PublicFactory(Factory):
         return PublicProtocol(self.relay, self.tunnel_id)
 
 
-class _InfoPage(Protocol):
-    """
-    What a browser sees at ``https://<domain>/``: a one-line page, then the connection
-    closes.
-    """
-
-    def dataReceived(self, data: bytes) -> None:
-        if b"\r\n\r\n" not in data and len(data) < 8192:
-            return
-        body = b"This is a Tunnels relay. Tunnels live at https://<id>.<this host>/.\n"
-        transport = self.transport
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
-        )
-        transport.loseConnection()
-
-
 class RelayService(service.MultiService):
     """
     The relay as a Twisted service: the public TLS listener plus drain on stop.
@@ -741,6 +724,7 @@ class RelayService(service.MultiService):
             relay.route,
             reactor,
             handshake_timeout=relay.config.handshake_timeout,
+            client_hello_timeout=relay.config.client_hello_timeout,
             max_pending_handshakes=relay.config.max_pending_handshakes,
             max_pending_per_source=relay.config.max_pending_per_source,
         )

@@ -67,6 +67,14 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for keys and development certificates."],
         ["handshake-timeout", None, 10.0, "Seconds a TLS handshake may take.", _positive(float)],
         [
+            "client-hello-timeout",
+            None,
+            3.0,
+            "Seconds from accept until the whole TLS ClientHello has arrived "
+            "(at most --handshake-timeout).",
+            _positive(float),
+        ],
+        [
             "max-pending-handshakes",
             None,
             1024,
@@ -200,6 +208,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         tokens=tokens,
         tokens_file=tokens_file,
         handshake_timeout=options["handshake-timeout"],
+        client_hello_timeout=min(options["client-hello-timeout"], options["handshake-timeout"]),
         max_pending_handshakes=options["max-pending-handshakes"],
         max_pending_per_source=options["max-pending-per-source"],
         max_tunnels_per_agent=options["max-tunnels-per-agent"],
