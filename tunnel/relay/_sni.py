@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel._fasttls import FastTLSProtocol
+from tunnel.relay._ratelog import RateLog, shorten
 
 from ._clienthello import (
     ALERT_ACCESS_DENIED,
@@ -354,11 +355,14 @@ class _SNIDispatchProtocol(protocol.Protocol):
         return f"{host}:{port}" if host is not None else str(peer)
 
     def _refuseLog(self, reason: str) -> None:
-        _log.info(
-            "TLS front refused {peer}: {reason} (SNI {sni!r})",
+        # One key per kind of refusal (the reason up to its first colon is fixed text);
+        # the SNI name is the client's and may be 10 KB long.
+        self.factory.ratelog.info(
+            "TLS front refused (" + reason.split(":", 1)[0] + ")",
+            "TLS front refused {peer}: {reason} (SNI {sni})",
             peer=self._peer(),
-            reason=reason,
-            sni=self._server_name,
+            reason=shorten(reason),
+            sni=shorten(repr(self._server_name)),
         )
 
     # -- teardown --------------------------------------------------------------------------
@@ -414,8 +418,8 @@ class SNIDispatchFactory(protocol.Factory):
         self.refused_source_overload = 0
         """Of those, the ones aborted for ``max_pending_per_source``."""
         self._pending_by_source: dict[str, int] = {}
-        self._overload_logged_at: float | None = None
-        self._overload_unlogged = 0
+        #: Refusals are logged through it: a flood costs a few lines and a summary.
+        self.ratelog = RateLog(_log, reactor)
         # One TLS factory for every route: the context comes from each connection's route,
         # so no per-route (or per-connection) factory is needed.
         self._tlsFactory = TLSMemoryBIOFactory(
@@ -427,14 +431,9 @@ class SNIDispatchFactory(protocol.Factory):
 
     def _refusedOverload(self, peer: IAddress, why: str) -> None:
         self.refused_overload += 1
-        self._overload_unlogged += 1
-        now = self.reactor.seconds()
-        if self._overload_logged_at is None or now - self._overload_logged_at >= 1.0:
-            _log.warn(
-                "TLS front refused {count} connection(s) (latest from {peer}): {why}",
-                count=self._overload_unlogged,
-                peer=peer,
-                why=why,
-            )
-            self._overload_logged_at = now
-            self._overload_unlogged = 0
+        self.ratelog.warn(
+            "TLS front refused (overload)",
+            "TLS front refused a connection from {peer}: {why}",
+            peer=peer,
+            why=why,
+        )
