@@ -611,6 +611,8 @@ class RelayLink(LinkProtocol):
             config.tunnel_request_rate, config.tunnel_request_burst, relay.reactor.seconds
         )
         self.strikes = TokenBucket(1.0, RATE_STRIKES, relay.reactor.seconds)
+        #: Refused, its GOAWAY about to follow: control messages are ignored.
+        self._ending = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -646,6 +648,8 @@ class RelayLink(LinkProtocol):
         self.goAway(error_code, message)
 
     def controlReceived(self, payload: bytes) -> None:
+        if self._ending:
+            return
         try:
             message = decode_message(payload)
         except ControlError as e:
@@ -703,12 +707,15 @@ class RelayLink(LinkProtocol):
                 whose="token" if hello.token else "address",
                 n=config.max_links_per_token,
             )
-            self.refuse(
-                "limit",
+            message = (
                 f"too many links with this {'token' if hello.token else 'address'}: "
-                f"at most {config.max_links_per_token}",
-                ErrorCode.ENHANCE_YOUR_CALM,
+                f"at most {config.max_links_per_token}"
             )
+            self.send(ErrorMessage("limit", message))
+            # ENHANCE_YOUR_CALM drops what is queued, so it follows once the error is
+            # written (the end of this turn); nothing more is read from the link meanwhile.
+            self._ending = True
+            self.reactor.callLater(0, self.goAway, ErrorCode.ENHANCE_YOUR_CALM, message)
             return
         self.authenticated = True
         self.token = hello.token
