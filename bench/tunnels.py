@@ -72,6 +72,7 @@ class _Tunnel(BenchPath):
                 "--tcp-ports", f"{low}-{low + 999}", "--tcp-interface", LOOPBACK,
                 "--max-connections-per-tunnel", "20000", "--max-streams-per-link", "20000",
                 "--max-pending-handshakes", "20000", "--max-pending-per-source", "20000",
+                "--max-connections-per-source", "20000", "--max-streams-per-token", "20000",
                 "--drain-grace", "1",
                 *self._window_args(),
             ],

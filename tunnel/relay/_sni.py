@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel._fasttls import FastTLSProtocol
+from tunnel.relay._ratelog import RateLog, shorten
 
 from ._clienthello import (
     ALERT_ACCESS_DENIED,
@@ -396,11 +397,14 @@ class _SNIDispatchProtocol(protocol.Protocol):
         return f"{host}:{port}" if host is not None else str(peer)
 
     def _refuseLog(self, reason: str) -> None:
-        _log.info(
-            "TLS front refused {peer}: {reason} (SNI {sni!r})",
+        # One key per kind of refusal (the reason up to its first colon is fixed text);
+        # the SNI name is the client's and may be 10 KB long.
+        self.factory.ratelog.info(
+            "TLS front refused (" + reason.split(":", 1)[0] + ")",
+            "TLS front refused {peer}: {reason} (SNI {sni})",
             peer=self._peer(),
-            reason=reason,
-            sni=self._server_name,
+            reason=shorten(reason),
+            sni=shorten(repr(self._server_name)),
         )
 
     # -- teardown --------------------------------------------------------------------------
@@ -414,24 +418,6 @@ class _SNIDispatchProtocol(protocol.Protocol):
         self._release()
         self._buffer.clear()
         self._state = _CLOSING
-
-
-class _Throttled:
-    """A warning logged at most once a second, with the count of what it summarises."""
-
-    def __init__(self, reactor: IReactorTime, text: str) -> None:
-        self._reactor = reactor
-        self._text = text
-        self._logged_at: float | None = None
-        self._unlogged = 0
-
-    def note(self, peer: IAddress, why: str) -> None:
-        self._unlogged += 1
-        now = self._reactor.seconds()
-        if self._logged_at is None or now - self._logged_at >= 1.0:
-            _log.warn(self._text, count=self._unlogged, peer=peer, why=why)
-            self._logged_at = now
-            self._unlogged = 0
 
 
 class SNIDispatchFactory(protocol.Factory):
@@ -487,14 +473,8 @@ class SNIDispatchFactory(protocol.Factory):
         # Silent connections, oldest first (dicts keep insertion order), in all and by source.
         self._silent: dict[_SNIDispatchProtocol, None] = {}
         self._silent_by_source: dict[str, dict[_SNIDispatchProtocol, None]] = {}
-        self._overload_log = _Throttled(
-            reactor, "TLS front refused {count} connection(s) (latest from {peer}): {why}"
-        )
-        self._evict_log = _Throttled(
-            reactor,
-            "TLS front evicted {count} silent connection(s) for newer ones "
-            "(latest for {peer}): {why}",
-        )
+        #: Refusals are logged through it: a flood costs a few lines and a summary.
+        self.ratelog = RateLog(_log, reactor)
         # One TLS factory for every route: the context comes from each connection's route,
         # so no per-route (or per-connection) factory is needed.
         self._tlsFactory = TLSMemoryBIOFactory(
@@ -538,7 +518,12 @@ class SNIDispatchFactory(protocol.Factory):
 
     def _evict(self, victim: _SNIDispatchProtocol, peer: IAddress, why: str) -> None:
         self.evicted_silent += 1
-        self._evict_log.note(peer, why)
+        self.ratelog.warn(
+            "TLS front evicted (silent)",
+            "TLS front evicted a silent connection for a newer one from {peer}: {why}",
+            peer=peer,
+            why=why,
+        )
         victim._evicted()
 
     def _released(self, source: str) -> None:
@@ -559,4 +544,9 @@ class SNIDispatchFactory(protocol.Factory):
 
     def _refusedOverload(self, peer: IAddress, why: str) -> None:
         self.refused_overload += 1
-        self._overload_log.note(peer, why)
+        self.ratelog.warn(
+            "TLS front refused (overload)",
+            "TLS front refused a connection from {peer}: {why}",
+            peer=peer,
+            why=why,
+        )

@@ -38,6 +38,12 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
         "refused_handshakes_per_source": getattr(front, "refused_source_overload", 0),
         "evicted_silent_handshakes": getattr(front, "evicted_silent", 0),
         "denied_connections": relay.denied_connections,
+        # Refusals by the per-party bounds, since start, one key per reason.
+        **{f"refused_{reason}": n for reason, n in relay.refused.items()},
+        "tcp_ports_quarantined": relay.ports.quarantined,
+        "tcp_ports_released_early": relay.ports.released_early,
+        "log_lines_dropped": relay.ratelog.dropped
+        + getattr(getattr(front, "ratelog", None), "dropped", 0),
         "open_fds": fds,
         "draining": int(relay.draining),
     }

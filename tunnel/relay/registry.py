@@ -106,6 +106,13 @@ class PortPool:
     Ports for raw TCP tunnels, from a range. A released port rests in quarantine before it is
     handed out again, so a client of an old tunnel does not reach a new one; during that time
     only a reclaim of the same tunnel may take it back.
+
+    Quarantined ports are charged to the party (principal) that released them, and one
+    party may have at most `share` of the range (at least one port) in quarantine: past it,
+    its own oldest quarantined port is released early. So a party that opens and closes
+    tunnels in a loop shortens its own quarantine, never anyone else's, and cannot leave
+    the others without ports. (Refusing it instead would break an agent that merely restarts
+    often; the early release only weakens the protection of that party's own old tunnels.)
     """
 
     def __init__(
@@ -114,24 +121,44 @@ class PortPool:
         high: int,
         clock: Callable[[], float],
         quarantine: float = 300.0,
+        share: float = 0.1,
     ) -> None:
         if not 1 <= low <= high <= 65535:
             raise ValueError(f"bad port range {low}-{high}")
+        if not 0 < share <= 1:
+            raise ValueError("a quarantine share is a fraction of the range, in (0, 1]")
         self.low = low
         self.high = high
         self._clock = clock
         self.quarantine = quarantine
+        #: Ports one principal may have in quarantine at once.
+        self.max_quarantined = max(1, int((high - low + 1) * share))
         self._in_use: set[int] = set()
-        #: port -> (released at, tunnel id that had it)
-        self._resting: OrderedDict[int, tuple[float, str]] = OrderedDict()
+        #: port -> (released at, tunnel id that had it, principal charged), oldest first.
+        self._resting: OrderedDict[int, tuple[float, str, str]] = OrderedDict()
+        #: principal -> its quarantined ports, oldest first.
+        self._charged: dict[str, OrderedDict[int, None]] = {}
+        #: Ports released early because their principal was over its share, since start.
+        self.released_early = 0
+
+    def _unrest(self, port: int) -> None:
+        resting = self._resting.pop(port, None)
+        if resting is None:
+            return
+        principal = resting[2]
+        charged = self._charged.get(principal)
+        if charged is not None:
+            charged.pop(port, None)
+            if not charged:
+                del self._charged[principal]
 
     def _expire(self) -> None:
         now = self._clock()
         while self._resting:
-            port, (released, _) = next(iter(self._resting.items()))
+            port, (released, _, _) = next(iter(self._resting.items()))
             if now - released < self.quarantine:
                 break
-            del self._resting[port]
+            self._unrest(port)
 
     def candidates(self, tunnel_id: str, wanted: int | None = None) -> list[int]:
         """
@@ -156,14 +183,23 @@ class PortPool:
         Mark `port` in use.
         """
         self._in_use.add(port)
-        self._resting.pop(port, None)
+        self._unrest(port)
 
-    def release(self, port: int, tunnel_id: str) -> None:
+    def release(self, port: int, tunnel_id: str, principal: str = "") -> None:
         """
-        Return `port`; it rests in quarantine, reserved for `tunnel_id`.
+        Return `port`; it rests in quarantine, reserved for `tunnel_id` and charged to
+        `principal`, whose oldest quarantined port is freed if it is over its share.
         """
         self._in_use.discard(port)
-        self._resting[port] = (self._clock(), tunnel_id)
+        self._unrest(port)
+        self._expire()
+        self._resting[port] = (self._clock(), tunnel_id, principal)
+        charged = self._charged.setdefault(principal, OrderedDict())
+        charged[port] = None
+        while len(charged) > self.max_quarantined:
+            oldest = next(iter(charged))
+            self._unrest(oldest)
+            self.released_early += 1
 
     @property
     def in_use(self) -> int:
@@ -171,6 +207,21 @@ class PortPool:
         How many ports are taken.
         """
         return len(self._in_use)
+
+    @property
+    def quarantined(self) -> int:
+        """
+        How many ports rest in quarantine.
+        """
+        self._expire()
+        return len(self._resting)
+
+    def quarantined_by(self, principal: str) -> int:
+        """
+        How many quarantined ports are charged to `principal`.
+        """
+        self._expire()
+        return len(self._charged.get(principal, ()))
 
 
 @dataclass(eq=False)
@@ -195,6 +246,8 @@ class TunnelRecord:
     listener: Any = None
     #: Public connections currently open through it.
     connections: int = 0
+    #: Of those, how many from each source (an IPv4 address or an IPv6 /64).
+    sources: dict[str, int] = field(default_factory=dict)
 
 
 class TunnelRegistry:

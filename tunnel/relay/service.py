@@ -24,7 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -43,6 +43,8 @@ from tunnel.link import (
 from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._info import info_factory
+from tunnel.relay._ratelog import RateLog, shorten
+from tunnel.relay._shares import Buckets, Holdings, TokenBucket
 from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory, source_of
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
 from tunnel.relay._tokens import TokenFile
@@ -80,6 +82,20 @@ TOKENS_CHECK_INTERVAL = 2.0
 #: What this relay supports beyond the first release (`RelayWelcome.features`).
 FEATURES = ("allow", "client_ca")
 
+#: Reasons of refusals counted in `Relay.refused` (and shown as ``refused_<reason>``).
+REFUSALS = (
+    "connections_per_tunnel",
+    "connections_per_source",
+    "streams_per_link",
+    "streams_per_token",
+    "tunnel_requests_rate",
+    "links_per_token",
+)
+
+#: A link refused this many tunnel requests for their rate (refilled at one per second)
+#: that goes on asking is ended with GOAWAY ENHANCE_YOUR_CALM.
+RATE_STRIKES = 32
+
 HTTP1 = (b"http/1.1",)
 H2 = (b"h2", b"http/1.1")
 
@@ -116,6 +132,20 @@ class RelayConfig:
     max_streams_per_link: int = 4096
     #: Public connections open through one tunnel at once.
     max_connections_per_tunnel: int = 1024
+    #: Of those, from one source (an IPv4 address or an IPv6 /64).
+    max_connections_per_source: int = 256
+    #: Authenticated links of one principal (a token, or a source without tokens).
+    max_links_per_token: int = 256
+    #: Streams open at once over all the links of one principal.
+    max_streams_per_token: int = 16384
+    #: Tunnel requests of one link: per second, and the burst allowed at once.
+    tunnel_request_rate: float = 10.0
+    tunnel_request_burst: int = 128
+    #: Tunnel requests of one principal over all its links: per second, and burst.
+    token_request_rate: float = 50.0
+    token_request_burst: int = 1024
+    #: The fraction of the TCP range one principal may have in quarantine.
+    port_quarantine_share: float = 0.1
     #: Seconds a public connection may go without traffic in either direction; None = never.
     idle_timeout: float | None = None
     #: Keepalive of agent links.
@@ -147,12 +177,29 @@ class Relay:
         self.reclaim_key = reclaim_key
         self.registry = TunnelRegistry()
         self.ports = PortPool(
-            config.tcp_ports[0], config.tcp_ports[1], reactor.seconds, config.port_quarantine
+            config.tcp_ports[0],
+            config.tcp_ports[1],
+            reactor.seconds,
+            config.port_quarantine,
+            config.port_quarantine_share,
         )
         self.links: set[RelayLink] = set()
+        #: The authenticated links of each principal.
+        self.principal_links: Holdings[str, RelayLink] = Holdings()
+        #: Tunnel requests per principal, over all its links.
+        self.principal_requests: Buckets[str] = Buckets(
+            config.token_request_rate, config.token_request_burst, reactor.seconds
+        )
         self.public_connections: set[Protocol] = set()
+        #: Each public connection with a stream: its tunnel and its source.
+        self._public_sources: dict[Protocol, tuple[TunnelRecord, str]] = {}
         #: Public connections refused by a tunnel's allow list, since start.
         self.denied_connections = 0
+        #: Refusals since start by reason (one `/status` key each, see `REFUSALS`).
+        self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
+        #: Per-connection and per-message warnings go through here: a flood costs a few
+        #: lines and a summary, not a disk.
+        self.ratelog = RateLog(_log, reactor)
         self.draining = False
         self.domain = config.domain.lower().rstrip(".")
         self._suffix = "." + self.domain
@@ -244,6 +291,43 @@ class Relay:
             self.set_tokens(tokens)
 
     # -- tunnels -------------------------------------------------------------------------------
+
+    def tunnel_request(self, link: RelayLink, request: TunnelRequest) -> None:
+        """
+        Answer a tunnel request of `link` (`grant`), unless the link or its principal asks
+        faster than its rate: then ``limit``, and a link that keeps on asking after
+        `RATE_STRIKES` such refusals is ended with GOAWAY ENHANCE_YOUR_CALM.
+        """
+        config = self.config
+        ours = link.requests
+        theirs = self.principal_requests
+        if ours.tokens >= 1 and theirs.take(link.principal):
+            ours.take()
+            link.send(self.grant(link, request))
+            return
+        self.refused["tunnel_requests_rate"] += 1
+        per_link = ours.tokens < 1
+        self.ratelog.warn(
+            "tunnel-request-rate",
+            "refused a tunnel request of {peer}: over the rate of its {whose}",
+            peer=link.peer_name,
+            whose="link" if per_link else "token",
+        )
+        rate, burst = (
+            (config.tunnel_request_rate, config.tunnel_request_burst)
+            if per_link
+            else (config.token_request_rate, config.token_request_burst)
+        )
+        link.send(
+            TunnelRefused(
+                request.request_id,
+                "limit",
+                f"too many tunnel requests: slow down (at most {rate:g} a second, "
+                f"{burst} at once, per {'link' if per_link else 'token'})",
+            )
+        )
+        if not link.strikes.take():
+            link.goAway(ErrorCode.ENHANCE_YOUR_CALM, "tunnel requests refused for their rate")
 
     def grant(self, link: RelayLink, request: TunnelRequest) -> ControlMessage:
         """
@@ -345,9 +429,9 @@ class Relay:
         if record.listener is not None:
             stopped = defer.maybeDeferred(record.listener.stopListening)
             record.listener = None
-        if record.tcp_port is not None:
-            self.ports.release(record.tcp_port, record.tunnel_id)
         owner: RelayLink = record.owner
+        if record.tcp_port is not None:
+            self.ports.release(record.tcp_port, record.tunnel_id, owner.principal)
         for stream in list(owner.streams.values()):
             if stream.tunnel_id == record.tunnel_id:
                 stream.abortConnection(ErrorCode.SHUTDOWN)
@@ -360,6 +444,7 @@ class Relay:
         An agent's link ended: its tunnels go offline (and can be reclaimed).
         """
         self.links.discard(link)
+        self.principal_links.discard(link.principal, link)
         for record in self.registry.owned_by(link):
             self.close_tunnel(record, "link lost", notify=False)
 
@@ -375,8 +460,11 @@ class Relay:
         record = self.registry.get(tunnel_id)
         if record is None or self.draining:
             return None
-        if record.connections >= self.config.max_connections_per_tunnel:
-            _log.warn(
+        config = self.config
+        if record.connections >= config.max_connections_per_tunnel:
+            self.refused["connections_per_tunnel"] += 1
+            self.ratelog.warn(
+                "connections-per-tunnel",
                 "tunnel {id}: {n} connections open, refusing another",
                 id=tunnel_id,
                 n=record.connections,
@@ -386,6 +474,18 @@ class Relay:
         assert transport is not None
         peer = transport.getPeer()
         here = transport.getHost()
+        source = source_of(peer)
+        from_source = record.sources.get(source, 0)
+        if from_source >= config.max_connections_per_source:
+            self.refused["connections_per_source"] += 1
+            self.ratelog.warn(
+                "connections-per-source",
+                "tunnel {id}: {n} connections open from {source}, refusing another",
+                id=tunnel_id,
+                n=from_source,
+                source=source,
+            )
+            return None
         info = StreamInfo(
             tunnel_id,
             getattr(peer, "host", ""),
@@ -394,11 +494,23 @@ class Relay:
             getattr(here, "port", 0),
         )
         link: RelayLink = record.owner
-        if len(link.streams) >= self.config.max_streams_per_link:
-            _log.warn(
+        if len(link.streams) >= config.max_streams_per_link:
+            self.refused["streams_per_link"] += 1
+            self.ratelog.warn(
+                "streams-per-link",
                 "link of {peer}: {n} streams open, refusing another",
                 peer=link.peer_name,
                 n=len(link.streams),
+            )
+            return None
+        of_principal = sum(len(other.streams) for other in self.principal_links.of(link.principal))
+        if of_principal >= config.max_streams_per_token:
+            self.refused["streams_per_token"] += 1
+            self.ratelog.warn(
+                "streams-per-token",
+                "links of {peer}'s token: {n} streams open, refusing another",
+                peer=link.peer_name,
+                n=of_principal,
             )
             return None
         try:
@@ -406,19 +518,37 @@ class Relay:
                 info.encode(), peer if isinstance(peer, IPv4Address | IPv6Address) else None
             )
         except LocalProtocolError as e:
-            _log.warn("tunnel {id}: cannot open a stream: {e}", id=tunnel_id, e=e)
+            self.ratelog.warn(
+                "open-stream", "tunnel {id}: cannot open a stream: {e}", id=tunnel_id, e=e
+            )
             return None
         stream.tunnel_id = tunnel_id
         record.connections += 1
+        record.sources[source] = from_source + 1
+        self._public_sources[protocol] = (record, source)
         return stream
 
-    def public_closed(self, tunnel_id: str) -> None:
+    def public_closed(self, tunnel_id: str, protocol: Protocol | None = None) -> None:
         """
-        A public connection through `tunnel_id` ended.
+        A public connection through `tunnel_id` (`protocol`, the one given to
+        `open_public_stream`) ended.
         """
-        record = self.registry.get(tunnel_id)
-        if record is not None and record.connections > 0:
+        held = self._public_sources.pop(protocol, None) if protocol is not None else None
+        if held is None:
+            record = self.registry.get(tunnel_id)
+            if record is not None and record.connections > 0:
+                record.connections -= 1
+            return
+        # The record the connection was counted in, even if the tunnel was since closed
+        # and reclaimed under the same id.
+        record, source = held
+        if record.connections > 0:
             record.connections -= 1
+        left = record.sources.get(source, 1) - 1
+        if left > 0:
+            record.sources[source] = left
+        else:
+            record.sources.pop(source, None)
 
     # -- drain ---------------------------------------------------------------------------------
 
@@ -478,6 +608,13 @@ class RelayLink(LinkProtocol):
         #: address or an IPv6 /64) of a relay that needs no token.
         self.principal = "?"
         self._hello_timer: Any = None
+        #: Its tunnel requests, and its refusals for their rate (see `Relay.tunnel_request`).
+        self.requests = TokenBucket(
+            config.tunnel_request_rate, config.tunnel_request_burst, relay.reactor.seconds
+        )
+        self.strikes = TokenBucket(1.0, RATE_STRIKES, relay.reactor.seconds)
+        #: Refused, its GOAWAY about to follow: control messages are ignored.
+        self._ending = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -494,7 +631,9 @@ class RelayLink(LinkProtocol):
     def _hello_timeout(self) -> None:
         self._hello_timer = None
         if not self.authenticated:
-            _log.warn("agent link from {peer} sent no hello in time", peer=self.peer_name)
+            self.relay.ratelog.warn(
+                "hello-timeout", "agent link from {peer} sent no hello in time", peer=self.peer_name
+            )
             self.refuse("timeout", "no hello in time", ErrorCode.TIMEOUT)
 
     def send(self, message: ControlMessage) -> None:
@@ -511,10 +650,17 @@ class RelayLink(LinkProtocol):
         self.goAway(error_code, message)
 
     def controlReceived(self, payload: bytes) -> None:
+        if self._ending:
+            return
         try:
             message = decode_message(payload)
         except ControlError as e:
-            _log.warn("malformed control message from {peer}: {e}", peer=self.peer_name, e=e)
+            self.relay.ratelog.warn(
+                "malformed-control",
+                "malformed control message from {peer}: {e}",
+                peer=self.peer_name,
+                e=shorten(str(e)),
+            )
             self.refuse("bad_message", str(e), ErrorCode.PROTOCOL_ERROR)
             return
         if message is None:
@@ -526,7 +672,7 @@ class RelayLink(LinkProtocol):
                 "unauthorized", "the first control message must be hello", ErrorCode.UNAUTHORIZED
             )
         elif isinstance(message, TunnelRequest):
-            self.send(self.relay.grant(self, message))
+            self.relay.tunnel_request(self, message)
         elif isinstance(message, TunnelClose):
             record = self.relay.registry.get(message.tunnel_id)
             if record is not None and record.owner is self:
@@ -541,18 +687,50 @@ class RelayLink(LinkProtocol):
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         self._hello_timer = None
-        if not self.relay.authenticate(hello.token):
-            _log.warn("refused agent {peer}: wrong token", peer=self.peer_name)
+        relay = self.relay
+        if not relay.authenticate(hello.token):
+            relay.ratelog.warn(
+                "wrong-token", "refused agent {peer}: wrong token", peer=self.peer_name
+            )
             self.refuse(
                 "unauthorized", "the relay does not accept this token", ErrorCode.UNAUTHORIZED
             )
             return
+        config = relay.config
+        principal = self.principal
+        if hello.token:
+            principal = "token:" + hashlib.sha256(hello.token.encode()).hexdigest()[:32]
+        if relay.principal_links.count(principal) >= config.max_links_per_token:
+            relay.refused["links_per_token"] += 1
+            relay.ratelog.warn(
+                "links-per-token",
+                "refused agent {peer}: its {whose} has {n} links, the limit",
+                peer=self.peer_name,
+                whose="token" if hello.token else "address",
+                n=config.max_links_per_token,
+            )
+            message = (
+                f"too many links with this {'token' if hello.token else 'address'}: "
+                f"at most {config.max_links_per_token}"
+            )
+            self.send(ErrorMessage("limit", message))
+            # ENHANCE_YOUR_CALM drops what is queued, so it follows once the error is
+            # written (the end of this turn); nothing more is read from the link meanwhile.
+            self._ending = True
+            self.reactor.callLater(0, self.goAway, ErrorCode.ENHANCE_YOUR_CALM, message)
+            return
         self.authenticated = True
         self.token = hello.token
-        if hello.token:
-            self.principal = "token:" + hashlib.sha256(hello.token.encode()).hexdigest()[:32]
-        _log.info("agent {peer} connected ({agent})", peer=self.peer_name, agent=hello.agent)
-        config = self.relay.config
+        self.principal = principal
+        relay.principal_links.add(principal, self)
+        relay.ratelog.emit(
+            "agent-connected",
+            LogLevel.info,
+            "agent {peer} connected ({agent})",
+            limit=100,
+            peer=self.peer_name,
+            agent=shorten(hello.agent),
+        )
         self.send(
             RelayWelcome(
                 domain=self.relay.domain,
@@ -572,7 +750,13 @@ class RelayLink(LinkProtocol):
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         if self.authenticated:
-            _log.info("agent {peer} disconnected", peer=self.peer_name)
+            self.relay.ratelog.emit(
+                "agent-disconnected",
+                LogLevel.info,
+                "agent {peer} disconnected",
+                limit=100,
+                peer=self.peer_name,
+            )
         self.relay.link_lost(self)
 
 
@@ -652,7 +836,7 @@ class PublicProtocol(SpliceProtocol):
             return
         self._counted = False
         self.relay.public_connections.discard(self)
-        self.relay.public_closed(self.tunnel_id)
+        self.relay.public_closed(self.tunnel_id, self)
         super().connectionLost(reason)
 
 

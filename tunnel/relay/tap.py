@@ -43,6 +43,13 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"{text} is not in (0, 1]")
+    return value
+
+
 class Options(usage.Options):
     """
     Options of the relay. Listening addresses are endpoint strings.
@@ -96,6 +103,65 @@ class Options(usage.Options):
             1024,
             "Open public connections per tunnel.",
             _positive(int),
+        ],
+        [
+            "max-connections-per-source",
+            None,
+            256,
+            "Of those, from one IPv4 address or IPv6 /64; more from it are closed at once.",
+            _positive(int),
+        ],
+        [
+            "max-links-per-token",
+            None,
+            256,
+            "Agent links one token may hold at once (one source address, without --tokens).",
+            _positive(int),
+        ],
+        [
+            "max-streams-per-token",
+            None,
+            16384,
+            "Open streams over all the links of one token (or source, without --tokens).",
+            _positive(int),
+        ],
+        [
+            "tunnel-request-rate",
+            None,
+            10.0,
+            "Tunnel requests per second one link may make, after a burst of "
+            "--tunnel-request-burst; faster ones are refused (limit).",
+            _positive(float),
+        ],
+        [
+            "tunnel-request-burst",
+            None,
+            128,
+            "Tunnel requests one link may make at once.",
+            _positive(int),
+        ],
+        [
+            "token-request-rate",
+            None,
+            50.0,
+            "Tunnel requests per second over all the links of one token (or source), "
+            "after a burst of --token-request-burst.",
+            _positive(float),
+        ],
+        [
+            "token-request-burst",
+            None,
+            1024,
+            "Tunnel requests one token (or source) may make at once.",
+            _positive(int),
+        ],
+        [
+            "port-quarantine-share",
+            None,
+            0.1,
+            "Fraction of --tcp-ports that one token (or source) may hold in the 300 s "
+            "quarantine of released ports; past it, its own oldest is freed early.",
+            _fraction,
         ],
         [
             "idle-timeout",
@@ -214,6 +280,14 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         max_tunnels_per_agent=options["max-tunnels-per-agent"],
         max_streams_per_link=options["max-streams-per-link"],
         max_connections_per_tunnel=options["max-connections-per-tunnel"],
+        max_connections_per_source=options["max-connections-per-source"],
+        max_links_per_token=options["max-links-per-token"],
+        max_streams_per_token=options["max-streams-per-token"],
+        tunnel_request_rate=options["tunnel-request-rate"],
+        tunnel_request_burst=options["tunnel-request-burst"],
+        token_request_rate=options["token-request-rate"],
+        token_request_burst=options["token-request-burst"],
+        port_quarantine_share=options["port-quarantine-share"],
         idle_timeout=options["idle-timeout"],
         keepalive_interval=options["keepalive-interval"],
         keepalive_timeout=options["keepalive-timeout"],
