@@ -76,6 +76,11 @@ _log = Logger()
 #: Seconds between checks of the tokens file for changes.
 TOKENS_CHECK_INTERVAL = 2.0
 
+#: Seconds a link holding a tunnel that another link reclaims has to answer a ping before it
+#: loses the tunnel (a stale session: the agent reconnected before the old link was found
+#: dead). A holder that answers keeps it, and the reclaim is refused.
+RECLAIM_PROBE_TIMEOUT = 1.0
+
 #: What this relay supports beyond the first release (`RelayWelcome.features`).
 FEATURES = ("allow", "client_ca")
 
@@ -243,9 +248,17 @@ class Relay:
 
     # -- tunnels -------------------------------------------------------------------------------
 
-    def grant(self, link: RelayLink, request: TunnelRequest) -> ControlMessage:
+    def grant(
+        self, link: RelayLink, request: TunnelRequest
+    ) -> ControlMessage | defer.Deferred[ControlMessage | None]:
         """
         Grant a tunnel to `link`, or say why not.
+
+        A reclaim is verified against the identity `link` was accepted with (the reclaim
+        secret binds its token). Of an id that another link still holds, the answer comes
+        later, as a Deferred: the holder is pinged, keeps its tunnel (and the reclaim is
+        refused) if it answers within `RECLAIM_PROBE_TIMEOUT`, and loses it otherwise; the
+        Deferred fires None if `link` itself is gone by then.
         """
         refuse = lambda code, message: TunnelRefused(request.request_id, code, message)  # noqa: E731
         if self.draining:
@@ -256,17 +269,20 @@ class Relay:
             if (
                 not valid_tunnel_id(tunnel_id)
                 or request.reclaim_secret is None
-                or not self.reclaim_key.verify(kind, tunnel_id, request.reclaim_secret)
+                or not self.reclaim_key.verify(
+                    kind, tunnel_id, request.reclaim_secret, link.reclaim_owner
+                )
             ):
                 _log.warn("refused a reclaim of {id} with a wrong secret", id=tunnel_id)
-                return refuse("reclaim_refused", "the reclaim secret does not match the tunnel")
+                return refuse(
+                    "reclaim_refused",
+                    "the reclaim secret does not match the tunnel (or another token's)",
+                )
             existing = self.registry.get(tunnel_id)
             if existing is not None:
                 if existing.owner is link:
                     return self._granted(request, existing)
-                # An authenticated reclaim wins over a stale session still holding the id.
-                _log.info("tunnel {id} reclaimed from an older link", id=tunnel_id)
-                self.close_tunnel(existing, "reclaimed by another link")
+                return self._reclaim_held(link, request, existing)
         else:
             tunnel_id = self.registry.fresh_id()
         if len(self.registry.owned_by(link)) >= self.config.max_tunnels_per_agent:
@@ -306,6 +322,47 @@ class Relay:
         )
         return self._granted(request, record)
 
+    def _reclaim_held(
+        self, link: RelayLink, request: TunnelRequest, existing: TunnelRecord
+    ) -> ControlMessage | defer.Deferred[ControlMessage | None]:
+        """
+        A verified reclaim of a tunnel another link holds: ask the holder whether it is
+        alive (`RelayLink.probe`), then decide again.
+        """
+        tunnel_id = existing.tunnel_id
+        if link.pending_reclaims >= self.config.max_tunnels_per_agent:
+            return TunnelRefused(
+                request.request_id,
+                "limit",
+                f"at most {self.config.max_tunnels_per_agent} reclaims may wait at once",
+            )
+        holder: RelayLink = existing.owner
+        link.pending_reclaims += 1
+        _log.info("tunnel {id} is held by another link: checking that it is alive", id=tunnel_id)
+
+        def decide(alive: bool) -> ControlMessage | defer.Deferred[ControlMessage | None] | None:
+            link.pending_reclaims -= 1
+            if link.lost or link not in self.links:
+                # The reclaiming link went away meanwhile: nobody to answer.
+                return None
+            if self.registry.get(tunnel_id) is existing and existing.owner is holder:
+                if alive:
+                    _log.warn(
+                        "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id
+                    )
+                    return TunnelRefused(
+                        request.request_id,
+                        "reclaim_refused",
+                        "the tunnel is held by another link, which is alive",
+                    )
+                _log.info("tunnel {id} reclaimed from an older link", id=tunnel_id)
+                self.close_tunnel(existing, "reclaimed by another link")
+            # Whatever changed meanwhile (the holder gone, the relay draining, a third link
+            # holding it now), the request is decided afresh.
+            return self.grant(link, request)
+
+        return holder.probe(RECLAIM_PROBE_TIMEOUT).addCallback(decide)
+
     def _granted(self, request: TunnelRequest, record: TunnelRecord) -> TunnelGranted:
         return TunnelGranted(
             request_id=request.request_id,
@@ -314,7 +371,9 @@ class Relay:
             port=self.config.public_port,
             tcp_host=self.domain if record.kind == "tcp" else None,
             tcp_port=record.tcp_port,
-            secret=self.reclaim_key.secret(record.kind, record.tunnel_id),
+            secret=self.reclaim_key.secret(
+                record.kind, record.tunnel_id, record.owner.reclaim_owner
+            ),
         )
 
     def _listen_tcp(self, record: TunnelRecord, wanted: int | None) -> bool:
@@ -475,7 +534,25 @@ class RelayLink(LinkProtocol):
         #: ``token:<digest>`` once accepted with a token, else ``addr:<source>`` (an IPv4
         #: address or an IPv6 /64) of a relay that needs no token.
         self.principal = "?"
+        #: Reclaims by this link waiting for the link that holds their tunnel to answer.
+        self.pending_reclaims = 0
         self._hello_timer: Any = None
+
+    @property
+    def reclaim_owner(self) -> str:
+        """
+        What the reclaim secrets of this link's tunnels bind: its token's identity, or ""
+        on a relay that takes no tokens (an address would not do: an agent's may change
+        between links).
+        """
+        return self.principal if self.principal.startswith("token:") else ""
+
+    @property
+    def lost(self) -> bool:
+        """
+        Whether the link's connection has ended.
+        """
+        return self._lost
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -524,7 +601,7 @@ class RelayLink(LinkProtocol):
                 "unauthorized", "the first control message must be hello", ErrorCode.UNAUTHORIZED
             )
         elif isinstance(message, TunnelRequest):
-            self.send(self.relay.grant(self, message))
+            self._answer(self.relay.grant(self, message))
         elif isinstance(message, TunnelClose):
             record = self.relay.registry.get(message.tunnel_id)
             if record is not None and record.owner is self:
@@ -532,6 +609,19 @@ class RelayLink(LinkProtocol):
                 _log.info("tunnel {id} closed by its agent", id=message.tunnel_id)
             else:
                 self.send(TunnelClosed(message.tunnel_id, "not held by this agent"))
+
+    def _answer(
+        self, answer: ControlMessage | defer.Deferred[ControlMessage | None] | None
+    ) -> None:
+        """
+        Send the answer to a request, now or when it is decided (None: nothing to send).
+        """
+        if isinstance(answer, defer.Deferred):
+            answer.addCallback(self._answer).addErrback(
+                lambda f: _log.failure("error answering a tunnel request", f)
+            )
+        elif answer is not None:
+            self.send(answer)
 
     def _hello(self, hello: AgentHello) -> None:
         if self.authenticated:
