@@ -21,7 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -37,11 +37,13 @@ from tunnel.link import (
     SpliceProtocol,
     Stream,
     StreamResetError,
+    half_close,
     set_nodelay,
     write_now,
 )
 from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
+from tunnel.relay._peerwatch import PausedWatch, set_keepalive, socket_of
 from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory, source_of
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
 from tunnel.relay._tokens import TokenFile
@@ -80,6 +82,10 @@ TOKENS_CHECK_INTERVAL = 2.0
 #: loses the tunnel (a stale session: the agent reconnected before the old link was found
 #: dead). A holder that answers keeps it, and the reclaim is refused.
 RECLAIM_PROBE_TIMEOUT = 1.0
+
+#: Octets a public TLS connection may deliver before its stream opens (TLS delivers none
+#: before the handshake completes; this only bounds what a TLS layer might let through).
+_EARLY_DATA_LIMIT = 256 * 1024
 
 #: What this relay supports beyond the first release (`RelayWelcome.features`).
 FEATURES = ("allow", "client_ca")
@@ -153,6 +159,8 @@ class Relay:
         )
         self.links: set[RelayLink] = set()
         self.public_connections: set[Protocol] = set()
+        #: Paused public connections, checked for clients that went away.
+        self.paused_watch = PausedWatch(reactor)
         #: Public connections refused by a tunnel's allow list, since start.
         self.denied_connections = 0
         self.draining = False
@@ -503,6 +511,7 @@ class Relay:
                 for protocol in list(self.public_connections):
                     if protocol.transport is not None:
                         protocol.transport.abortConnection()  # type: ignore[attr-defined]
+                self.paused_watch.stop()
                 done.callback(None)
                 return
             self.reactor.callLater(0.1, check)
@@ -664,10 +673,18 @@ class RelayLink(LinkProtocol):
         self.relay.link_lost(self)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class PublicProtocol(SpliceProtocol):
     """
     A public client's connection (TLS-terminated, or raw TCP), joined to a new stream.
+
+    A raw TCP connection's stream opens at once. A TLS connection's opens only once its
+    handshake has completed, client-certificate check included: before that no byte and
+    no connection reaches the agent, so a bare ClientHello costs the target nothing.
+
+    It is the producer registered on its stream (standing in for its transport) so that it
+    knows when it is paused, and puts itself in the relay's `PausedWatch` meanwhile: a
+    paused transport reads nothing, not even the client's FIN or RST.
     """
 
     def __init__(self, relay: Relay, tunnel_id: str) -> None:
@@ -676,14 +693,31 @@ class PublicProtocol(SpliceProtocol):
         self.tunnel_id = tunnel_id
         self._counted = False
         self._idle: Any = None
-        self._handshaking = False
-        self._close_when_ready = False
+        self._tls = False
+        self._paused = False
+        #: What arrived before the stream opened, and whether the client's input ended.
+        self._early: list[bytes] = []
+        self._early_size = 0
+        self._early_end = False
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
-        self._handshaking = isinstance(transport, TLSMemoryBIOProtocol)
+        self._tls = isinstance(transport, TLSMemoryBIOProtocol)
         set_nodelay(transport)
+        set_keepalive(socket_of(transport))
+        if not self._tls:
+            self._open()
+        # A TLS connection's stream opens in handshakeCompleted; the relay's handshake
+        # timeout bounds the wait.
+
+    def handshakeCompleted(self) -> None:
+        if self.other is None and not self.lost and self.transport is not None:
+            self._open()
+
+    def _open(self) -> None:
+        transport = self.transport
+        assert transport is not None
         stream = self.relay.open_public_stream(self.tunnel_id, self)
         if stream is None:
             transport.abortConnection()  # type: ignore[attr-defined]
@@ -691,31 +725,82 @@ class PublicProtocol(SpliceProtocol):
         self._counted = True
         self.relay.public_connections.add(self)
         self.other = stream
-        stream.registerProducer(transport, True)
+        stream.registerProducer(self, True)
         stream.attach(_Activity(self, transport))
         if self.relay.config.idle_timeout:
             self._touch()
+        early, self._early = self._early, []
+        if early:
+            write_now(stream, b"".join(early))
+        if self._early_end:
+            half_close(stream)
 
-    def handshakeCompleted(self) -> None:
-        self._handshaking = False
-        if self._close_when_ready and self.transport is not None:
-            self.transport.loseConnection()
+    # -- IPushProducer, for the stream: it pauses us when the agent has no credit left -----
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.relay.paused_watch.add(self)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.relay.paused_watch.discard(self)
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self.relay.paused_watch.discard(self)
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    # -- what the PausedWatch asks ---------------------------------------------------------
+
+    def peer_socket(self) -> Any:
+        return socket_of(self.transport)
+
+    @property
+    def may_half_close(self) -> bool:
+        return not self._tls
+
+    def peer_gone(self, why: str) -> None:
+        _log.info(
+            "tunnel {id}: public client gone while paused ({why}); resetting its stream",
+            id=self.tunnel_id,
+            why=why,
+        )
+        if self.transport is not None:
+            # connectionLost follows, and resets the stream (CANCEL).
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- data ------------------------------------------------------------------------------
 
     def target_unreachable(self) -> None:
         """
         The agent could not connect to the tunnel's target, so nothing was sent. Close
-        cleanly, after the TLS handshake if it is still going (the relay's handshake timeout
-        bounds that): the client sees an empty reply, not a TLS error that would look like
-        a problem with the relay's certificate.
+        cleanly (the stream opens only after any TLS handshake): the client sees an empty
+        reply, not a TLS error that would look like a problem with the relay's certificate.
         """
-        if self._handshaking:
-            self._close_when_ready = True
-        elif self.transport is not None:
+        if self.transport is not None:
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.other is None:
+            # Before the stream opens (TLS delivers nothing before its handshake completes;
+            # this only guards against a layer that would): kept, within a bound.
+            self._early.append(data)
+            self._early_size += len(data)
+            if self._early_size > _EARLY_DATA_LIMIT and self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
         self._touch()
         write_now(self.other, data)
+
+    def readConnectionLost(self) -> None:
+        if self.other is None:
+            self._early_end = True
+            return
+        super().readConnectionLost()
 
     def _touch(self) -> None:
         timeout = self.relay.config.idle_timeout
@@ -734,6 +819,9 @@ class PublicProtocol(SpliceProtocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self._early = []
+        self.relay.paused_watch.discard(self)
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         if not self._counted:
