@@ -42,6 +42,7 @@ from tunnel.wire import (
     LinkTerminated,
     LocalProtocolError,
     Multiplexer,
+    PingAcknowledged,
     StreamEnded,
     StreamOpened,
     StreamReset,
@@ -375,6 +376,11 @@ class LinkProtocol(Protocol):
         self._flush_call: IDelayedCall | None = None
         self._lost = False
         self._lost_waiters: list[defer.Deferred[None]] = []
+        #: `probe` callers waiting for a ping to be answered, and the probe's deadline.
+        self._probe_waiters: list[defer.Deferred[bool]] = []
+        self._probe_timer: IDelayedCall | None = None
+        #: The last probe went unanswered, and no ping has been answered since.
+        self._probe_failed = False
         self.terminated: tuple[int, str, bool] | None = None
         #: The transport's addresses, kept for streams asking after the link is gone.
         self.host: Any = None
@@ -450,6 +456,7 @@ class LinkProtocol(Protocol):
             for stream in list(self.streams.values()):
                 stream._reset(ErrorCode.CANCEL, "link lost")
         finally:
+            self._probe_done(False)
             try:
                 self.linkLost(reason)
             finally:
@@ -526,6 +533,36 @@ class LinkProtocol(Protocol):
         if self._abort_call is None:
             self._abort_call = self.reactor.callLater(timeout, self._abort)
         return done
+
+    def probe(self, timeout: float) -> defer.Deferred[bool]:
+        """
+        Ask whether the peer is alive: send a PING and fire True as soon as a ping is
+        answered (a PING ACK proves the peer reads what we send, which octets that merely
+        arrive from it do not), False if none is within `timeout` seconds or the link ends.
+
+        Probes made while one is pending share its PING and deadline. Once a probe failed,
+        later ones fail at once until a ping is answered again (the keepalive's pings keep
+        asking).
+        """
+        d: defer.Deferred[bool] = defer.Deferred()
+        if self._lost or self.transport is None or self.mux.closed or self._probe_failed:
+            d.callback(False)
+            return d
+        self._probe_waiters.append(d)
+        if self._probe_timer is None:
+            self._probe_timer = self.reactor.callLater(timeout, self._probe_done, False)
+            self.mux.ping()
+            self.flush()
+        return d
+
+    def _probe_done(self, answered: bool) -> None:
+        timer, self._probe_timer = self._probe_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._probe_failed = not answered and timer is not None
+        waiters, self._probe_waiters = self._probe_waiters, []
+        for waiter in waiters:
+            waiter.callback(answered)
 
     def flush_soon(self) -> None:
         """
@@ -621,6 +658,10 @@ class LinkProtocol(Protocol):
             elif kind is ControlReceived:
                 assert isinstance(event, ControlReceived)
                 self.controlReceived(event.payload)
+            elif kind is PingAcknowledged:
+                self._probe_failed = False
+                if self._probe_waiters:
+                    self._probe_done(True)
             elif kind is HelloReceived:
                 self.linkReady()
             elif kind is GoAwayReceived:

@@ -174,9 +174,11 @@ def test_nothing_listening_tls_handshake_still_completes_then_clean_close(
     procs: Procs, relay: Relay
 ):
     """
-    The agent's refusal reaches the relay while the client is still in its TLS handshake:
-    the relay finishes the handshake and then closes with close_notify, so the client sees
-    an empty reply, never a handshake failure or a reset that would look like a TLS problem.
+    A client that stops after its ClientHello gets no stream (the relay opens one only once
+    the handshake completed, so the agent tries nothing yet); once it completes the
+    handshake, the agent's refusal makes the relay close with close_notify, so the client
+    sees an empty reply, never a handshake failure or a reset that would look like a TLS
+    problem.
     """
     port = free_port()  # nothing listens here
     agent = procs.agent(relay, [str(port)])
@@ -186,9 +188,13 @@ def test_nothing_listening_tls_handshake_still_completes_then_clean_close(
     with socket.create_connection((LOOPBACK, relay.port), timeout=DEADLINE) as sock:
         with pytest.raises(ssl.SSLWantReadError):
             tls.do_handshake()
-        sock.sendall(outgoing.read())  # the ClientHello: the relay opens a stream
-        agent.proc.wait_log(rf"cannot connect to 127\.0\.0\.1:{port}")
-        # Only now the rest of the handshake, then a read for the response.
+        sock.sendall(outgoing.read())  # the ClientHello alone: no stream yet
+        # The relay's first flight arrives: the connection was routed, its TLS layer runs.
+        first = sock.recv(65536)
+        assert first
+        incoming.write(first)
+        assert f"cannot connect to 127.0.0.1:{port}" not in agent.proc.text()
+        # Now the rest of the handshake, then a read for the response.
         deadline = time.monotonic() + DEADLINE
         closed_cleanly = False
         while time.monotonic() < deadline:
@@ -210,6 +216,7 @@ def test_nothing_listening_tls_handshake_still_completes_then_clean_close(
                 incoming.write(data)
         assert closed_cleanly
         assert tls.version() is not None  # the handshake did complete
+    agent.proc.wait_log(rf"cannot connect to 127\.0\.0\.1:{port}")
 
 
 def test_nothing_listening_tcp_client_closed_promptly(procs: Procs, relay: Relay):

@@ -53,8 +53,15 @@ class ReclaimKey:
     """
     The key that makes reclaim secrets verifiable after a restart, with no database.
 
-    The secret for a tunnel is HMAC-SHA256(key, "tunnel:" + kind + ":" + id); the key lives
-    in the relay's state directory (created once, mode 0600).
+    The secret for a tunnel is HMAC-SHA256(key, "tunnel:" + kind + ":" + id + ":" + owner),
+    where `owner` is who the tunnel was granted to: the identity of the agent's token
+    (``token:<digest>``), or "" on a relay that takes no tokens (nothing to bind: an agent's
+    address may change between links). A token's secrets therefore prove nothing for another
+    token, nor for the same id after the token is revoked and another one presents them. The
+    key lives in the relay's state directory (created once, mode 0600).
+
+    Secrets made before the owner was bound (the message without ":" + owner) no longer
+    verify on a relay with tokens: agents holding one get a fresh id once.
     """
 
     def __init__(self, key: bytes) -> None:
@@ -87,18 +94,20 @@ class ReclaimKey:
         os.unlink(temporary)
         return cls(key)
 
-    def secret(self, kind: str, tunnel_id: str) -> str:
+    def secret(self, kind: str, tunnel_id: str, owner: str = "") -> str:
         """
-        The reclaim secret of a tunnel.
+        The reclaim secret of a tunnel granted to `owner` ("" for none).
         """
-        digest = hmac.new(self._key, f"tunnel:{kind}:{tunnel_id}".encode(), hashlib.sha256)
+        message = f"tunnel:{kind}:{tunnel_id}" + (f":{owner}" if owner else "")
+        digest = hmac.new(self._key, message.encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
-    def verify(self, kind: str, tunnel_id: str, secret: str) -> bool:
+    def verify(self, kind: str, tunnel_id: str, secret: str, owner: str = "") -> bool:
         """
-        Whether `secret` proves ownership of `tunnel_id`, compared in constant time.
+        Whether `secret` proves that `owner` was granted `tunnel_id`, compared in constant
+        time.
         """
-        return hmac.compare_digest(self.secret(kind, tunnel_id).encode(), secret.encode())
+        return hmac.compare_digest(self.secret(kind, tunnel_id, owner).encode(), secret.encode())
 
 
 class PortPool:

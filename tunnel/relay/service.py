@@ -21,7 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
@@ -37,12 +37,14 @@ from tunnel.link import (
     SpliceProtocol,
     Stream,
     StreamResetError,
+    half_close,
     set_nodelay,
     write_now,
 )
 from tunnel.relay import _memory
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._info import info_factory
+from tunnel.relay._peerwatch import PausedWatch, set_keepalive, socket_of
 from tunnel.relay._ratelog import RateLog, shorten
 from tunnel.relay._shares import Buckets, Holdings, TokenBucket
 from tunnel.relay._sni import AccessDenied, Route, SNIDispatchFactory, source_of
@@ -78,6 +80,15 @@ _log = Logger()
 
 #: Seconds between checks of the tokens file for changes.
 TOKENS_CHECK_INTERVAL = 2.0
+
+#: Seconds a link holding a tunnel that another link reclaims has to answer a ping before it
+#: loses the tunnel (a stale session: the agent reconnected before the old link was found
+#: dead). A holder that answers keeps it, and the reclaim is refused.
+RECLAIM_PROBE_TIMEOUT = 1.0
+
+#: Octets a public TLS connection may deliver before its stream opens (TLS delivers none
+#: before the handshake completes; this only bounds what a TLS layer might let through).
+_EARLY_DATA_LIMIT = 256 * 1024
 
 #: What this relay supports beyond the first release (`RelayWelcome.features`).
 FEATURES = ("allow", "client_ca")
@@ -193,6 +204,8 @@ class Relay:
         self.public_connections: set[Protocol] = set()
         #: Each public connection with a stream: its tunnel and its source.
         self._public_sources: dict[Protocol, tuple[TunnelRecord, str]] = {}
+        #: Paused public connections, checked for clients that went away.
+        self.paused_watch = PausedWatch(reactor)
         #: Public connections refused by a tunnel's allow list, since start.
         self.denied_connections = 0
         #: Refusals since start by reason (one `/status` key each, see `REFUSALS`).
@@ -303,7 +316,7 @@ class Relay:
         theirs = self.principal_requests
         if ours.tokens >= 1 and theirs.take(link.principal):
             ours.take()
-            link.send(self.grant(link, request))
+            link.answer(self.grant(link, request))
             return
         self.refused["tunnel_requests_rate"] += 1
         per_link = ours.tokens < 1
@@ -329,9 +342,17 @@ class Relay:
         if not link.strikes.take():
             link.goAway(ErrorCode.ENHANCE_YOUR_CALM, "tunnel requests refused for their rate")
 
-    def grant(self, link: RelayLink, request: TunnelRequest) -> ControlMessage:
+    def grant(
+        self, link: RelayLink, request: TunnelRequest
+    ) -> ControlMessage | defer.Deferred[ControlMessage | None]:
         """
         Grant a tunnel to `link`, or say why not.
+
+        A reclaim is verified against the identity `link` was accepted with (the reclaim
+        secret binds its token). Of an id that another link still holds, the answer comes
+        later, as a Deferred: the holder is pinged, keeps its tunnel (and the reclaim is
+        refused) if it answers within `RECLAIM_PROBE_TIMEOUT`, and loses it otherwise; the
+        Deferred fires None if `link` itself is gone by then.
         """
         refuse = lambda code, message: TunnelRefused(request.request_id, code, message)  # noqa: E731
         if self.draining:
@@ -342,17 +363,20 @@ class Relay:
             if (
                 not valid_tunnel_id(tunnel_id)
                 or request.reclaim_secret is None
-                or not self.reclaim_key.verify(kind, tunnel_id, request.reclaim_secret)
+                or not self.reclaim_key.verify(
+                    kind, tunnel_id, request.reclaim_secret, link.reclaim_owner
+                )
             ):
                 _log.warn("refused a reclaim of {id} with a wrong secret", id=tunnel_id)
-                return refuse("reclaim_refused", "the reclaim secret does not match the tunnel")
+                return refuse(
+                    "reclaim_refused",
+                    "the reclaim secret does not match the tunnel (or another token's)",
+                )
             existing = self.registry.get(tunnel_id)
             if existing is not None:
                 if existing.owner is link:
                     return self._granted(request, existing)
-                # An authenticated reclaim wins over a stale session still holding the id.
-                _log.info("tunnel {id} reclaimed from an older link", id=tunnel_id)
-                self.close_tunnel(existing, "reclaimed by another link")
+                return self._reclaim_held(link, request, existing)
         else:
             tunnel_id = self.registry.fresh_id()
         if len(self.registry.owned_by(link)) >= self.config.max_tunnels_per_agent:
@@ -392,6 +416,47 @@ class Relay:
         )
         return self._granted(request, record)
 
+    def _reclaim_held(
+        self, link: RelayLink, request: TunnelRequest, existing: TunnelRecord
+    ) -> ControlMessage | defer.Deferred[ControlMessage | None]:
+        """
+        A verified reclaim of a tunnel another link holds: ask the holder whether it is
+        alive (`RelayLink.probe`), then decide again.
+        """
+        tunnel_id = existing.tunnel_id
+        if link.pending_reclaims >= self.config.max_tunnels_per_agent:
+            return TunnelRefused(
+                request.request_id,
+                "limit",
+                f"at most {self.config.max_tunnels_per_agent} reclaims may wait at once",
+            )
+        holder: RelayLink = existing.owner
+        link.pending_reclaims += 1
+        _log.info("tunnel {id} is held by another link: checking that it is alive", id=tunnel_id)
+
+        def decide(alive: bool) -> ControlMessage | defer.Deferred[ControlMessage | None] | None:
+            link.pending_reclaims -= 1
+            if link.lost or link not in self.links:
+                # The reclaiming link went away meanwhile: nobody to answer.
+                return None
+            if self.registry.get(tunnel_id) is existing and existing.owner is holder:
+                if alive:
+                    _log.warn(
+                        "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id
+                    )
+                    return TunnelRefused(
+                        request.request_id,
+                        "reclaim_refused",
+                        "the tunnel is held by another link, which is alive",
+                    )
+                _log.info("tunnel {id} reclaimed from an older link", id=tunnel_id)
+                self.close_tunnel(existing, "reclaimed by another link")
+            # Whatever changed meanwhile (the holder gone, the relay draining, a third link
+            # holding it now), the request is decided afresh.
+            return self.grant(link, request)
+
+        return holder.probe(RECLAIM_PROBE_TIMEOUT).addCallback(decide)
+
     def _granted(self, request: TunnelRequest, record: TunnelRecord) -> TunnelGranted:
         return TunnelGranted(
             request_id=request.request_id,
@@ -400,7 +465,9 @@ class Relay:
             port=self.config.public_port,
             tcp_host=self.domain if record.kind == "tcp" else None,
             tcp_port=record.tcp_port,
-            secret=self.reclaim_key.secret(record.kind, record.tunnel_id),
+            secret=self.reclaim_key.secret(
+                record.kind, record.tunnel_id, record.owner.reclaim_owner
+            ),
         )
 
     def _listen_tcp(self, record: TunnelRecord, wanted: int | None) -> bool:
@@ -576,6 +643,7 @@ class Relay:
                 for protocol in list(self.public_connections):
                     if protocol.transport is not None:
                         protocol.transport.abortConnection()  # type: ignore[attr-defined]
+                self.paused_watch.stop()
                 done.callback(None)
                 return
             self.reactor.callLater(0.1, check)
@@ -607,6 +675,8 @@ class RelayLink(LinkProtocol):
         #: ``token:<digest>`` once accepted with a token, else ``addr:<source>`` (an IPv4
         #: address or an IPv6 /64) of a relay that needs no token.
         self.principal = "?"
+        #: Reclaims by this link waiting for the link that holds their tunnel to answer.
+        self.pending_reclaims = 0
         self._hello_timer: Any = None
         #: Its tunnel requests, and its refusals for their rate (see `Relay.tunnel_request`).
         self.requests = TokenBucket(
@@ -615,6 +685,22 @@ class RelayLink(LinkProtocol):
         self.strikes = TokenBucket(1.0, RATE_STRIKES, relay.reactor.seconds)
         #: Refused, its GOAWAY about to follow: control messages are ignored.
         self._ending = False
+
+    @property
+    def reclaim_owner(self) -> str:
+        """
+        What the reclaim secrets of this link's tunnels bind: its token's identity, or ""
+        on a relay that takes no tokens (an address would not do: an agent's may change
+        between links).
+        """
+        return self.principal if self.principal.startswith("token:") else ""
+
+    @property
+    def lost(self) -> bool:
+        """
+        Whether the link's connection has ended.
+        """
+        return self._lost
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -680,6 +766,17 @@ class RelayLink(LinkProtocol):
                 _log.info("tunnel {id} closed by its agent", id=message.tunnel_id)
             else:
                 self.send(TunnelClosed(message.tunnel_id, "not held by this agent"))
+
+    def answer(self, answer: ControlMessage | defer.Deferred[ControlMessage | None] | None) -> None:
+        """
+        Send the answer to a request, now or when it is decided (None: nothing to send).
+        """
+        if isinstance(answer, defer.Deferred):
+            answer.addCallback(self.answer).addErrback(
+                lambda f: _log.failure("error answering a tunnel request", f)
+            )
+        elif answer is not None:
+            self.send(answer)
 
     def _hello(self, hello: AgentHello) -> None:
         if self.authenticated:
@@ -760,10 +857,18 @@ class RelayLink(LinkProtocol):
         self.relay.link_lost(self)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class PublicProtocol(SpliceProtocol):
     """
     A public client's connection (TLS-terminated, or raw TCP), joined to a new stream.
+
+    A raw TCP connection's stream opens at once. A TLS connection's opens only once its
+    handshake has completed, client-certificate check included: before that no byte and
+    no connection reaches the agent, so a bare ClientHello costs the target nothing.
+
+    It is the producer registered on its stream (standing in for its transport) so that it
+    knows when it is paused, and puts itself in the relay's `PausedWatch` meanwhile: a
+    paused transport reads nothing, not even the client's FIN or RST.
     """
 
     def __init__(self, relay: Relay, tunnel_id: str) -> None:
@@ -772,14 +877,31 @@ class PublicProtocol(SpliceProtocol):
         self.tunnel_id = tunnel_id
         self._counted = False
         self._idle: Any = None
-        self._handshaking = False
-        self._close_when_ready = False
+        self._tls = False
+        self._paused = False
+        #: What arrived before the stream opened, and whether the client's input ended.
+        self._early: list[bytes] = []
+        self._early_size = 0
+        self._early_end = False
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
-        self._handshaking = isinstance(transport, TLSMemoryBIOProtocol)
+        self._tls = isinstance(transport, TLSMemoryBIOProtocol)
         set_nodelay(transport)
+        set_keepalive(socket_of(transport))
+        if not self._tls:
+            self._open()
+        # A TLS connection's stream opens in handshakeCompleted; the relay's handshake
+        # timeout bounds the wait.
+
+    def handshakeCompleted(self) -> None:
+        if self.other is None and not self.lost and self.transport is not None:
+            self._open()
+
+    def _open(self) -> None:
+        transport = self.transport
+        assert transport is not None
         stream = self.relay.open_public_stream(self.tunnel_id, self)
         if stream is None:
             transport.abortConnection()  # type: ignore[attr-defined]
@@ -787,31 +909,82 @@ class PublicProtocol(SpliceProtocol):
         self._counted = True
         self.relay.public_connections.add(self)
         self.other = stream
-        stream.registerProducer(transport, True)
+        stream.registerProducer(self, True)
         stream.attach(_Activity(self, transport))
         if self.relay.config.idle_timeout:
             self._touch()
+        early, self._early = self._early, []
+        if early:
+            write_now(stream, b"".join(early))
+        if self._early_end:
+            half_close(stream)
 
-    def handshakeCompleted(self) -> None:
-        self._handshaking = False
-        if self._close_when_ready and self.transport is not None:
-            self.transport.loseConnection()
+    # -- IPushProducer, for the stream: it pauses us when the agent has no credit left -----
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.relay.paused_watch.add(self)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.relay.paused_watch.discard(self)
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self.relay.paused_watch.discard(self)
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    # -- what the PausedWatch asks ---------------------------------------------------------
+
+    def peer_socket(self) -> Any:
+        return socket_of(self.transport)
+
+    @property
+    def may_half_close(self) -> bool:
+        return not self._tls
+
+    def peer_gone(self, why: str) -> None:
+        _log.info(
+            "tunnel {id}: public client gone while paused ({why}); resetting its stream",
+            id=self.tunnel_id,
+            why=why,
+        )
+        if self.transport is not None:
+            # connectionLost follows, and resets the stream (CANCEL).
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- data ------------------------------------------------------------------------------
 
     def target_unreachable(self) -> None:
         """
         The agent could not connect to the tunnel's target, so nothing was sent. Close
-        cleanly, after the TLS handshake if it is still going (the relay's handshake timeout
-        bounds that): the client sees an empty reply, not a TLS error that would look like
-        a problem with the relay's certificate.
+        cleanly (the stream opens only after any TLS handshake): the client sees an empty
+        reply, not a TLS error that would look like a problem with the relay's certificate.
         """
-        if self._handshaking:
-            self._close_when_ready = True
-        elif self.transport is not None:
+        if self.transport is not None:
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.other is None:
+            # Before the stream opens (TLS delivers nothing before its handshake completes;
+            # this only guards against a layer that would): kept, within a bound.
+            self._early.append(data)
+            self._early_size += len(data)
+            if self._early_size > _EARLY_DATA_LIMIT and self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
         self._touch()
         write_now(self.other, data)
+
+    def readConnectionLost(self) -> None:
+        if self.other is None:
+            self._early_end = True
+            return
+        super().readConnectionLost()
 
     def _touch(self) -> None:
         timeout = self.relay.config.idle_timeout
@@ -830,6 +1003,9 @@ class PublicProtocol(SpliceProtocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self._early = []
+        self.relay.paused_watch.discard(self)
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         if not self._counted:
