@@ -76,6 +76,10 @@ _log = Logger()
 #: Seconds between checks of the tokens file for changes.
 TOKENS_CHECK_INTERVAL = 2.0
 
+#: Warnings logged about one agent link's doings (refused reclaims, ...) before the rest
+#: are counted but not logged.
+MAX_WARNINGS_PER_LINK = 20
+
 #: What this relay supports beyond the first release (`RelayWelcome.features`).
 FEATURES = ("allow", "client_ca")
 
@@ -258,7 +262,7 @@ class Relay:
                 or request.reclaim_secret is None
                 or not self.reclaim_key.verify(kind, tunnel_id, request.reclaim_secret)
             ):
-                _log.warn("refused a reclaim of {id} with a wrong secret", id=tunnel_id)
+                link.warn("refused a reclaim of {id} with a wrong secret", id=tunnel_id)
                 return refuse("reclaim_refused", "the reclaim secret does not match the tunnel")
             existing = self.registry.get(tunnel_id)
             if existing is not None:
@@ -465,9 +469,13 @@ class RelayLink(LinkProtocol):
             settings=config.link,
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
+            # Until its hello is accepted, an agent may send a few KiB of HELLO, PING and
+            # CONTROL only: nothing it does before then costs the relay more than that.
+            gated=True,
         )
         self.relay = relay
         self.authenticated = False
+        self._warnings = 0
         #: The token it was accepted with (checked again when the tokens change).
         self.token: str | None = None
         self.peer_name = "?"
@@ -495,6 +503,18 @@ class RelayLink(LinkProtocol):
             _log.warn("agent link from {peer} sent no hello in time", peer=self.peer_name)
             self.refuse("timeout", "no hello in time", ErrorCode.TIMEOUT)
 
+    def warn(self, text: str, **fields: Any) -> None:
+        """
+        Log a warning about what this agent did, at most `MAX_WARNINGS_PER_LINK` times per
+        link (then once that the rest are not logged), so that a peer repeating a refused
+        thing cannot fill the relay's disk.
+        """
+        self._warnings += 1
+        if self._warnings <= MAX_WARNINGS_PER_LINK:
+            _log.warn(text, **fields)
+        elif self._warnings == MAX_WARNINGS_PER_LINK + 1:
+            _log.warn("agent {peer}: further warnings on this link not logged", peer=self.peer_name)
+
     def send(self, message: ControlMessage) -> None:
         """
         Send a control message to the agent.
@@ -512,7 +532,7 @@ class RelayLink(LinkProtocol):
         try:
             message = decode_message(payload)
         except ControlError as e:
-            _log.warn("malformed control message from {peer}: {e}", peer=self.peer_name, e=e)
+            self.warn("malformed control message from {peer}: {e}", peer=self.peer_name, e=e)
             self.refuse("bad_message", str(e), ErrorCode.PROTOCOL_ERROR)
             return
         if message is None:
@@ -546,6 +566,7 @@ class RelayLink(LinkProtocol):
             )
             return
         self.authenticated = True
+        self.acceptPeer()
         self.token = hello.token
         if hello.token:
             self.principal = "token:" + hashlib.sha256(hello.token.encode()).hexdigest()[:32]
