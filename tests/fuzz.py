@@ -4,10 +4,14 @@ Fuzzer for the link protocol's sans-IO core.
 Feeds random and mutated frame sequences into a fresh `Multiplexer` (which must never raise
 from `receive_data`: violations become events), into `FrameDecoder` (which may raise only
 `ProtocolError`), and feeds random and mutated JSON into `control.decode_message` and
-`StreamInfo.decode` (which may raise only `ControlError`). Every input's run time is measured
-against a budget; inputs over it are counted and the slowest is reported.
+`StreamInfo.decode` (which may raise only `ControlError`). The ``message`` target builds
+control messages member by member from hostile values (lone surrogates, oversized strings,
+wrong types, deep nesting) and checks that whatever decodes keeps every member within its
+rule, every string encodable to UTF-8 (so no handler meets a `UnicodeEncodeError`). Every
+input's run time is measured against a budget; inputs over it are counted and the slowest
+is reported.
 
-    python -m tests.fuzz [--iterations 1000000] [--seed N] [--targets mux,decoder,control]
+    python -m tests.fuzz [--iterations 1000000] [--seed N] [--targets mux,decoder,control,message]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ __all__ = ["TARGETS", "Failure", "Report", "main", "run"]
 
 #: Time one input may take before it is counted as slow.
 BUDGET = 0.05
-TARGETS = ("mux", "decoder", "control")
+TARGETS = ("mux", "decoder", "control", "message")
 
 
 @dataclass
@@ -322,11 +326,98 @@ def _check_decoder(rng: random.Random) -> bytes:
 
 def _check_control(rng: random.Random) -> bytes:
     data = _random_json(rng)
-    for decode in (C.decode_message, C.StreamInfo.decode):
-        try:
-            decode(data)
-        except C.ControlError:
-            pass
+    _decode_checked(data)
+    return data
+
+
+_HOSTILE_STRINGS = [
+    "",
+    "\ud800",
+    "a\udfffb",
+    "\udc00" * 3,
+    "x" * 300,
+    "x" * 1025,
+    "x" * 5000,
+    "é" * 513,
+    "tls",
+    "tcp",
+    "abcdefghij234567",
+    "UPPER",
+    "a\nb",
+    "\x00",
+    "a.b",
+    "h2",
+]
+
+
+def _hostile_value(rng: random.Random, depth: int = 0) -> object:
+    r = rng.random()
+    if r < 0.35:
+        return rng.choice(_HOSTILE_STRINGS)
+    if r < 0.5:
+        return rng.choice([None, True, False, 0, 1, -1, 255, 256, 65535, 65536, 1 << 53, 1 << 70])
+    if r < 0.6:
+        return rng.choice([0.0, 0.5, 5.0, -1.0, 1e308, 86400.5])
+    if r < 0.7:
+        return "".join(chr(rng.randrange(0x110000)) for _ in range(rng.randrange(8)))
+    if depth > 5:
+        return rng.choice(_HOSTILE_STRINGS)
+    if r < 0.85:
+        return [_hostile_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {
+        rng.choice([*_HOSTILE_STRINGS, "allow", "client_ca"]): _hostile_value(rng, depth + 1)
+        for _ in range(rng.randrange(4))
+    }
+
+
+def _hostile_message(rng: random.Random) -> bytes:
+    body = json.loads(C.encode_message(_random_message(rng)))
+    members = [name for name in body if name != "type"] + ["tunnel", "client", "server"]
+    for _ in range(rng.randrange(1, 4)):
+        body[rng.choice(members)] = _hostile_value(rng)
+    if rng.random() < 0.1:
+        body["type"] = rng.choice(_HOSTILE_STRINGS)
+    if rng.random() < 0.1:
+        del body[rng.choice(list(body))]
+    # ensure_ascii: lone surrogates travel as the JSON escapes a hostile peer sends.
+    return json.dumps(body).encode()
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    return []
+
+
+def _decode_checked(data: bytes) -> None:
+    """Decode with both decoders; only `ControlError`, and what decodes is within bounds."""
+    try:
+        message = C.decode_message(data)
+    except C.ControlError:
+        message = None
+    if message is not None:
+        for name, value in vars(message).items():
+            valid, rule = C._FIELDS[name]
+            assert valid(value), f"{message.TYPE}.{name} must be {rule}"
+            for s in _strings(value):
+                s.encode("utf-8")
+        C.encode_message(message)
+    try:
+        info = C.StreamInfo.decode(data)
+    except C.ControlError:
+        return
+    for s in (info.tunnel_id, info.client_host, info.server_host):
+        assert len(s.encode("utf-8")) <= C.MAX_ADDRESS
+    assert 0 <= info.client_port <= 65535 and 0 <= info.server_port <= 65535
+
+
+def _check_message(rng: random.Random) -> bytes:
+    data = _hostile_message(rng)
+    _decode_checked(data)
     return data
 
 
@@ -334,6 +425,7 @@ _CHECKS: dict[str, Callable[[random.Random], bytes]] = {
     "mux": _check_mux,
     "decoder": _check_decoder,
     "control": _check_control,
+    "message": _check_message,
 }
 
 
@@ -380,6 +472,8 @@ def _regenerate(target: str, input_seed: int) -> bytes:
     rng = random.Random(input_seed)
     if target == "control":
         return _random_json(rng)
+    if target == "message":
+        return _hostile_message(rng)
     if target == "decoder":
         return _mutate(rng, _mux_transcript(rng, rng.random() < 0.5))
     return b"(see seed)"

@@ -14,7 +14,8 @@ Flow control runs end to end:
 - A stream whose queued output passes `HIGH_WATER` pauses the producer registered on it (the
   socket that feeds it) until the link has framed the queue below `LOW_WATER`.
 - The link is itself a producer for its transport: when the socket's buffer is full, the link
-  stops framing DATA (control frames wait in the multiplexer, whose backlog is bounded).
+  stops framing DATA (control frames wait in the multiplexer, whose backlog is bounded: past
+  it, whether the frames answer the peer or come from this side, the link ends).
   One stream's pause never pauses the link, nor any other stream.
 """
 
@@ -345,6 +346,9 @@ class LinkProtocol(Protocol):
 
     @param keepalive_interval: seconds of silence from the peer before we ping it.
     @param keepalive_timeout: seconds of silence after which the link is declared dead.
+    @param gated: the peer must be accepted (`acceptPeer`, after its first control message)
+        before it may do more than HELLO, PING, GOAWAY and CONTROL, in at most
+        `LinkSettings.max_unaccepted_input` octets (see `Multiplexer`).
     """
 
     #: The multiplexer; created in `connectionMade`.
@@ -358,8 +362,10 @@ class LinkProtocol(Protocol):
         settings: LinkSettings | None = None,
         keepalive_interval: float = 5.0,
         keepalive_timeout: float = 15.0,
+        gated: bool = False,
     ) -> None:
         self.reactor = reactor
+        self.gated = gated
         self.client = client
         self.settings = settings or LinkSettings()
         self.keepalive_interval = keepalive_interval
@@ -423,7 +429,7 @@ class LinkProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.mux = Multiplexer(
-            client=self.client, settings=self.settings, clock=self.reactor.seconds
+            client=self.client, settings=self.settings, clock=self.reactor.seconds, gated=self.gated
         )
         transport = self.transport
         assert transport is not None
@@ -441,8 +447,12 @@ class LinkProtocol(Protocol):
         self._last_received = self.reactor.seconds()
         self._receiving = True
         try:
-            events = self.mux.receive_data(data)
-            self._dispatch(events)
+            mux = self.mux
+            self._dispatch(mux.receive_data(data))
+            # A gated link holds input after each control message until the handler has
+            # accepted the peer (or not): then the rest is processed, in order.
+            while mux.input_pending:
+                self._dispatch(mux.receive_data(b""))
         finally:
             self._receiving = False
         self.flush()
@@ -497,6 +507,13 @@ class LinkProtocol(Protocol):
         self.streams[stream_id] = stream
         self.flush_soon()
         return stream
+
+    def acceptPeer(self) -> None:
+        """
+        The peer is accepted (a gated link's first control message checked out): every
+        frame type is allowed from now on.
+        """
+        self.mux.accept_peer()
 
     def sendControl(self, payload: bytes) -> None:
         """
@@ -588,6 +605,10 @@ class LinkProtocol(Protocol):
         if transport is None:
             return
         mux = self.mux
+        if mux.backlog_exceeded:
+            # Frames this side queued (control answers, resets, OPENs) pile up like replies
+            # when the peer does not read: past the bound the link ends, backlog dropped.
+            self._dispatch(mux.check_backlog())
         if mux.closed:
             # The link is over: its GOAWAY goes out even to a peer that is not reading,
             # and the transport closes.
@@ -657,7 +678,15 @@ class LinkProtocol(Protocol):
                     stream._reset(event.code, "by the peer" if event.remote else "")
             elif kind is ControlReceived:
                 assert isinstance(event, ControlReceived)
-                self.controlReceived(event.payload)
+                try:
+                    self.controlReceived(event.payload)
+                except Exception:
+                    # A bug in a handler ends this link cleanly, never half-alive; the rest
+                    # of this input is moot (the link's streams are reset by the GOAWAY).
+                    _log.failure("error handling a control message from {peer}", peer=self.peer)
+                    self.terminated = (ErrorCode.INTERNAL_ERROR, "internal error", False)
+                    self._dispatch(self.mux.go_away(ErrorCode.INTERNAL_ERROR, "internal error"))
+                    return
             elif kind is PingAcknowledged:
                 self._probe_failed = False
                 if self._probe_waiters:

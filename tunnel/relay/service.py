@@ -367,7 +367,12 @@ class Relay:
                     kind, tunnel_id, request.reclaim_secret, link.reclaim_owner
                 )
             ):
-                _log.warn("refused a reclaim of {id} with a wrong secret", id=tunnel_id)
+                self.ratelog.warn(
+                    "reclaim-refused",
+                    "refused a reclaim of {id} with a wrong secret from {peer}",
+                    id=tunnel_id,
+                    peer=link.peer_name,
+                )
                 return refuse(
                     "reclaim_refused",
                     "the reclaim secret does not match the tunnel (or another token's)",
@@ -665,6 +670,9 @@ class RelayLink(LinkProtocol):
             settings=config.link,
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
+            # Until its hello is accepted, an agent may send a few KiB of HELLO, PING and
+            # CONTROL only: nothing it does before then costs the relay more than that.
+            gated=True,
         )
         self.relay = relay
         self.authenticated = False
@@ -817,6 +825,7 @@ class RelayLink(LinkProtocol):
             self.reactor.callLater(0, self.goAway, ErrorCode.ENHANCE_YOUR_CALM, message)
             return
         self.authenticated = True
+        self.acceptPeer()
         self.token = hello.token
         self.principal = principal
         relay.principal_links.add(principal, self)

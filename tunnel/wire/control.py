@@ -10,7 +10,10 @@ type, so that later versions can add both without breaking earlier peers.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, Field, asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 __all__ = [
@@ -37,8 +40,9 @@ TunnelKind = Literal["tls", "tcp"]
 
 class ControlError(ValueError):
     """
-    A control message or stream metadata is malformed: not JSON, not an object, or a
-    member of the wrong type. The link ends with PROTOCOL_ERROR.
+    A control message or stream metadata is malformed: not JSON, not an object, a member
+    of the wrong type, out of its bounds (see `_FIELDS`), or a string that cannot be UTF-8.
+    The link ends with PROTOCOL_ERROR.
     """
 
 
@@ -191,32 +195,162 @@ _MESSAGES: dict[str, type[ControlMessage]] = {
     )
 }
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "version": (int,),
-    "token": (str, type(None)),
-    "agent": (str,),
-    "domain": (str,),
-    "public_port": (int,),
-    "keepalive_interval": (int, float),
-    "keepalive_timeout": (int, float),
-    "relay": (str,),
-    "code": (str,),
-    "message": (str,),
-    "request_id": (int,),
-    "kind": (str,),
-    "options": (dict,),
-    "reclaim_id": (str, type(None)),
-    "reclaim_secret": (str, type(None)),
-    "reclaim_port": (int, type(None)),
-    "tunnel_id": (str,),
-    "host": (str,),
-    "port": (int,),
-    "tcp_host": (str, type(None)),
-    "tcp_port": (int, type(None)),
-    "secret": (str,),
-    "reason": (str,),
-    "features": (list,),
+#: Bounds of the string members (UTF-8 octets). Tokens and secrets are credentials: a
+#: kilobyte is far beyond any real one and keeps what a peer can make the relay hash small.
+MAX_TOKEN = 1024
+MAX_SECRET = 1024
+#: Free text for humans (refusal messages, close reasons).
+MAX_TEXT = 4096
+#: Software names, logged by the relay and the agent.
+MAX_NAME = 256
+#: A client's or the relay's address in stream metadata (an IPv6 address with a zone fits).
+MAX_ADDRESS = 255
+#: Host names (RFC 1035: 253 octets).
+MAX_HOST = 253
+#: Machine-readable codes and feature names.
+MAX_CODE = 64
+#: Entries of `RelayWelcome.features`.
+MAX_FEATURES = 64
+#: The tunnel options object: members, nesting depth, and items of any list or object in it.
+MAX_OPTIONS = 64
+MAX_OPTION_DEPTH = 4
+MAX_OPTION_ITEMS = 1024
+#: Request ids are chosen by the agent; JSON integers beyond 2^53 lose precision elsewhere.
+MAX_REQUEST_ID = (1 << 53) - 1
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}", re.ASCII)
+_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+
+def _utf8_size(value: str) -> int | None:
+    """
+    The UTF-8 length of `value`, or None when it cannot be UTF-8 (a lone surrogate, which
+    JSON's ``\\ud800`` escape can produce).
+    """
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def _text(limit: int, printable: bool = False) -> Callable[[Any], bool]:
+    def valid(value: Any) -> bool:
+        if not isinstance(value, str):
+            return False
+        size = _utf8_size(value)
+        if size is None or size > limit:
+            return False
+        # Names that end up in log lines carry no control characters (no forged lines).
+        return not printable or not any(c < " " or c == "\x7f" for c in value)
+
+    return valid
+
+
+def _pattern(regex: re.Pattern[str]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and regex.fullmatch(value) is not None
+
+
+def _integer(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda value: (
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    )
+
+
+def _seconds(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 < value <= 86400
+    )
+
+
+def _optional(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or valid(value)
+
+
+def _features(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_FEATURES
+        and all(isinstance(f, str) and _CODE.fullmatch(f) is not None for f in value)
+    )
+
+
+def _json_tree(value: Any, depth: int) -> bool:
+    """
+    Whether an option value is JSON whose every string is UTF-8, within the depth and item
+    bounds (the message size bounds the rest).
+    """
+    if isinstance(value, str):
+        return _utf8_size(value) is not None
+    if isinstance(value, list):
+        return (
+            depth < MAX_OPTION_DEPTH
+            and len(value) <= MAX_OPTION_ITEMS
+            and all(_json_tree(v, depth + 1) for v in value)
+        )
+    if isinstance(value, dict):
+        return (
+            depth < MAX_OPTION_DEPTH
+            and len(value) <= MAX_OPTION_ITEMS
+            and all(_text(MAX_CODE)(k) and _json_tree(v, depth + 1) for k, v in value.items())
+        )
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, bool | int)
+
+
+def _options(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) <= MAX_OPTIONS and _json_tree(value, 0)
+
+
+_PORT = _integer(0, 65535)
+_ID = _pattern(_LABEL)
+
+#: Every member of every message: the rule its value must satisfy, and the rule in words
+#: (the reason given to the peer). A value that breaks it makes the message malformed.
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "version": (_integer(0, 255), "an integer in 0-255"),
+    "token": (
+        _optional(_text(MAX_TOKEN)),
+        f"a string of at most {MAX_TOKEN} UTF-8 octets, or null",
+    ),
+    "agent": (_text(MAX_NAME, printable=True), f"printable text of at most {MAX_NAME} octets"),
+    "domain": (_pattern(_HOST), "a host name"),
+    "public_port": (_PORT, "a port number"),
+    "keepalive_interval": (_seconds, "a number of seconds in (0, 86400]"),
+    "keepalive_timeout": (_seconds, "a number of seconds in (0, 86400]"),
+    "relay": (_text(MAX_NAME, printable=True), f"printable text of at most {MAX_NAME} octets"),
+    "code": (_pattern(_CODE), f"a code of at most {MAX_CODE} letters, digits, '_.-'"),
+    "message": (_text(MAX_TEXT), f"a string of at most {MAX_TEXT} UTF-8 octets"),
+    "request_id": (_integer(0, MAX_REQUEST_ID), "an integer in 0-2^53"),
+    "kind": (lambda value: value in ("tls", "tcp"), '"tls" or "tcp"'),
+    "options": (
+        _options,
+        f"an object of at most {MAX_OPTIONS} options, strings in UTF-8, "
+        f"nested at most {MAX_OPTION_DEPTH} deep",
+    ),
+    "reclaim_id": (_optional(_ID), "a tunnel id (a lowercase DNS label), or null"),
+    "reclaim_secret": (
+        _optional(_text(MAX_SECRET)),
+        f"a string of at most {MAX_SECRET} UTF-8 octets, or null",
+    ),
+    "reclaim_port": (_optional(_PORT), "a port number, or null"),
+    "tunnel_id": (_ID, "a tunnel id (a lowercase DNS label)"),
+    "host": (_pattern(_HOST), "a host name"),
+    "port": (_PORT, "a port number"),
+    "tcp_host": (_optional(_pattern(_HOST)), "a host name, or null"),
+    "tcp_port": (_optional(_PORT), "a port number, or null"),
+    "secret": (_text(MAX_SECRET), f"a string of at most {MAX_SECRET} UTF-8 octets"),
+    "reason": (_text(MAX_TEXT), f"a string of at most {MAX_TEXT} UTF-8 octets"),
+    "features": (_features, f"a list of at most {MAX_FEATURES} feature names"),
 }
+
+
+def _required(f: Field[Any]) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 def encode_message(message: ControlMessage) -> bytes:
@@ -247,8 +381,11 @@ def decode_message(payload: bytes) -> ControlMessage | None:
     """
     Decode a CONTROL frame's payload.
 
+    Every member is validated here, once: a message returned has members of the right
+    types, within their bounds, and every string in it (options included) encodes to UTF-8.
+
     @return: the message, or None for a message of a type this version does not know.
-    @raise ControlError: the payload is malformed or a known member has the wrong type.
+    @raise ControlError: the payload is malformed, or a known member breaks its rule.
     """
     body = _load_object(payload, "control message")
     kind = body.get("type")
@@ -260,18 +397,17 @@ def decode_message(payload: bytes) -> ControlMessage | None:
         if name not in body:
             continue
         value = body[name]
-        allowed = _FIELD_TYPES[name]
-        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            raise ControlError(f"{kind}: member {name!r} has the wrong type")
+        valid, rule = _FIELDS[name]
+        if not valid(value):
+            raise ControlError(f"{kind}: member {name!r} must be {rule}")
         kwargs[name] = value
     try:
         message = cls(**kwargs)
-    except TypeError as e:
-        raise ControlError(f"{kind}: {e}") from None
-    if isinstance(message, TunnelRequest) and message.kind not in ("tls", "tcp"):
-        raise ControlError(f"tunnel_request: unknown kind {message.kind!r}")
-    if isinstance(message, RelayWelcome) and not all(isinstance(f, str) for f in message.features):
-        raise ControlError("welcome: member 'features' is not a list of strings")
+    except TypeError:
+        missing = [
+            n for n, f in cls.__dataclass_fields__.items() if n not in kwargs and _required(f)
+        ]
+        raise ControlError(f"{kind}: required member {', '.join(missing)} missing") from None
     return message
 
 
@@ -307,14 +443,16 @@ class StreamInfo:
     @classmethod
     def decode(cls, payload: bytes) -> StreamInfo:
         """
-        Decode OPEN metadata.
+        Decode OPEN metadata. The addresses are informational: a malformed one (wrong
+        type, a port out of range, a host that is not printable UTF-8 of at most
+        `MAX_ADDRESS` octets) is read as ``("", 0)``.
 
-        @raise ControlError: malformed metadata.
+        @raise ControlError: malformed metadata, or no valid tunnel id.
         """
         body = _load_object(payload, "stream metadata")
         tunnel_id = body.get("tunnel")
-        if not isinstance(tunnel_id, str):
-            raise ControlError("stream metadata has no tunnel id")
+        if not isinstance(tunnel_id, str) or not _ID(tunnel_id):
+            raise ControlError("stream metadata has no valid tunnel id (a lowercase DNS label)")
         client_host, client_port = _address(body.get("client"))
         server_host, server_port = _address(body.get("server"))
         return cls(tunnel_id, client_host, client_port, server_host, server_port)
@@ -328,9 +466,8 @@ def _address(value: Any) -> tuple[str, int]:
     if (
         not isinstance(value, list)
         or len(value) != 2
-        or not isinstance(value[0], str)
-        or not isinstance(value[1], int)
-        or isinstance(value[1], bool)
+        or not _text(MAX_ADDRESS, printable=True)(value[0])
+        or not _PORT(value[1])
     ):
         return "", 0
     return value[0], value[1]

@@ -244,6 +244,17 @@ class FrameDecoder:
         """
         return len(self._buffer)
 
+    @property
+    def pending_size(self) -> int:
+        """
+        The full size (header and payload) of the incomplete frame held, once its header is
+        in; until then, the octets held.
+        """
+        buffer = self._buffer
+        if len(buffer) < HEADER_SIZE:
+            return len(buffer)
+        return HEADER_SIZE + (int.from_bytes(buffer[:3], "big"))
+
     def feed(self, data: bytes) -> list[Frame]:
         """
         Add `data` and return every frame it completes, in order.

@@ -13,6 +13,10 @@ Sending is pull-based so that the link is shared fairly: `send` only queues data
 stream; `data_to_send` takes one frame at a time from each stream that has data and credit,
 in round-robin order, so a bulk transfer delays a small write on another stream by at most
 one frame per busy stream. Control frames (window updates, pings, resets) go first.
+
+Every non-DATA frame queued for the peer counts against one bound, `max_control_backlog`:
+DATA is bounded by the windows, everything else by it, so a peer that never reads cannot
+make this side buffer without limit.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ LINK_ALPN = b"tunnel/1"
 _MIN_VERSION = 1
 _MAX_WINDOW = (1 << 31) - 1
 _MAX_OUTSTANDING_PINGS = 16
+#: What a gated peer may send before it is accepted.
+_UNACCEPTED_TYPES = frozenset(
+    {_f.FrameType.HELLO, _f.FrameType.PING, _f.FrameType.GOAWAY, _f.FrameType.CONTROL}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +86,13 @@ class LinkSettings:
     #: The most that all streams' windows together may have grown above `initial_window`,
     #: so that a link holds at most max_streams * initial_window + this in receive buffers.
     max_link_growth: int = 64 * 1024 * 1024
-    #: Octets of control frames (echoes, window updates, resets) that may wait unsent
-    #: because the peer does not read; beyond it the link ends with ENHANCE_YOUR_CALM.
+    #: Octets of non-DATA frames (control messages, echoes, window updates, resets, OPENs:
+    #: everything queued that DATA windows do not bound) that may wait unsent because the
+    #: peer does not read; beyond it the link ends with ENHANCE_YOUR_CALM.
     max_control_backlog: int = 1 << 20
+    #: On a gated multiplexer: octets the peer may send before the application accepts it
+    #: (`Multiplexer.accept_peer`), in HELLO, PING, GOAWAY and CONTROL frames only.
+    max_unaccepted_input: int = 4096
     #: Sustained rate of peer-opened streams the peer may reset, per second.
     reset_rate: float = 200.0
     #: Burst of such resets allowed above the sustained rate.
@@ -95,6 +107,8 @@ class LinkSettings:
             raise ValueError(f"initial_window {self.initial_window} out of range")
         if not self.initial_window <= self.max_window <= _MAX_WINDOW:
             raise ValueError(f"max_window {self.max_window} out of range")
+        if self.max_unaccepted_input < 64:
+            raise ValueError(f"max_unaccepted_input {self.max_unaccepted_input} too small")
 
     def advertised(self) -> dict[int, int]:
         """
@@ -223,6 +237,11 @@ class Multiplexer:
 
     @param client: True on the side that dialled the link (the agent). Client-opened
         streams have odd identifiers, server-opened ones even identifiers.
+    @param gated: the peer must be accepted by the application (`accept_peer`, after its
+        first control message, such as the relay's check of an agent's token) before it may
+        do more than say HELLO, PING, GOAWAY and CONTROL, in at most
+        `LinkSettings.max_unaccepted_input` octets. While gated, input is processed up to
+        each CONTROL frame and held there (`input_pending`) for the application to decide.
     """
 
     def __init__(
@@ -231,6 +250,7 @@ class Multiplexer:
         client: bool,
         settings: LinkSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        gated: bool = False,
     ) -> None:
         self.settings = settings or LinkSettings()
         self.client = client
@@ -241,11 +261,15 @@ class Multiplexer:
         self._decoder = _f.FrameDecoder(self.settings.max_frame_size)
         self._streams: dict[int, _Stream] = {}
         self._ready: deque[_Stream] = deque()
+        #: Non-DATA frames queued for the peer, and their octets: the backlog a peer that
+        #: does not read can grow, bounded by `max_control_backlog`.
         self._control: list[bytes] = []
         self._control_size = 0
-        #: Octets of queued frames that answer the peer (echoes, credit, refusals): the
-        #: backlog a peer that does not read can grow.
-        self._reply_size = 0
+        self._gated = gated
+        #: Octets received while gated, and frames decoded but held back for the
+        #: application's decision on the peer.
+        self._unaccepted_input = 0
+        self._held: deque[_f.Frame] = deque()
         self._hello_written = False
         self._next_stream_id = 1 if client else 2
         self._last_peer_stream_id = 0
@@ -333,6 +357,29 @@ class Multiplexer:
         return self._control_size
 
     @property
+    def backlog_exceeded(self) -> bool:
+        """
+        Whether the queued non-DATA frames are over `max_control_backlog` (see
+        `check_backlog`).
+        """
+        return self._control_size > self.settings.max_control_backlog
+
+    @property
+    def gated(self) -> bool:
+        """
+        Whether the peer has yet to be accepted (`accept_peer`).
+        """
+        return self._gated
+
+    @property
+    def input_pending(self) -> bool:
+        """
+        Whether frames were held back at a CONTROL frame while gated: call `receive_data`
+        (with b"" if nothing new arrived) once the application has decided.
+        """
+        return bool(self._held) and self.state is not LinkState.CLOSED
+
+    @property
     def has_data_to_send(self) -> bool:
         """
         Whether `data_to_send` would return anything.
@@ -351,6 +398,39 @@ class Multiplexer:
         )
 
     # -- local actions -------------------------------------------------------------------
+
+    def accept_peer(self) -> None:
+        """
+        The application accepted the peer (its first control message): it may now use
+        every frame type, without the gate's octet limit. Held input is processed by the
+        next `receive_data`.
+        """
+        self._gated = False
+
+    def check_backlog(self) -> list[Event]:
+        """
+        End the link with ENHANCE_YOUR_CALM if the queued non-DATA frames exceed
+        `max_control_backlog`. `receive_data` checks after processing input; call this after
+        queuing frames on this side's initiative (control messages, resets, OPENs), since
+        a peer that does not read makes them pile up too. The backlog is dropped; the
+        GOAWAY is queued alone.
+
+        @return: the events this causes (stream resets and `LinkTerminated`), or none.
+        """
+        if self.state is LinkState.CLOSED or not self.backlog_exceeded:
+            return []
+        events: list[Event] = []
+        self._terminate(
+            ErrorCode.ENHANCE_YOUR_CALM,
+            self._backlog_message(),
+            remote=False,
+            events=events,
+            send_goaway=True,
+        )
+        return events
+
+    def _backlog_message(self) -> str:
+        return f"{self._control_size} octets of frames to the peer are not being read"
 
     def open_stream(self, metadata: bytes = b"") -> int:
         """
@@ -447,7 +527,7 @@ class Multiplexer:
             raise LocalProtocolError(str(e)) from None
         self.window_growth += recv.size - before
         if increment:
-            self._reply(_f.encode_window(stream_id, increment))
+            self._queue(_f.encode_window(stream_id, increment))
 
     def ping(self) -> bytes:
         """
@@ -515,7 +595,6 @@ class Multiplexer:
         out = self._control
         self._control = []
         self._control_size = 0
-        self._reply_size = 0
         self._hello_written = True
         ready = self._ready
         if ready and self.state is not LinkState.CLOSED:
@@ -583,21 +662,57 @@ class Multiplexer:
             return []
         events: list[Event] = []
         try:
-            frames = self._decoder.feed(data)
-            for frame in frames:
-                self._handle(frame, events)
-                if self.closed:
-                    break
-            if self._decoder.failed and not self.closed:
-                self._decoder.feed(b"")
-            if self._reply_size > self.settings.max_control_backlog:
-                raise ProtocolError(
-                    ErrorCode.ENHANCE_YOUR_CALM,
-                    f"{self._reply_size} octets of replies to the peer are not being read",
-                )
+            decoder = self._decoder
+            frames = decoder.feed(data) if data or not decoder.failed else []
+            if self._gated or self._held:
+                self._held.extend(frames)
+                self._receive_held(events)
+            else:
+                for frame in frames:
+                    self._handle(frame, events)
+                    if self.closed:
+                        break
+                if decoder.failed and not self.closed:
+                    decoder.feed(b"")
+            if self.backlog_exceeded and not self.closed:
+                raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, self._backlog_message())
         except ProtocolError as e:
             self._terminate(e.code, e.message, remote=False, events=events, send_goaway=True)
         return events
+
+    def _receive_held(self, events: list[Event]) -> None:
+        """
+        Process held frames; while gated, admit only the gate's frame types and octets, and
+        stop after each CONTROL frame so the application can accept the peer first.
+        """
+        held = self._held
+        limit = self.settings.max_unaccepted_input
+        while held:
+            frame = held.popleft()
+            if self._gated:
+                if frame.type not in _UNACCEPTED_TYPES:
+                    raise ProtocolError(
+                        ErrorCode.PROTOCOL_ERROR,
+                        f"frame type {frame.type} before the peer was accepted",
+                    )
+                self._unaccepted_input += _f.HEADER_SIZE + len(frame.payload)
+                if self._unaccepted_input > limit:
+                    raise ProtocolError(
+                        ErrorCode.ENHANCE_YOUR_CALM,
+                        f"more than {limit} octets before the peer was accepted",
+                    )
+            self._handle(frame, events)
+            if self.closed or (self._gated and frame.type == _f.FrameType.CONTROL):
+                return
+        decoder = self._decoder
+        if decoder.failed:
+            decoder.feed(b"")
+        if self._gated and self._unaccepted_input + decoder.pending_size > limit:
+            # Refused from the header on: a large frame is not buffered to be counted.
+            raise ProtocolError(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"more than {limit} octets before the peer was accepted",
+            )
 
     def _handle(self, frame: _f.Frame, events: list[Event]) -> None:
         kind = frame.type
@@ -702,7 +817,7 @@ class Multiplexer:
         ):
             self.refused_streams += 1
             self._spend_reset_token()
-            self._reply(_f.encode_reset(stream_id, ErrorCode.REFUSED_STREAM))
+            self._queue(_f.encode_reset(stream_id, ErrorCode.REFUSED_STREAM))
             return
         self._streams[stream_id] = _Stream(
             stream_id,
@@ -738,7 +853,7 @@ class Multiplexer:
                 self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
                 events.append(PingAcknowledged(sample))
         else:
-            self._reply(_f.encode_ping(frame.payload, ack=True))
+            self._queue(_f.encode_ping(frame.payload, ack=True))
 
     def _on_goaway(self, frame: _f.Frame, events: list[Event]) -> None:
         self._require_link_frame(frame)
@@ -803,10 +918,6 @@ class Multiplexer:
         self._control.append(frame)
         self._control_size += len(frame)
 
-    def _reply(self, frame: bytes) -> None:
-        self._queue(frame)
-        self._reply_size += len(frame)
-
     def _spend_reset_token(self) -> None:
         now = self._clock()
         settings = self.settings
@@ -840,7 +951,7 @@ class Multiplexer:
         # Otherwise what was queued before the end (such as a CONTROL message saying why)
         # goes out ahead of the GOAWAY.
         self._control_size = sum(len(frame) for frame in self._control)
-        self._reply_size = 0
+        self._held.clear()
         if send_goaway:
             self._queue(_f.encode_goaway(self._last_peer_stream_id, code, message))
         events.append(LinkTerminated(code, message, remote))
