@@ -20,6 +20,7 @@ MODULES = [
     "tunnel.wire.events",
     "tunnel.wire.errors",
     "tunnel.wire.control",
+    "tunnel.wire.codes",
 ]
 WIRE_DIR = Path(tunnel.wire.__file__).parent
 

@@ -41,6 +41,7 @@ from tunnel.agent._proxyheader import proxy_header
 from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream
 from tunnel.wire import LINK_ALPN, PROTOCOL_VERSION, ErrorCode, LinkSettings
+from tunnel.wire.codes import ErrorReason, RefusalCode
 from tunnel.wire.control import (
     AgentHello,
     ControlError,
@@ -423,7 +424,10 @@ class Agent:
                 what=what,
                 target=spec.target,
             )
-            self._fail(forward, TunnelRefused("unsupported", f"the relay does not support {what}"))
+            self._fail(
+                forward,
+                TunnelRefused(RefusalCode.UNSUPPORTED, f"the relay does not support {what}"),
+            )
             return
         request_id = next(self._request_ids)
         self._requests[request_id] = forward
@@ -445,7 +449,7 @@ class Agent:
                 self.link.send(TunnelClose(message.tunnel_id))
             return
         if isinstance(message, TunnelRefusedMessage):
-            if message.code == "reclaim_refused" and forward.tunnel_id is not None:
+            if message.code == RefusalCode.RECLAIM_REFUSED and forward.tunnel_id is not None:
                 _log.warn(
                     "the relay no longer knows tunnel {id}; asking for a new one",
                     id=forward.tunnel_id,
@@ -730,7 +734,11 @@ class AgentLink(LinkProtocol):
             agent._closed_by_relay(message)
         elif isinstance(message, ErrorMessage):
             self.error_message = message
-            kind = AuthenticationError if message.code == "unauthorized" else RelayUnavailable
+            kind = (
+                AuthenticationError
+                if message.code == ErrorReason.UNAUTHORIZED
+                else RelayUnavailable
+            )
             agent._attempt_failed(f"the relay refused the agent: {message.message}", kind)
 
     def streamOpened(self, stream: Stream, metadata: bytes) -> None:
