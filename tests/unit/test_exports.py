@@ -21,6 +21,7 @@ MODULES = [
     "tunnel.wire.errors",
     "tunnel.wire.control",
     "tunnel.wire.codes",
+    "tunnel.wire.options",
 ]
 WIRE_DIR = Path(tunnel.wire.__file__).parent
 

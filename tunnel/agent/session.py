@@ -31,16 +31,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel import __version__
-from tunnel._allow import AllowList
-from tunnel._clientca import parse_client_cas
 from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
 from tunnel.agent._httpconnect import HTTPConnectEndpoint, ProxyAddress
-from tunnel.agent._proxyheader import VERSIONS as PROXY_VERSIONS
 from tunnel.agent._proxyheader import proxy_header
 from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream
 from tunnel.wire import LINK_ALPN, PROTOCOL_VERSION, ErrorCode, LinkSettings
+from tunnel.wire import options as tunnel_options
 from tunnel.wire.codes import ErrorReason, RefusalCode
 from tunnel.wire.control import (
     AgentHello,
@@ -136,22 +134,15 @@ class ForwardSpec:
             raise ValueError(f"port {self.port} is out of range 1-65535")
         if not self.host:
             raise ValueError("the target host is empty")
-        if self.unencrypted and self.h2:
-            raise ValueError("h2 applies to TLS tunnels only, not unencrypted ones")
-        if self.proxy_protocol not in (0, *PROXY_VERSIONS) or isinstance(self.proxy_protocol, bool):
-            raise ValueError(
-                f"proxy_protocol must be 0 (none), 1 or 2, not {self.proxy_protocol!r}"
-            )
-        if self.allow:
-            AllowList.parse(self.allow)  # raises ValueError naming a bad entry
-            object.__setattr__(self, "allow", tuple(self.allow))
-        if self.client_ca is not None:
-            if self.unencrypted:
-                raise ValueError(
-                    "client certificates need a TLS tunnel (its raw TCP port would let clients "
-                    "without one in)"
-                )
-            parse_client_cas(self.client_ca)  # raises ValueError
+        checked = tunnel_options.check_values(self.option_values())
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def option_values(self) -> dict[str, Any]:
+        """
+        The tunnel options of this forward, by name (the rows of `tunnel.wire.options`).
+        """
+        return {option.name: getattr(self, option.name) for option in tunnel_options.OPTIONS}
 
     @property
     def target(self) -> str:
@@ -178,19 +169,10 @@ def parse_forward(text: str) -> ForwardSpec:
             raise ValueError(f"--forward {text!r}: write an IPv6 target as [ADDRESS]:PORT")
         host, rest = inside, rest[1:]
     parts = rest.split(":")
-    kinds = {"tcp", "h2", "tls"}
-    proxies = {"proxy1": 1, "proxy2": 2}
-    kind = proxy = None
-    while len(parts) > 1 and parts[-1] in kinds | proxies.keys():
-        option = parts.pop()
-        if option in kinds:
-            if kind is not None:
-                raise ValueError(f"--forward {text!r}: {option} and {kind} together")
-            kind = option
-        else:
-            if proxy is not None:
-                raise ValueError(f"--forward {text!r}: two PROXY protocol versions")
-            proxy = proxies[option]
+    suffixes = []
+    while len(parts) > 1 and tunnel_options.suffix_option(parts[-1]) is not None:
+        suffixes.append(parts.pop())
+    values = tunnel_options.parse_suffixes(text, suffixes)
     if len(parts) == 1:
         port_text = parts[0]
     elif len(parts) == 2 and not text.startswith("["):
@@ -202,11 +184,7 @@ def parse_forward(text: str) -> ForwardSpec:
         )
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
-    return ForwardSpec(int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0)
-
-
-#: Tunnel options that restrict who may connect, as the agent's messages name them.
-_RESTRICTIONS = {"allow": "allow lists (--allow)", "client_ca": "client certificates (--client-ca)"}
+    return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
 
 
 class _Forward:
@@ -407,18 +385,12 @@ class Agent:
 
     def _request(self, link: AgentLink, forward: _Forward) -> None:
         spec = forward.spec
-        options: dict[str, Any] = {}
-        if spec.h2:
-            options["h2"] = True
-        if spec.allow:
-            options["allow"] = list(spec.allow)
-        if spec.client_ca is not None:
-            options["client_ca"] = spec.client_ca
+        kind, options = tunnel_options.request_options(spec.option_values())
         # An older relay would ignore a restricting option and let everyone in: refuse.
         features = self.welcome.features if self.welcome is not None else []
-        missing = [name for name in _RESTRICTIONS if name in options and name not in features]
+        missing = tunnel_options.missing_features(options, features)
         if missing:
-            what = " and ".join(_RESTRICTIONS[name] for name in missing)
+            what = " and ".join(missing)
             _log.error(
                 "the relay does not support {what}; not opening {target} to everyone",
                 what=what,
@@ -434,7 +406,7 @@ class Agent:
         link.send(
             TunnelRequest(
                 request_id=request_id,
-                kind="tcp" if spec.unencrypted else "tls",
+                kind=kind,
                 options=options,
                 reclaim_id=forward.tunnel_id,
                 reclaim_secret=forward.secret,
