@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -35,6 +34,7 @@ from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
 from tunnel.agent._httpconnect import HTTPConnectEndpoint, ProxyAddress
 from tunnel.agent._proxyheader import proxy_header
+from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
 from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
 from tunnel.link import LinkProtocol, SpliceProtocol, Stream
 from tunnel.wire import LINK_ALPN, PROTOCOL_VERSION, ErrorCode, LinkSettings
@@ -61,130 +61,6 @@ from tunnel.wire.control import (
 __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward", "parse_relays"]
 
 _log = Logger()
-
-
-@dataclass(frozen=True)
-class RelayAddress:
-    """
-    Where a relay listens for agents.
-    """
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_relays(text: str) -> list[RelayAddress]:
-    """
-    Parse ``host:port`` or a comma-separated list of them (``[v6]:port`` for IPv6).
-
-    @raise ValueError: an entry is not ``host:port`` with a valid port.
-    """
-    relays = []
-    for entry in text.split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        if entry.startswith("["):
-            host, sep, rest = entry[1:].partition("]")
-            port_text = rest[1:] if rest.startswith(":") else ""
-            if not sep:
-                raise ValueError(f"bad relay address {entry!r}")
-        else:
-            host, _, port_text = entry.rpartition(":")
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"relay address {entry!r} is not host:port")
-        relays.append(RelayAddress(host, int(port_text)))
-    if not relays:
-        raise ValueError("no relay address given")
-    return relays
-
-
-@dataclass(frozen=True)
-class ForwardSpec:
-    """
-    What to forward: a local target, and the kind of tunnel.
-    """
-
-    #: The local port.
-    port: int
-    #: The local host; loopback unless the target is elsewhere.
-    host: str = "127.0.0.1"
-    #: A raw TCP port at the relay instead of TLS by SNI.
-    unencrypted: bool = False
-    #: Advertise HTTP/2 in ALPN for this tunnel (the target speaks HTTP/2 in the clear).
-    h2: bool = False
-    #: Send the target a PROXY protocol header (version 1 or 2) with the public client's
-    #: address before each connection's first byte; 0: none.
-    proxy_protocol: int = 0
-    #: Only clients from these networks (``"203.0.113.0/24"``, ``"2001:db8::/32"``, single
-    #: addresses) may connect; empty: everyone. The relay enforces it.
-    allow: tuple[str, ...] = ()
-    #: PEM text of the authorities whose client certificates the relay demands of public
-    #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
-    client_ca: str | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ValueError(f"port must be an integer, not {self.port!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port {self.port} is out of range 1-65535")
-        if not self.host:
-            raise ValueError("the target host is empty")
-        checked = tunnel_options.check_values(self.option_values())
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
-
-    def option_values(self) -> dict[str, Any]:
-        """
-        The tunnel options of this forward, by name (the rows of `tunnel.wire.options`).
-        """
-        return {option.name: getattr(self, option.name) for option in tunnel_options.OPTIONS}
-
-    @property
-    def target(self) -> str:
-        """
-        The target as ``host:port`` (``[address]:port`` for IPv6).
-        """
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_forward(text: str) -> ForwardSpec:
-    """
-    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
-    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
-    ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
-
-    @raise ValueError: not of that form.
-    """
-    host = "127.0.0.1"
-    rest = text
-    if text.startswith("["):
-        inside, sep, rest = text[1:].partition("]")
-        if not sep or not inside or not rest.startswith(":"):
-            raise ValueError(f"--forward {text!r}: write an IPv6 target as [ADDRESS]:PORT")
-        host, rest = inside, rest[1:]
-    parts = rest.split(":")
-    suffixes = []
-    while len(parts) > 1 and tunnel_options.suffix_option(parts[-1]) is not None:
-        suffixes.append(parts.pop())
-    values = tunnel_options.parse_suffixes(text, suffixes)
-    if len(parts) == 1:
-        port_text = parts[0]
-    elif len(parts) == 2 and not text.startswith("["):
-        host, port_text = parts
-    else:
-        raise ValueError(
-            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
-            ":proxy2"
-        )
-    if not port_text.isdigit():
-        raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
-    return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
 
 
 class _Forward:
