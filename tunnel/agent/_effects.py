@@ -30,8 +30,6 @@ __all__ = [
 ]
 
 
-
-
 class Effect:
     """
     Base class of what the adapter must do.
