@@ -18,9 +18,9 @@ Where the relay is comes from the arguments or from ``TUNNEL_RELAY``, ``TUNNEL_T
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from tunnel._tunnel import Tunnel
+    from tunnel.agent.settings import ForwardArgs
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -93,20 +94,7 @@ def _running_reactor() -> Any:
 
 
 @contextmanager
-def forward(
-    port: int,
-    *,
-    unencrypted: bool = False,
-    h2: bool = False,
-    proxy_protocol: int = 0,
-    allow: Sequence[str] = (),
-    client_ca: str | None = None,
-    host: str = "127.0.0.1",
-    relay: str | None = None,
-    token: str | None = None,
-    ca: str | None = None,
-    proxy: str | None = None,
-) -> Iterator[Tunnel]:
+def forward(port: int, **kwargs: Unpack[ForwardArgs]) -> Iterator[Tunnel]:
     """
     Forward a local port through the relay for the duration of a ``with`` block.
 
@@ -125,20 +113,7 @@ def forward(
     reactor = _running_reactor()
 
     def start() -> defer.Deferred[Tunnel]:
-        return client.forward(
-            reactor,
-            port,
-            unencrypted=unencrypted,
-            h2=h2,
-            proxy_protocol=proxy_protocol,
-            allow=allow,
-            client_ca=client_ca,
-            host=host,
-            relay=relay,
-            token=token,
-            ca=ca,
-            proxy=proxy,
-        )
+        return client.forward(reactor, port, **kwargs)
 
     t: Tunnel = blockingCallFromThread(reactor, start)  # type: ignore[arg-type]
     try:

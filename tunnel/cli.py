@@ -13,10 +13,8 @@ interrupt, 2 for bad arguments, 1 when a tunnel cannot be had (relay down, token
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 
 __all__ = ["main"]
 
@@ -38,17 +36,17 @@ def _parser() -> argparse.ArgumentParser:
         help="HTTP proxy to reach the relay through, http://[user:pass@]host:port "
         "(default $TUNNEL_PROXY)",
     )
-    parser.add_argument(
-        "--client-ca",
-        metavar="PEM",
-        help="public TLS clients must show a certificate from one of these authorities",
-    )
-    parser.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="NETWORK",
-        help="only clients from this network or address may connect (repeatable)",
+    from tunnel.agent.settings import add_flags
+
+    add_flags(
+        lambda option: parser.add_argument(
+            f"--{option.flag}",
+            dest=option.name,
+            action="append",
+            default=[],
+            metavar=option.metavar,
+            help=option.doc,
+        )
     )
     return parser
 
@@ -57,18 +55,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the command; returns the exit status.
     """
-    from tunnel.agent.session import ForwardSpec, parse_forward
+    from tunnel.agent import settings
+    from tunnel.wire.options import OPTIONS
 
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        specs: list[ForwardSpec] = [parse_forward(f) for f in args.forwards]
-        allow = [a.strip() for value in args.allow for a in value.split(",") if a.strip()]
-        if allow:
-            specs = [replace(spec, allow=tuple(allow)) for spec in specs]
+        specs = [settings.parse_forward(f) for f in args.forwards]
+        flags = {option.name: getattr(args, option.name) for option in OPTIONS if option.flag}
+        specs = settings.with_flags(specs, settings.flag_values(flags))
     except ValueError as e:
         parser.error(str(e))
-    relay = args.relay or os.environ.get("TUNNEL_RELAY")
+    relay = settings.from_environment("relay", args.relay)
     if not relay:
         parser.error("give --relay HOST:PORT or set TUNNEL_RELAY")
 
@@ -83,20 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal status
         try:
             for spec in specs:
-                t = await client.forward(
-                    reactor,
-                    spec.port,
-                    host=spec.host,
-                    unencrypted=spec.unencrypted,
-                    h2=spec.h2,
-                    proxy_protocol=spec.proxy_protocol,
-                    allow=spec.allow,
-                    client_ca=args.client_ca,
-                    relay=relay,
-                    token=args.token,
-                    ca=args.ca,
-                    proxy=args.proxy,
-                )
+                agent = client.agent_for(reactor, relay, args.token, args.ca, args.proxy)
+                t = await agent.forward(spec)
                 line = f"{t.url} -> {spec.target}"
                 if t.unencrypted_port is not None:
                     line += f"   tcp://{t.unencrypted_host}:{t.unencrypted_port}"

@@ -15,15 +15,14 @@ CA, so a second `forward` costs one round trip on a link that is already up.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 from twisted.internet import defer
 
 from tunnel._tunnel import Tunnel
-from tunnel.agent._httpconnect import ProxyAddress, parse_proxy_url
-from tunnel.agent.session import Agent, ForwardSpec, RelayAddress, parse_relays
+from tunnel.agent._httpconnect import ProxyAddress
+from tunnel.agent.session import Agent
+from tunnel.agent.settings import ForwardArgs, RelayAddress, connection_settings, forward_spec
 from tunnel.errors import (
     AuthenticationError,
     RelayUnavailable,
@@ -66,20 +65,6 @@ class ForwardDeferred(defer.Deferred[Tunnel]):
             await self._tunnel.close()
 
 
-def _settings(
-    relay: str | None, token: str | None, ca: str | None, proxy: str | None = None
-) -> tuple[list[RelayAddress], str | None, str | None, ProxyAddress | None]:
-    relay = relay if relay is not None else os.environ.get("TUNNEL_RELAY")
-    if not relay:
-        raise ValueError("no relay given: pass relay='host:port' or set TUNNEL_RELAY")
-    token = token if token is not None else os.environ.get("TUNNEL_TOKEN") or None
-    ca = ca if ca is not None else os.environ.get("TUNNEL_CA") or None
-    if ca is not None and not os.path.isfile(ca):
-        raise ValueError(f"CA file {ca!r} does not exist")
-    proxy = proxy if proxy is not None else os.environ.get("TUNNEL_PROXY") or None
-    return parse_relays(relay), token, ca, parse_proxy_url(proxy) if proxy else None
-
-
 def agent_for(
     reactor: Any,
     relay: str | None = None,
@@ -93,32 +78,23 @@ def agent_for(
 
     @raise ValueError: no relay, a malformed relay or proxy address, or a missing CA file.
     """
-    relays, token, ca, proxy_address = _settings(relay, token, ca, proxy)
-    key = (id(reactor), tuple(relays), token, ca, proxy_address)
+    settings = connection_settings(relay, token, ca, proxy)
+    key = (id(reactor), settings.relays, settings.token, settings.ca, settings.proxy)
     agent = _agents.get(key)
     if agent is None:
-        agent = Agent(reactor, relays, token=token, ca=ca, proxy=proxy_address)
+        agent = Agent(
+            reactor, settings.relays, token=settings.token, ca=settings.ca, proxy=settings.proxy
+        )
         _agents[key] = agent
     return agent
 
 
-def forward(
-    reactor: Any,
-    port: int,
-    *,
-    unencrypted: bool = False,
-    h2: bool = False,
-    proxy_protocol: int = 0,
-    allow: Sequence[str] = (),
-    client_ca: str | None = None,
-    host: str = "127.0.0.1",
-    relay: str | None = None,
-    token: str | None = None,
-    ca: str | None = None,
-    proxy: str | None = None,
-) -> ForwardDeferred:
+def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDeferred:
     """
     Forward a local port through the relay.
+
+    The keyword arguments (all optional) are `tunnel.agent.settings.ForwardArgs`; each
+    tunnel option is a row of `tunnel.wire.options`.
 
     @param port: the local port to expose.
     @param unencrypted: also give the tunnel a raw TCP port at the relay (`Tunnel.tcp_socket`).
@@ -145,17 +121,13 @@ def forward(
         `AuthenticationError` or `TunnelRefused` (never hanging: the relay must answer within
         the agent's connect timeout).
     """
-    if isinstance(allow, str):
-        raise ValueError(f"allow is a list of networks, not one string: [{allow!r}]")
-    pem = None
-    if client_ca is not None:
-        try:
-            with open(client_ca, encoding="ascii") as f:
-                pem = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"client_ca {client_ca!r}: {e}") from None
-    spec = ForwardSpec(port, host, unencrypted, h2, proxy_protocol, tuple(allow), pem)
-    agent = agent_for(reactor, relay, token, ca, proxy)
+    unknown = sorted(set(kwargs) - set(ForwardArgs.__annotations__))
+    if unknown:
+        raise TypeError(f"forward() got an unexpected keyword argument {unknown[0]!r}")
+    spec = forward_spec(port, kwargs)
+    agent = agent_for(
+        reactor, kwargs.get("relay"), kwargs.get("token"), kwargs.get("ca"), kwargs.get("proxy")
+    )
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)
     return result

@@ -20,6 +20,8 @@ MODULES = [
     "tunnel.wire.events",
     "tunnel.wire.errors",
     "tunnel.wire.control",
+    "tunnel.wire.codes",
+    "tunnel.wire.options",
 ]
 WIRE_DIR = Path(tunnel.wire.__file__).parent
 

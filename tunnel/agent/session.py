@@ -1,227 +1,59 @@
 """
 The agent: one link to a relay (kept up by a `ClientService`), the tunnels asked of it, and
 a connection to the local target for every stream the relay opens.
+
+`Agent` is the Twisted adapter around the sans-IO `AgentControl` (`_control.py`): it feeds
+it link events, control messages and the clock, and carries out the effects (sending,
+Deferreds, timers, the `ClientService`). Dialling is `_dial.py`, the link `_link.py`, the
+local data path `_local.py`, and the configuration `settings.py`.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, error, interfaces
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.internet.ssl import (
-    Certificate,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from tunnel import __version__
-from tunnel._allow import AllowList
-from tunnel._clientca import parse_client_cas
-from tunnel._fasttls import fast_client_tls
 from tunnel._tunnel import Tunnel
-from tunnel.agent._httpconnect import HTTPConnectEndpoint, ProxyAddress
-from tunnel.agent._proxyheader import VERSIONS as PROXY_VERSIONS
-from tunnel.agent._proxyheader import proxy_header
-from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
-from tunnel.link import LinkProtocol, SpliceProtocol, Stream
-from tunnel.wire import LINK_ALPN, PROTOCOL_VERSION, ErrorCode, LinkSettings
+from tunnel.agent import _control as control
+from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
+from tunnel.agent._httpconnect import ProxyAddress
+from tunnel.agent._link import AgentLink
+from tunnel.agent._local import LocalFactory
+from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
+from tunnel.link import Stream
+from tunnel.wire import PROTOCOL_VERSION, ErrorCode, LinkSettings
 from tunnel.wire.control import (
-    AgentHello,
     ControlError,
     ControlMessage,
-    ErrorMessage,
     RelayWelcome,
     StreamInfo,
-    TunnelClose,
-    TunnelClosed,
     TunnelGranted,
-    TunnelRequest,
-    decode_message,
-    encode_message,
 )
-from tunnel.wire.control import (
-    TunnelRefused as TunnelRefusedMessage,
-)
+from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
 
 __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward", "parse_relays"]
 
 _log = Logger()
 
 
-@dataclass(frozen=True)
-class RelayAddress:
+class _Forward(control.ForwardRecord):
     """
-    Where a relay listens for agents.
-    """
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_relays(text: str) -> list[RelayAddress]:
-    """
-    Parse ``host:port`` or a comma-separated list of them (``[v6]:port`` for IPv6).
-
-    @raise ValueError: an entry is not ``host:port`` with a valid port.
-    """
-    relays = []
-    for entry in text.split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        if entry.startswith("["):
-            host, sep, rest = entry[1:].partition("]")
-            port_text = rest[1:] if rest.startswith(":") else ""
-            if not sep:
-                raise ValueError(f"bad relay address {entry!r}")
-        else:
-            host, _, port_text = entry.rpartition(":")
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"relay address {entry!r} is not host:port")
-        relays.append(RelayAddress(host, int(port_text)))
-    if not relays:
-        raise ValueError("no relay address given")
-    return relays
-
-
-@dataclass(frozen=True)
-class ForwardSpec:
-    """
-    What to forward: a local target, and the kind of tunnel.
-    """
-
-    #: The local port.
-    port: int
-    #: The local host; loopback unless the target is elsewhere.
-    host: str = "127.0.0.1"
-    #: A raw TCP port at the relay instead of TLS by SNI.
-    unencrypted: bool = False
-    #: Advertise HTTP/2 in ALPN for this tunnel (the target speaks HTTP/2 in the clear).
-    h2: bool = False
-    #: Send the target a PROXY protocol header (version 1 or 2) with the public client's
-    #: address before each connection's first byte; 0: none.
-    proxy_protocol: int = 0
-    #: Only clients from these networks (``"203.0.113.0/24"``, ``"2001:db8::/32"``, single
-    #: addresses) may connect; empty: everyone. The relay enforces it.
-    allow: tuple[str, ...] = ()
-    #: PEM text of the authorities whose client certificates the relay demands of public
-    #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
-    client_ca: str | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ValueError(f"port must be an integer, not {self.port!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port {self.port} is out of range 1-65535")
-        if not self.host:
-            raise ValueError("the target host is empty")
-        if self.unencrypted and self.h2:
-            raise ValueError("h2 applies to TLS tunnels only, not unencrypted ones")
-        if self.proxy_protocol not in (0, *PROXY_VERSIONS) or isinstance(self.proxy_protocol, bool):
-            raise ValueError(
-                f"proxy_protocol must be 0 (none), 1 or 2, not {self.proxy_protocol!r}"
-            )
-        if self.allow:
-            AllowList.parse(self.allow)  # raises ValueError naming a bad entry
-            object.__setattr__(self, "allow", tuple(self.allow))
-        if self.client_ca is not None:
-            if self.unencrypted:
-                raise ValueError(
-                    "client certificates need a TLS tunnel (its raw TCP port would let clients "
-                    "without one in)"
-                )
-            parse_client_cas(self.client_ca)  # raises ValueError
-
-    @property
-    def target(self) -> str:
-        """
-        The target as ``host:port`` (``[address]:port`` for IPv6).
-        """
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_forward(text: str) -> ForwardSpec:
-    """
-    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
-    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
-    ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
-
-    @raise ValueError: not of that form.
-    """
-    host = "127.0.0.1"
-    rest = text
-    if text.startswith("["):
-        inside, sep, rest = text[1:].partition("]")
-        if not sep or not inside or not rest.startswith(":"):
-            raise ValueError(f"--forward {text!r}: write an IPv6 target as [ADDRESS]:PORT")
-        host, rest = inside, rest[1:]
-    parts = rest.split(":")
-    kinds = {"tcp", "h2", "tls"}
-    proxies = {"proxy1": 1, "proxy2": 2}
-    kind = proxy = None
-    while len(parts) > 1 and parts[-1] in kinds | proxies.keys():
-        option = parts.pop()
-        if option in kinds:
-            if kind is not None:
-                raise ValueError(f"--forward {text!r}: {option} and {kind} together")
-            kind = option
-        else:
-            if proxy is not None:
-                raise ValueError(f"--forward {text!r}: two PROXY protocol versions")
-            proxy = proxies[option]
-    if len(parts) == 1:
-        port_text = parts[0]
-    elif len(parts) == 2 and not text.startswith("["):
-        host, port_text = parts
-    else:
-        raise ValueError(
-            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
-            ":proxy2"
-        )
-    if not port_text.isdigit():
-        raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
-    return ForwardSpec(int(port_text), host or "127.0.0.1", kind == "tcp", kind == "h2", proxy or 0)
-
-
-#: Tunnel options that restrict who may connect, as the agent's messages name them.
-_RESTRICTIONS = {"allow": "allow lists (--allow)", "client_ca": "client certificates (--client-ca)"}
-
-
-class _Forward:
-    """
-    The agent's record of one forward: what was asked, and what the relay granted.
+    The core's record of one forward, with the adapter's objects: the caller's Deferred
+    and the `Tunnel` value.
     """
 
     def __init__(self, spec: ForwardSpec) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self.tunnel: Tunnel | None = None
-        self.tunnel_id: str | None = None
-        self.secret: str | None = None
-        self.tcp_port: int | None = None
-        self.waiting: defer.Deferred[Tunnel] | None = None
-        self.timeout: Any = None
-        self.closed = False
+        self.deferred: defer.Deferred[Tunnel] | None = None
 
 
 class Agent:
@@ -261,30 +93,56 @@ class Agent:
         self.fail_fast = fail_fast
         # The relay opens one stream per public connection: allow many.
         self.settings = settings or LinkSettings(max_streams=16384)
+        self.control = control.AgentControl(
+            token=token,
+            agent_name=f"tunnels/{__version__}",
+            version=PROTOCOL_VERSION,
+            connect_timeout=connect_timeout,
+            fail_fast=fail_fast,
+            describe_relays=self._relay_names,
+        )
+        #: The link the relay welcomed, or None.
         self.link: AgentLink | None = None
-        self.welcome: RelayWelcome | None = None
-        self.forwards: list[_Forward] = []
-        self._requests: dict[int, _Forward] = {}
-        self._request_ids = itertools.count(1)
+        self._connecting: AgentLink | None = None
         self._closing: dict[str, list[defer.Deferred[None]]] = {}
-        self._relay_index = 0
-        self.last_error: str | None = None
-        self._trust = _trust_root(ca)
+        self._deadline: Any = None
+        self._trust = trust_root(ca)
         factory = Factory.forProtocol(lambda: AgentLink(self))
         factory.noisy = False
         self._service = ClientService(
-            _FailoverEndpoint(self),
+            FailoverEndpoint(self),
             factory,
             retryPolicy=retry_policy
             or backoffPolicy(initialDelay=0.1, maxDelay=10.0, factor=2.0, jitter=random.random),
             clock=reactor,
         )
-        self._started = False
         self._ranked = False
+        self._ranking = False
         #: Called with the reason when the relay refuses this agent's token.
         self.on_refused: list[Callable[[str], object]] = []
         #: Links the relay accepted (the first one, then one per reconnect).
         self.links_made = 0
+
+    # -- the core's state, as the admin page and tests read it -------------------------------
+
+    @property
+    def forwards(self) -> list[_Forward]:
+        return self.control.forwards  # type: ignore[return-value]
+
+    @property
+    def welcome(self) -> RelayWelcome | None:
+        return self.control.welcome
+
+    @property
+    def last_error(self) -> str | None:
+        return self.control.last_error
+
+    @property
+    def _relay_index(self) -> int:
+        return self.control.relay_index
+
+    def _relay_names(self) -> str:
+        return ",".join(str(r) for r in self.relays)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -292,17 +150,20 @@ class Agent:
         """
         Start connecting (idempotent).
         """
-        if self._started:
+        self._apply(self.control.start())
+
+    def _dial(self) -> None:
+        if self._service.running or self._ranking:
             return
-        self._started = True
         if len(self.relays) > 1 and not self._ranked and self.proxy is None:
             # The nearest relay first: connect to each (TCP only) and sort by the time it
             # took; one that does not answer goes last. Failover then follows this order.
-            self._ranked = True
-            probes = [_connect_time(self.reactor, r, self.connect_timeout) for r in self.relays]
+            self._ranked = self._ranking = True
+            probes = [connect_time(self.reactor, r, self.connect_timeout) for r in self.relays]
             d = defer.gatherResults(probes, consumeErrors=True)
 
             def ranked(times: list[float]) -> None:
+                self._ranking = False
                 order = sorted(range(len(self.relays)), key=lambda i: times[i])
                 self.relays = [self.relays[i] for i in order]
                 _log.info(
@@ -311,7 +172,7 @@ class Agent:
                         f"{self.relays[n]} ({times[i] * 1e3:.1f} ms)" for n, i in enumerate(order)
                     ),
                 )
-                if self._started:
+                if self.control.state is not control.SessionState.IDLE:
                     self._service.startService()
 
             d.addCallback(ranked)
@@ -324,18 +185,10 @@ class Agent:
         link; stop reconnecting. Fires once the link is closed (within about a second).
         """
         link = self.link
+        self._apply(self.control.stop(), stopping=True)
         closing: defer.Deferred[Any] = defer.succeed(None)
         if link is not None and link.transport is not None:
-            for forward in self.forwards:
-                if forward.tunnel_id is not None and not forward.closed:
-                    link.send(TunnelClose(forward.tunnel_id))
             closing = link.close("agent stopping")
-        for forward in list(self.forwards):
-            forward.closed = True
-            self._fail(forward, RelayUnavailable("the agent is stopping"))
-        if not self._started:
-            return closing
-        self._started = False
         if not self._service.running:
             return closing
         stopped = defer.maybeDeferred(self._service.stopService)
@@ -352,34 +205,19 @@ class Agent:
         @return: fires with the `Tunnel` once granted; fails with `RelayUnavailable`,
             `AuthenticationError` or `TunnelRefused`.
         """
-        for existing in self.forwards:
-            if (existing.spec.host, existing.spec.port) == (spec.host, spec.port):
-                raise ValueError(f"port {spec.port} is already forwarded ({existing.spec.target})")
-        forward = _Forward(spec)
+        record = _Forward(spec)
         d: defer.Deferred[Tunnel] = defer.Deferred()
-        forward.waiting = d
-        self.forwards.append(forward)
-        forward.timeout = self.reactor.callLater(self.connect_timeout, self._timed_out, forward)
-        self.start()
-        if self.link is not None:
-            self._request(self.link, forward)
+        record.deferred = d
+        self._apply(self.control.forward(record, self.reactor.seconds()))
         return d
 
-    def _close(self, forward: _Forward) -> defer.Deferred[None]:
-        if forward.closed:
+    def _close(self, record: _Forward) -> defer.Deferred[None]:
+        if record.closed:
             return defer.succeed(None)
-        forward.closed = True
-        if forward in self.forwards:
-            self.forwards.remove(forward)
-        link = self.link
-        _log.info("tunnel {url} closed", url=forward.tunnel.url if forward.tunnel else "?")
-        if link is None or forward.tunnel_id is None:
+        self._apply(self.control.close(record))
+        tunnel_id = record.tunnel_id
+        if tunnel_id is None or not self.control.closing(tunnel_id):
             return defer.succeed(None)
-        tunnel_id = forward.tunnel_id
-        link.send(TunnelClose(tunnel_id))
-        for stream in list(link.streams.values()):
-            if stream.tunnel_id == tunnel_id:
-                stream.abortConnection(ErrorCode.CANCEL)
         # Fires when the relay confirms (its TCP port is closed by then), when the link is
         # lost (the relay drops the tunnel with it), or after a bound.
         confirmed: defer.Deferred[None] = defer.Deferred()
@@ -392,184 +230,121 @@ class Agent:
         for waiting in self._closing.pop(tunnel_id, []):
             waiting.callback(None)
 
-    # -- link events -------------------------------------------------------------------------
+    # -- inputs from the link adapter --------------------------------------------------------
 
-    def _welcomed(self, link: AgentLink, welcome: RelayWelcome) -> None:
-        self.link = link
-        self.welcome = welcome
-        self.links_made += 1
-        self.last_error = None
-        link.keepalive_interval = welcome.keepalive_interval
-        link.keepalive_timeout = welcome.keepalive_timeout
-        for forward in list(self.forwards):
-            self._request(link, forward)
+    def _connected(self, link: AgentLink) -> None:
+        self._connecting = link
+        self._apply(self.control.connected(), link)
 
-    def _request(self, link: AgentLink, forward: _Forward) -> None:
-        spec = forward.spec
-        options: dict[str, Any] = {}
-        if spec.h2:
-            options["h2"] = True
-        if spec.allow:
-            options["allow"] = list(spec.allow)
-        if spec.client_ca is not None:
-            options["client_ca"] = spec.client_ca
-        # An older relay would ignore a restricting option and let everyone in: refuse.
-        features = self.welcome.features if self.welcome is not None else []
-        missing = [name for name in _RESTRICTIONS if name in options and name not in features]
-        if missing:
-            what = " and ".join(_RESTRICTIONS[name] for name in missing)
-            _log.error(
-                "the relay does not support {what}; not opening {target} to everyone",
-                what=what,
-                target=spec.target,
-            )
-            self._fail(forward, TunnelRefused("unsupported", f"the relay does not support {what}"))
-            return
-        request_id = next(self._request_ids)
-        self._requests[request_id] = forward
-        link.send(
-            TunnelRequest(
-                request_id=request_id,
-                kind="tcp" if spec.unencrypted else "tls",
-                options=options,
-                reclaim_id=forward.tunnel_id,
-                reclaim_secret=forward.secret,
-                reclaim_port=forward.tcp_port,
-            )
-        )
+    def _dial_failed(self, reason: str) -> None:
+        self._apply(self.control.dial_failed(reason))
+
+    def _received(self, link: AgentLink, message: ControlMessage) -> None:
+        self._apply(self.control.received(message), link)
 
     def _answered(self, message: TunnelGranted | TunnelRefusedMessage) -> None:
-        forward = self._requests.pop(message.request_id, None)
-        if forward is None or forward.closed:
-            if forward is not None and isinstance(message, TunnelGranted) and self.link:
-                self.link.send(TunnelClose(message.tunnel_id))
-            return
-        if isinstance(message, TunnelRefusedMessage):
-            if message.code == "reclaim_refused" and forward.tunnel_id is not None:
-                _log.warn(
-                    "the relay no longer knows tunnel {id}; asking for a new one",
-                    id=forward.tunnel_id,
-                )
-                forward.tunnel_id = forward.secret = None
-                forward.tcp_port = None
+        self._apply(self.control.received(message))
+
+    def _drain(self, link: AgentLink, message: str) -> None:
+        self._apply(self.control.drain(message), link)
+
+    def _link_lost(self, link: AgentLink, reason: Failure) -> None:
+        if link is not self.link and link is not self._connecting:
+            return  # an old link, already replaced
+        self.link = None
+        self._connecting = None
+        self._apply(self.control.link_lost(describe_failure(reason)))
+
+    def _tick(self) -> None:
+        self._deadline = None
+        self._apply(self.control.tick(self.reactor.seconds()))
+
+    # -- effects -----------------------------------------------------------------------------
+
+    def _apply(
+        self, effects: list[control.Effect], link: AgentLink | None = None, stopping: bool = False
+    ) -> None:
+        link = link or self.link or self._connecting
+        for effect in effects:
+            if isinstance(effect, control.Send):
+                if link is not None and link.transport is not None:
+                    link.send(effect.message)
+            elif isinstance(effect, control.Dial):
+                self._dial()
+            elif isinstance(effect, control.StopDialing):
+                if not stopping and self._service.running:
+                    self._service.stopService().addErrback(lambda _: None)
+            elif isinstance(effect, control.LinkReady):
+                assert link is not None
+                self.link = link
+                self.links_made += 1
+                link.keepalive_interval = effect.welcome.keepalive_interval
+                link.keepalive_timeout = effect.welcome.keepalive_timeout
+            elif isinstance(effect, control.Granted):
+                self._granted(effect)
+            elif isinstance(effect, control.Failed):
+                record = effect.forward
+                assert isinstance(record, _Forward)
+                waiting, record.deferred = record.deferred, None
+                if waiting is not None:
+                    waiting.errback(Failure(effect.error))
+            elif isinstance(effect, control.AbortStreams):
                 if self.link is not None:
-                    self._request(self.link, forward)
+                    for stream in list(self.link.streams.values()):
+                        if stream.tunnel_id == effect.tunnel_id:
+                            stream.abortConnection(ErrorCode.CANCEL)
+            elif isinstance(effect, control.CloseConfirmed):
+                self._close_confirmed(effect.tunnel_id)
+            elif isinstance(effect, control.Drain):
+                if link is not None:
+                    link.drainWhenIdle()
+            elif isinstance(effect, control.StopRetrying):
+                for observer in list(self.on_refused):
+                    observer(effect.reason)
+            elif isinstance(effect, control.Violation):
+                _log.warn("relay broke the protocol: {why}", why=effect.message)
+                if link is not None:
+                    link.goAway(ErrorCode.PROTOCOL_ERROR, effect.message)
+            elif isinstance(effect, control.Log):
+                getattr(_log, effect.level)("{text}", text=effect.text)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        deadline = self.control.next_deadline()
+        if self._deadline is not None and self._deadline.active():
+            if deadline is not None and self._deadline.getTime() <= deadline:
                 return
-            self._fail(forward, TunnelRefused(message.code, message.message))
-            return
-        previous = forward.tunnel
-        forward.tunnel_id = message.tunnel_id
-        forward.secret = message.secret
-        forward.tcp_port = message.tcp_port
+            self._deadline.cancel()
+        self._deadline = None
+        if deadline is not None:
+            delay = max(0.0, deadline - self.reactor.seconds())
+            self._deadline = self.reactor.callLater(delay, self._tick)
+
+    def _granted(self, effect: control.Granted) -> None:
+        record = effect.forward
+        assert isinstance(record, _Forward)
+        grant = effect.grant
+        previous = record.tunnel
         tunnel = Tunnel(
-            host=message.host,
-            port=message.port,
-            unencrypted_host=message.tcp_host,
-            unencrypted_port=message.tcp_port,
-            _close=lambda: self._close(forward),
+            host=grant.host,
+            port=grant.port,
+            unencrypted_host=grant.tcp_host,
+            unencrypted_port=grant.tcp_port,
+            _close=lambda: self._close(record),
         )
-        forward.tunnel = tunnel
+        record.tunnel = tunnel
         if previous is None:
             where = f"{tunnel.url}"
             if tunnel.unencrypted_port is not None:
                 where += f" tcp://{tunnel.unencrypted_host}:{tunnel.unencrypted_port}"
-            _log.info("tunnel ready: {where} -> {target}", where=where, target=forward.spec.target)
+            _log.info("tunnel ready: {where} -> {target}", where=where, target=record.spec.target)
         elif previous != tunnel:
             _log.warn("tunnel {old} came back as {new}", old=previous.url, new=tunnel.url)
         else:
             _log.info("tunnel {url} is back", url=tunnel.url)
-        waiting, forward.waiting = forward.waiting, None
-        if forward.timeout is not None and forward.timeout.active():
-            forward.timeout.cancel()
-        forward.timeout = None
+        waiting, record.deferred = record.deferred, None
         if waiting is not None:
             waiting.callback(tunnel)
-
-    def _closed_by_relay(self, message: TunnelClosed) -> None:
-        if message.tunnel_id in self._closing:
-            self._close_confirmed(message.tunnel_id)
-            return
-        for forward in list(self.forwards):
-            if forward.tunnel_id == message.tunnel_id:
-                _log.warn(
-                    "relay closed tunnel {id}: {reason}",
-                    id=message.tunnel_id,
-                    reason=message.reason,
-                )
-                forward.closed = True
-                self.forwards.remove(forward)
-
-    def _fail(self, forward: _Forward, reason: Exception) -> None:
-        if forward in self.forwards:
-            self.forwards.remove(forward)
-        forward.closed = True
-        if forward.timeout is not None and forward.timeout.active():
-            forward.timeout.cancel()
-        forward.timeout = None
-        waiting, forward.waiting = forward.waiting, None
-        if waiting is not None:
-            waiting.errback(Failure(reason))
-
-    def _timed_out(self, forward: _Forward) -> None:
-        forward.timeout = None
-        if forward.waiting is None:
-            return
-        detail = f": {self.last_error}" if self.last_error else ""
-        self._fail(
-            forward,
-            RelayUnavailable(
-                f"no tunnel from relay {self._relay_names()} within "
-                f"{self.connect_timeout:g}s{detail}"
-            ),
-        )
-
-    def _attempt_failed(self, reason: str, error_type: type[Exception] = RelayUnavailable) -> None:
-        """
-        A connection attempt (or the handshake on it) failed.
-        """
-        self.last_error = reason
-        _log.warn("relay {relay}: {reason}", relay=self._relay_names(), reason=reason)
-        if error_type is AuthenticationError:
-            self._refused(reason)
-        elif self.fail_fast:
-            for forward in list(self.forwards):
-                if forward.waiting is not None:
-                    self._fail(forward, error_type(reason))
-
-    def _refused(self, reason: str) -> None:
-        """
-        The relay refused the token (at the handshake, or later when it was revoked):
-        retrying cannot help. Every forward fails or closes, reconnecting stops (until the
-        next `forward`), and the `on_refused` observers are told.
-        """
-        for forward in list(self.forwards):
-            if forward.waiting is None and forward.tunnel is not None:
-                _log.error("tunnel {url} closed: {reason}", url=forward.tunnel.url, reason=reason)
-            self._fail(forward, AuthenticationError(reason))
-        if self._started:
-            self._started = False
-            if self._service.running:
-                self._service.stopService().addErrback(lambda _: None)
-        for observer in list(self.on_refused):
-            observer(reason)
-
-    def _link_lost(self, link: AgentLink, reason: Failure) -> None:
-        if self.link is link:
-            for tunnel_id in list(self._closing):
-                self._close_confirmed(tunnel_id)
-        if link.draining and self.link is link:
-            self.link = None
-            self._requests.clear()
-        elif self.link is link:
-            self.link = None
-            self._requests.clear()
-            if self._started and self.forwards:
-                _log.warn("link to relay lost; reconnecting")
-        elif link.error_message is None and not link.welcomed:
-            self._attempt_failed(_describe(reason))
-
-    def _relay_names(self) -> str:
-        return ",".join(str(r) for r in self.relays)
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -579,236 +354,15 @@ class Agent:
         except ControlError:
             stream.abortConnection(ErrorCode.PROTOCOL_ERROR)
             return
-        forward = next((f for f in self.forwards if f.tunnel_id == info.tunnel_id), None)
-        if forward is None:
+        record = next((f for f in self.forwards if f.tunnel_id == info.tunnel_id), None)
+        if record is None:
             stream.abortConnection(ErrorCode.REFUSED_STREAM)
             return
         stream.tunnel_id = info.tunnel_id
-        spec = forward.spec
+        spec = record.spec
         self.reactor.connectTCP(
             spec.host,
             spec.port,
-            _LocalFactory(stream, spec, info),
+            LocalFactory(stream, spec, info),
             timeout=self.local_connect_timeout,
         )
-
-
-def _describe(reason: Failure) -> str:
-    value = reason.value
-    text = str(value) or type(value).__name__
-    if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
-        return f"the relay's certificate is not trusted ({text}); pass --ca / TUNNEL_CA"
-    return text
-
-
-def _trust_root(ca: str | None) -> Any:
-    if ca is None:
-        return platformTrust()
-    with open(ca, "rb") as f:
-        pem = f.read()
-    blocks = [
-        b"-----BEGIN CERTIFICATE-----" + part
-        for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-    ]
-    if not blocks:
-        raise ValueError(f"{ca} holds no PEM certificate")
-    return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
-
-
-def _tcp_endpoint(reactor: Any, relay: RelayAddress, timeout: float) -> Any:
-    """
-    A TCP endpoint for `relay`; ``*.localhost`` names are loopback (RFC 6761), as curl and
-    browsers treat them.
-    """
-    host = relay.host
-    dial = "127.0.0.1" if host == "localhost" or host.endswith(".localhost") else host
-    if isIPAddress(dial):
-        # No resolver round trip (and no thread pool start) for an address.
-        return TCP4ClientEndpoint(reactor, dial, relay.port, timeout=timeout)
-    if isIPv6Address(dial):
-        return TCP6ClientEndpoint(reactor, dial, relay.port, timeout=timeout)
-    return HostnameEndpoint(reactor, dial, relay.port, timeout=timeout)
-
-
-def _connect_time(reactor: Any, relay: RelayAddress, timeout: float) -> defer.Deferred[float]:
-    """
-    Seconds a TCP connection to `relay` takes (infinity if it fails): about one round trip.
-    """
-    started = reactor.seconds()
-    d: defer.Deferred[Any] = _tcp_endpoint(reactor, relay, timeout).connect(
-        Factory.forProtocol(Protocol)
-    )
-
-    def connected(protocol: Protocol) -> float:
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
-        return float(reactor.seconds() - started)
-
-    return d.addCallbacks(connected, lambda _: float("inf"))
-
-
-@implementer(interfaces.IStreamClientEndpoint)
-class _FailoverEndpoint:
-    """
-    Dials the agent's relays in turn: the current one until an attempt fails, then the next.
-    """
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        agent = self.agent
-        relay = agent.relays[agent._relay_index % len(agent.relays)]
-        creator = optionsForClientTLS(
-            relay.host, trustRoot=agent._trust, acceptableProtocols=[LINK_ALPN]
-        )
-        if agent.proxy is None:
-            inner = _tcp_endpoint(agent.reactor, relay, agent.connect_timeout)
-        else:
-            proxy = agent.proxy
-            inner = HTTPConnectEndpoint(
-                agent.reactor,
-                _tcp_endpoint(
-                    agent.reactor, RelayAddress(proxy.host, proxy.port), agent.connect_timeout
-                ),
-                proxy,
-                relay.host,
-                relay.port,
-                agent.connect_timeout,
-            )
-        d: defer.Deferred[Any] = fast_client_tls(creator, inner).connect(factory)
-
-        def failed(reason: Failure) -> Failure:
-            agent._relay_index += 1
-            agent._attempt_failed(f"cannot connect to {relay}: {_describe(reason)}")
-            return reason
-
-        d.addErrback(failed)
-        return d
-
-
-class AgentLink(LinkProtocol):
-    """
-    The agent's end of its link.
-    """
-
-    def __init__(self, agent: Agent) -> None:
-        super().__init__(agent.reactor, client=True, settings=agent.settings)
-        self.agent = agent
-        self.welcomed = False
-        self.draining = False
-        self.error_message: ErrorMessage | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.send(
-            AgentHello(
-                version=PROTOCOL_VERSION, token=self.agent.token, agent=f"tunnels/{__version__}"
-            )
-        )
-
-    def send(self, message: ControlMessage) -> None:
-        """
-        Send a control message to the relay.
-        """
-        self.sendControl(encode_message(message))
-
-    def controlReceived(self, payload: bytes) -> None:
-        try:
-            message = decode_message(payload)
-        except ControlError as e:
-            _log.warn("malformed control message from the relay: {e}", e=e)
-            self.goAway(ErrorCode.PROTOCOL_ERROR, str(e))
-            return
-        agent = self.agent
-        if isinstance(message, RelayWelcome):
-            self.welcomed = True
-            agent._welcomed(self, message)
-        elif isinstance(message, TunnelGranted | TunnelRefusedMessage):
-            agent._answered(message)
-        elif isinstance(message, TunnelClosed):
-            agent._closed_by_relay(message)
-        elif isinstance(message, ErrorMessage):
-            self.error_message = message
-            kind = AuthenticationError if message.code == "unauthorized" else RelayUnavailable
-            agent._attempt_failed(f"the relay refused the agent: {message.message}", kind)
-
-    def streamOpened(self, stream: Stream, metadata: bytes) -> None:
-        self.agent._stream_opened(self, stream, metadata)
-
-    def goAwayReceived(self, code: int, message: str) -> None:
-        if code != ErrorCode.NO_ERROR:
-            return
-        # The relay is draining: streams in flight finish here; the link closes as soon as
-        # none is left, so the ClientService reconnects (to the next relay, if there are
-        # several) while nothing is lost.
-        _log.info(
-            "relay is draining ({message}); reconnecting once streams finish", message=message
-        )
-        self.draining = True
-        self.agent._relay_index += 1
-        self.streamForgotten()
-
-    def streamForgotten(self) -> None:
-        if self.draining and not self.streams and self.transport is not None:
-            self.abort()
-
-    def linkLost(self, reason: Failure) -> None:
-        self.agent._link_lost(self, reason)
-
-
-class _LocalFactory(ClientFactory):
-    """
-    Connects one stream to the local target.
-    """
-
-    noisy = False
-
-    def __init__(self, stream: Stream, spec: ForwardSpec, info: StreamInfo) -> None:
-        self.stream = stream
-        self.spec = spec
-        self.info = info
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        header = b""
-        if self.spec.proxy_protocol:
-            info = self.info
-            header = proxy_header(
-                self.spec.proxy_protocol,
-                (info.client_host, info.client_port),
-                (info.server_host, info.server_port),
-            )
-        return _LocalProtocol(self.stream, header)
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        timed_out = reason.check(error.TimeoutError, error.UserError) is not None
-        code = ErrorCode.CONNECT_TIMEOUT if timed_out else ErrorCode.CONNECT_FAILED
-        _log.warn(
-            "cannot connect to {target}: {reason}",
-            target=self.spec.target,
-            reason=_describe(reason),
-        )
-        self.stream.abortConnection(code)
-
-
-class _LocalProtocol(SpliceProtocol):
-    """
-    The local target's connection, joined to its stream.
-    """
-
-    def __init__(self, stream: Stream, header: bytes = b"") -> None:
-        super().__init__(stream)
-        #: Written to the target before anything from the stream (a PROXY header).
-        self.header = header
-
-    def connectionMade(self) -> None:
-        stream: Stream = self.other
-        transport = self.transport
-        assert transport is not None
-        if stream._closed:
-            transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        if self.header:
-            transport.write(self.header)
-        super().connectionMade()
-        stream.attach(SpliceProtocol(transport))

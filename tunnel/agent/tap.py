@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import replace
 from typing import Any
 
 from twisted.application import service
@@ -14,10 +12,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from tunnel.agent._httpconnect import parse_proxy_url
-from tunnel.agent.session import Agent, ForwardSpec, parse_forward, parse_relays
+from tunnel.agent import settings
+from tunnel.agent.session import Agent, ForwardSpec
 from tunnel.errors import AuthenticationError
 from tunnel.wire import LinkSettings
+from tunnel.wire.options import TunnelOption
 
 __all__ = ["AgentService", "Options", "makeService"]
 
@@ -43,12 +42,6 @@ class Options(usage.Options):
         ["ca", None, None, "PEM CA bundle to trust for the relay (TUNNEL_CA)."],
         ["proxy", None, None, "HTTP proxy to reach the relay through (TUNNEL_PROXY)."],
         [
-            "client-ca",
-            None,
-            None,
-            "PEM file of authorities: public TLS clients must show a certificate from one.",
-        ],
-        [
             "admin",
             None,
             None,
@@ -61,53 +54,57 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["forward"] = []
-        self["allow"] = []
-
-    def opt_allow(self, value: str) -> None:
-        """Only clients from this network or address may connect (repeatable; a,b too)."""
-        self["allow"].extend(v.strip() for v in value.split(",") if v.strip())
+        #: The values given to each tunnel option's flag (`tunnel.wire.options`), by name.
+        self["flags"] = {}
 
     def opt_forward(self, value: str) -> None:
         """Forward PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or :proxy2 (repeatable)."""
         try:
-            self["forward"].append(parse_forward(value))
+            self["forward"].append(settings.parse_forward(value))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
     def postOptions(self) -> None:
-        relay = self["relay"] or os.environ.get("TUNNEL_RELAY")
-        if not relay:
-            raise usage.UsageError("give --relay HOST:PORT or set TUNNEL_RELAY")
         try:
-            self["relays"] = parse_relays(relay)
+            connection = settings.connection_settings(
+                self["relay"],
+                self["token"],
+                self["ca"],
+                self["proxy"],
+                no_relay="give --relay HOST:PORT",
+            )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        self["token"] = self["token"] or os.environ.get("TUNNEL_TOKEN") or None
-        self["ca"] = self["ca"] or os.environ.get("TUNNEL_CA") or None
-        proxy = self["proxy"] or os.environ.get("TUNNEL_PROXY") or None
-        try:
-            self["proxy"] = parse_proxy_url(proxy) if proxy else None
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
-        if self["ca"] and not os.path.isfile(self["ca"]):
-            raise usage.UsageError(f"CA file {self['ca']!r} does not exist")
+        self["relays"] = list(connection.relays)
+        self["token"] = connection.token
+        self["ca"] = connection.ca
+        self["proxy"] = connection.proxy
         if not self["forward"]:
             raise usage.UsageError("give at least one --forward PORT")
         targets = [(f.host, f.port) for f in self["forward"]]
         if len(set(targets)) != len(targets):
             raise usage.UsageError("the same target is forwarded twice")
-        if self["allow"]:
-            try:
-                self["forward"] = [replace(f, allow=tuple(self["allow"])) for f in self["forward"]]
-            except ValueError as e:
-                raise usage.UsageError(f"--allow: {e}") from None
-        if self["client-ca"]:
-            try:
-                with open(self["client-ca"], encoding="ascii") as f:
-                    pem = f.read()
-                self["forward"] = [replace(f, client_ca=pem) for f in self["forward"]]
-            except (OSError, ValueError) as e:
-                raise usage.UsageError(f"--client-ca: {e}") from None
+        try:
+            values = settings.flag_values(self["flags"])
+            self["forward"] = settings.with_flags(self["forward"], values)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _flag_handler(option: TunnelOption) -> Any:
+    def handler(self: Options, value: str) -> None:
+        self["flags"].setdefault(option.name, []).append(value)
+
+    handler.__doc__ = option.doc + (" (a,b too)" if option.repeatable else "")
+    return handler
+
+
+# Each tunnel option's flag, from the table.
+settings.add_flags(
+    lambda option: setattr(
+        Options, "opt_" + (option.flag or "").replace("-", "_"), _flag_handler(option)
+    )
+)
 
 
 class AgentService(service.Service):

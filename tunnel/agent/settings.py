@@ -1,0 +1,350 @@
+"""
+The agent's configuration, from one place: what to forward (`ForwardSpec`, the
+``--forward`` syntax), where the relays are (`parse_relays`), the ``TUNNEL_*`` environment
+defaults (`connection_settings`), the tunnel-option flags of the ``tunnel`` command and the
+``twistd tunnelagent`` daemon (`add_flags`, `flag_values`), and the keyword arguments of
+``forward`` (`ForwardArgs`, shared by `tunnel.forward` and `tunnel.client.forward`).
+
+No sockets; reading a file that an option names (``client_ca``) is the only I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypedDict
+
+from tunnel.agent._httpconnect import ProxyAddress, parse_proxy_url
+from tunnel.wire import options as tunnel_options
+
+__all__ = [
+    "ENVIRONMENT",
+    "ConnectionArgs",
+    "ConnectionSettings",
+    "ForwardArgs",
+    "ForwardOptions",
+    "ForwardSpec",
+    "RelayAddress",
+    "add_flags",
+    "connection_settings",
+    "flag_values",
+    "forward_spec",
+    "from_environment",
+    "parse_forward",
+    "parse_relays",
+    "read_option_file",
+    "split_list",
+    "with_flags",
+]
+
+#: The environment variable that gives each connection setting its default.
+ENVIRONMENT = {
+    "relay": "TUNNEL_RELAY",
+    "token": "TUNNEL_TOKEN",
+    "ca": "TUNNEL_CA",
+    "proxy": "TUNNEL_PROXY",
+}
+
+
+@dataclass(frozen=True)
+class RelayAddress:
+    """
+    Where a relay listens for agents.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_relays(text: str) -> list[RelayAddress]:
+    """
+    Parse ``host:port`` or a comma-separated list of them (``[v6]:port`` for IPv6).
+
+    @raise ValueError: an entry is not ``host:port`` with a valid port.
+    """
+    relays = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if entry.startswith("["):
+            host, sep, rest = entry[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+            if not sep:
+                raise ValueError(f"bad relay address {entry!r}")
+        else:
+            host, _, port_text = entry.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"relay address {entry!r} is not host:port")
+        relays.append(RelayAddress(host, int(port_text)))
+    if not relays:
+        raise ValueError("no relay address given")
+    return relays
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """
+    What to forward: a local target, and the kind of tunnel.
+    """
+
+    #: The local port.
+    port: int
+    #: The local host; loopback unless the target is elsewhere.
+    host: str = "127.0.0.1"
+    #: A raw TCP port at the relay instead of TLS by SNI.
+    unencrypted: bool = False
+    #: Advertise HTTP/2 in ALPN for this tunnel (the target speaks HTTP/2 in the clear).
+    h2: bool = False
+    #: Send the target a PROXY protocol header (version 1 or 2) with the public client's
+    #: address before each connection's first byte; 0: none.
+    proxy_protocol: int = 0
+    #: Only clients from these networks (``"203.0.113.0/24"``, ``"2001:db8::/32"``, single
+    #: addresses) may connect; empty: everyone. The relay enforces it.
+    allow: tuple[str, ...] = ()
+    #: PEM text of the authorities whose client certificates the relay demands of public
+    #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
+    client_ca: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ValueError(f"port must be an integer, not {self.port!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range 1-65535")
+        if not self.host:
+            raise ValueError("the target host is empty")
+        checked = tunnel_options.check_values(self.option_values())
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def option_values(self) -> dict[str, Any]:
+        """
+        The tunnel options of this forward, by name (the rows of `tunnel.wire.options`).
+        """
+        return {option.name: getattr(self, option.name) for option in tunnel_options.OPTIONS}
+
+    @property
+    def target(self) -> str:
+        """
+        The target as ``host:port`` (``[address]:port`` for IPv6).
+        """
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_forward(text: str) -> ForwardSpec:
+    """
+    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
+    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
+    ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
+
+    @raise ValueError: not of that form.
+    """
+    host = "127.0.0.1"
+    rest = text
+    if text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or not inside or not rest.startswith(":"):
+            raise ValueError(f"--forward {text!r}: write an IPv6 target as [ADDRESS]:PORT")
+        host, rest = inside, rest[1:]
+    parts = rest.split(":")
+    suffixes = []
+    while len(parts) > 1 and tunnel_options.suffix_option(parts[-1]) is not None:
+        suffixes.append(parts.pop())
+    values = tunnel_options.parse_suffixes(text, suffixes)
+    if len(parts) == 1:
+        port_text = parts[0]
+    elif len(parts) == 2 and not text.startswith("["):
+        host, port_text = parts
+    else:
+        raise ValueError(
+            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
+            ":proxy2"
+        )
+    if not port_text.isdigit():
+        raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
+    return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
+
+
+class ForwardOptions(TypedDict, total=False):
+    """
+    The keyword arguments of ``forward`` that describe the tunnel (see `ForwardSpec`);
+    a file-valued option (``client_ca``) is given as the file's path.
+    """
+
+    unencrypted: bool
+    h2: bool
+    proxy_protocol: int
+    allow: Sequence[str]
+    client_ca: str | None
+    host: str
+
+
+class ConnectionArgs(TypedDict, total=False):
+    """
+    The keyword arguments of ``forward`` that say where the relay is; each defaults to its
+    `ENVIRONMENT` variable.
+    """
+
+    relay: str | None
+    token: str | None
+    ca: str | None
+    proxy: str | None
+
+
+class ForwardArgs(ForwardOptions, ConnectionArgs, total=False):
+    """
+    Every keyword argument of `tunnel.forward` and `tunnel.client.forward`.
+    """
+
+
+def read_option_file(name: str, path: str) -> str:
+    """
+    The ASCII text of the file that option `name` names (a PEM bundle).
+
+    @raise ValueError: it cannot be read; the message names the option and the path.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name} {path!r}: {e}") from None
+
+
+def forward_spec(port: int, args: Mapping[str, Any]) -> ForwardSpec:
+    """
+    The `ForwardSpec` for ``forward(port, **args)``; connection arguments are ignored.
+
+    @raise ValueError: a bad argument, or a file-valued option's file cannot be read.
+    """
+    values: dict[str, Any] = {}
+    for option in tunnel_options.OPTIONS:
+        if option.name not in args:
+            continue
+        value = args[option.name]
+        if option.file and value is not None:
+            value = read_option_file(option.name, value)
+        values[option.name] = value
+    return ForwardSpec(port, args.get("host", "127.0.0.1"), **values)
+
+
+def from_environment(
+    name: str, given: str | None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """
+    Connection setting `name` (a key of `ENVIRONMENT`): `given`, else its environment
+    variable, else None (an empty value counts as none).
+    """
+    if given:
+        return given
+    return (os.environ if environ is None else environ).get(ENVIRONMENT[name]) or None
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """
+    Where the relays are and how to reach them.
+    """
+
+    relays: tuple[RelayAddress, ...]
+    token: str | None = None
+    #: A PEM CA bundle to trust for the relays; None: the system's trust store.
+    ca: str | None = None
+    proxy: ProxyAddress | None = None
+
+
+def connection_settings(
+    relay: str | None = None,
+    token: str | None = None,
+    ca: str | None = None,
+    proxy: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    no_relay: str = "pass relay='host:port'",
+) -> ConnectionSettings:
+    """
+    The settings from these arguments, else from the ``TUNNEL_*`` environment.
+
+    @param no_relay: how the caller's user gives a relay, for the message when none is.
+    @raise ValueError: no relay, a malformed relay or proxy address, or a missing CA file.
+    """
+    relay = from_environment("relay", relay, environ)
+    if not relay:
+        raise ValueError(f"no relay given: {no_relay} or set TUNNEL_RELAY")
+    relays = parse_relays(relay)
+    ca = from_environment("ca", ca, environ)
+    if ca is not None and not os.path.isfile(ca):
+        raise ValueError(f"CA file {ca!r} does not exist")
+    proxy = from_environment("proxy", proxy, environ)
+    return ConnectionSettings(
+        tuple(relays),
+        from_environment("token", token, environ),
+        ca,
+        parse_proxy_url(proxy) if proxy else None,
+    )
+
+
+# -- the tunnel-option flags of `tunnel` and `twistd tunnelagent` -----------------------------
+
+
+def split_list(values: Sequence[str]) -> tuple[str, ...]:
+    """
+    The entries of a repeatable flag, each value also split at commas (``a,b``).
+    """
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def add_flags(add: Callable[[tunnel_options.TunnelOption], object]) -> None:
+    """
+    Declare the flag of every tunnel option that has one, through `add` (which knows the
+    parser: argparse, or `twisted.python.usage`).
+    """
+    for option in tunnel_options.OPTIONS:
+        if option.flag is not None:
+            add(option)
+
+
+def flag_values(given: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """
+    Option values from flags: `given` maps an option's name to the values its flag was
+    given (in order); options without values are left out.
+
+    @raise ValueError: a file cannot be read; the message starts with the flag.
+    """
+    values: dict[str, Any] = {}
+    for option in tunnel_options.OPTIONS:
+        raw = list(given.get(option.name) or ())
+        if option.flag is None or not raw:
+            continue
+        if option.repeatable:
+            values[option.name] = split_list(raw)
+        elif option.file:
+            try:
+                values[option.name] = read_option_file(option.name, raw[-1])
+            except ValueError as e:
+                raise ValueError(f"--{option.flag}: {e}") from None
+        else:
+            values[option.name] = raw[-1]
+    return values
+
+
+def with_flags(specs: Sequence[ForwardSpec], values: Mapping[str, Any]) -> list[ForwardSpec]:
+    """
+    `specs` with the flags' option `values` applied to each.
+
+    @raise ValueError: a value that is bad or does not apply to a forward's kind; the
+        message starts with the flag.
+    """
+    result = list(specs)
+    for name, value in values.items():
+        option = tunnel_options.by_name(name)
+        try:
+            result = [replace(spec, **{name: value}) for spec in result]
+        except ValueError as e:
+            raise ValueError(f"--{option.flag}: {e}") from None
+    return result

@@ -1,0 +1,337 @@
+"""
+Tunnel options, one row each: what an agent may ask of a tunnel besides its target.
+
+Sans-IO, shared by agent and relay. A row says an option's type and its check (one function,
+raising `ValueError` with a message that says why), which kinds of tunnel it applies to,
+whether it restricts who may connect (and so needs the relay's ``welcome.features`` to
+name it: a relay that ignored it would let everyone in), where it goes in a
+``tunnel_request`` (the ``kind`` member, an ``options`` member, or nowhere: agent-local),
+and how users spell it: the Python keyword (the row's `name`), the ``tunnel`` and
+``twistd tunnelagent`` flag, and the ``--forward PORT:SUFFIX`` suffixes.
+
+The agent builds a request with `check_values` then `request_options`; the relay turns a
+received ``options`` member into typed values with `parse_request_options`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from tunnel._allow import AllowList
+from tunnel._clientca import parse_client_cas
+
+__all__ = [
+    "KINDS",
+    "OPTIONS",
+    "PROXY_VERSIONS",
+    "Kind",
+    "Placement",
+    "TunnelOption",
+    "by_name",
+    "check_values",
+    "missing_features",
+    "parse_request_options",
+    "parse_suffixes",
+    "request_options",
+    "suffix_option",
+]
+
+Kind = Literal["tls", "tcp"]
+#: Every kind of tunnel.
+KINDS: frozenset[str] = frozenset({"tls", "tcp"})
+#: The PROXY protocol versions an agent can write to its target.
+PROXY_VERSIONS = (1, 2)
+
+
+class Placement(Enum):
+    """
+    Where an option goes in a ``tunnel_request``.
+    """
+
+    #: It decides the request's ``kind`` member.
+    KIND = "kind"
+    #: A member of the request's ``options``, under the row's name.
+    OPTIONS = "options"
+    #: Nowhere: the agent alone acts on it.
+    LOCAL = "local"
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class TunnelOption:
+    """
+    One tunnel option.
+    """
+
+    #: The Python keyword of ``forward``, the `ForwardSpec` field, and the ``options``
+    #: member on the wire.
+    name: str
+    #: Its value when not given (never sent).
+    default: Any
+    #: The agent's check: a value as given → the value kept (`ValueError`, saying why).
+    check: Callable[[Any], Any]
+    #: One line for ``--help``.
+    doc: str
+    #: What it is, in messages (``"allow lists"``); empty: its name.
+    words: str = ""
+    #: Where it goes in a request.
+    placement: Placement = Placement.OPTIONS
+    #: The kinds of tunnel it applies to; a value other than the default on another kind
+    #: is refused with `kind_error`.
+    kinds: frozenset[str] = KINDS
+    kind_error: str = ""
+    #: The relay's check of a received ``options`` member: → the typed value it acts on.
+    #: None: `check`.
+    parse: Callable[[Any], Any] | None = None
+    #: The checked value → JSON for the wire.
+    encode: Callable[[Any], Any] = _identity
+    #: Whether it restricts who may connect: an agent refuses to send it to a relay whose
+    #: ``welcome.features`` lack `feature`.
+    restricts: bool = False
+    #: Its name in ``welcome.features`` (the relay announces that it enforces it).
+    feature: str | None = None
+    #: The flag of ``tunnel`` and ``twistd tunnelagent`` (without ``--``), applied to every
+    #: forward; None: none.
+    flag: str | None = None
+    metavar: str = "VALUE"
+    #: The flag may be given several times, and each value may be a comma-separated list.
+    repeatable: bool = False
+    #: The Python keyword and the flag name a file (read as ASCII) whose text is the value.
+    file: bool = False
+    #: ``--forward PORT:SUFFIX`` spellings: suffix → value.
+    suffixes: Mapping[str, Any] = field(default_factory=dict)
+    #: Suffixes of one group exclude each other; `conflict` says so (``{this}`` and
+    #: ``{other}`` are the two suffixes).
+    group: str | None = None
+    conflict: str = "{this} and {other} together"
+
+    def parse_wire(self, value: Any) -> Any:
+        """
+        The relay's typed value for a received ``options`` member.
+
+        @raise ValueError: not a valid value.
+        """
+        return (self.parse or self.check)(value)
+
+
+def _bool(name: str) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} is True or False, not {value!r}")
+        return value
+
+    return check
+
+
+def _proxy_protocol(value: Any) -> int:
+    if isinstance(value, bool) or value not in (0, *PROXY_VERSIONS):
+        raise ValueError(f"proxy_protocol must be 0 (none), 1 or 2, not {value!r}")
+    return int(value)
+
+
+def _allow(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ValueError(f"allow is a list of networks, not one string: [{value!r}]")
+    if not value:
+        return ()
+    entries = tuple(value) if isinstance(value, list | tuple) else value
+    AllowList.parse(entries)  # names a bad entry
+    return tuple(entries)
+
+
+def _client_ca(value: Any) -> str | None:
+    if value is None:
+        return None
+    parse_client_cas(value)
+    return str(value)
+
+
+#: Every tunnel option, in the order they are checked.
+OPTIONS: tuple[TunnelOption, ...] = (
+    TunnelOption(
+        "unencrypted",
+        default=False,
+        check=_bool("unencrypted"),
+        doc="a raw TCP port at the relay as well as the TLS name",
+        placement=Placement.KIND,
+        suffixes={"tcp": True, "tls": False},
+        group="kind",
+    ),
+    TunnelOption(
+        "h2",
+        default=False,
+        check=_bool("h2"),
+        doc="advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear)",
+        kinds=frozenset({"tls"}),
+        kind_error="h2 applies to TLS tunnels only, not unencrypted ones",
+        suffixes={"h2": True},
+        group="kind",
+    ),
+    TunnelOption(
+        "proxy_protocol",
+        default=0,
+        check=_proxy_protocol,
+        doc="a PROXY protocol header (version 1 or 2) to the local server",
+        placement=Placement.LOCAL,
+        suffixes={"proxy1": 1, "proxy2": 2},
+        group="proxy",
+        conflict="two PROXY protocol versions",
+    ),
+    TunnelOption(
+        "allow",
+        default=(),
+        check=_allow,
+        parse=AllowList.parse,
+        encode=list,
+        doc="only clients from this network or address may connect (repeatable)",
+        words="allow lists",
+        restricts=True,
+        feature="allow",
+        flag="allow",
+        metavar="NETWORK",
+        repeatable=True,
+    ),
+    TunnelOption(
+        "client_ca",
+        default=None,
+        check=_client_ca,
+        parse=parse_client_cas,
+        doc="public TLS clients must show a certificate from one of these authorities",
+        kinds=frozenset({"tls"}),
+        kind_error=(
+            "client certificates need a TLS tunnel (its raw TCP port would let clients without "
+            "one in)"
+        ),
+        words="client certificates",
+        restricts=True,
+        feature="client_ca",
+        flag="client-ca",
+        metavar="PEM",
+        file=True,
+    ),
+)
+
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def by_name(name: str) -> TunnelOption:
+    """
+    The row of option `name`.
+
+    @raise KeyError: no such option.
+    """
+    return _BY_NAME[name]
+
+
+def _kind(unencrypted: bool) -> Kind:
+    return "tcp" if unencrypted else "tls"
+
+
+def _describe(option: TunnelOption) -> str:
+    what = option.words or option.name
+    return f"{what} (--{option.flag})" if option.flag else what
+
+
+def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Check an agent's option values (by name; absent ones take their default): each one's
+    kind, then its value.
+
+    @raise ValueError: the first bad one, saying why.
+    @return: every option's kept value.
+    """
+    unknown = sorted(set(values) - _BY_NAME.keys())
+    if unknown:
+        raise ValueError(f"unknown tunnel option {unknown[0]!r}")
+    kind = _kind(bool(values.get("unencrypted", False)))
+    checked: dict[str, Any] = {}
+    for option in OPTIONS:
+        value = values.get(option.name, option.default)
+        if kind not in option.kinds and value != option.default:
+            raise ValueError(option.kind_error or f"{option.name} does not apply to {kind}")
+        checked[option.name] = option.check(value)
+    return checked
+
+
+def request_options(values: Mapping[str, Any]) -> tuple[Kind, dict[str, Any]]:
+    """
+    The ``kind`` and ``options`` members of a request for checked `values`: every option
+    placed there whose value is not its default.
+    """
+    kind = _kind(bool(values.get("unencrypted", False)))
+    options = {
+        option.name: option.encode(values[option.name])
+        for option in OPTIONS
+        if option.placement is Placement.OPTIONS
+        and option.name in values
+        and values[option.name] != option.default
+    }
+    return kind, options
+
+
+def missing_features(options: Mapping[str, Any], features: Iterable[str]) -> list[str]:
+    """
+    What the relay lacks of `options` (a request's ``options`` member) to enforce them, in
+    words for a message (``"allow lists (--allow)"``); empty when it lacks nothing. A relay
+    that ignored a restricting option would let everyone in.
+    """
+    have = set(features)
+    return [
+        _describe(option)
+        for option in OPTIONS
+        if option.restricts and option.name in options and option.feature not in have
+    ]
+
+
+def parse_request_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The relay's check of a received request's ``options``: each known member parsed to
+    the typed value the relay acts on (an `AllowList`, the client CA certificates, ...).
+    Unknown members are ignored, as docs/protocol.md says; known ones absent are left out.
+
+    @raise ValueError: a member that does not apply to `kind` or is not valid, saying which
+        (a ``bad_request`` refusal).
+    """
+    parsed: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.placement is not Placement.OPTIONS or option.name not in options:
+            continue
+        if kind not in option.kinds:
+            raise ValueError(option.kind_error or f"{option.name} does not apply to {kind}")
+        parsed[option.name] = option.parse_wire(options[option.name])
+    return parsed
+
+
+def parse_suffixes(text: str, suffixes: Sequence[str]) -> dict[str, Any]:
+    """
+    Option values from the suffixes of a ``--forward`` value (`text`, for messages), read
+    from the last one back, as they are peeled off the target.
+
+    @raise ValueError: an unknown suffix, or two of one group.
+    """
+    values: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for suffix in suffixes:
+        option = suffix_option(suffix)
+        if option is None:
+            raise ValueError(f"--forward {text!r}: unknown option {suffix!r}")
+        group = option.group or option.name
+        if group in seen:
+            message = option.conflict.format(this=suffix, other=seen[group])
+            raise ValueError(f"--forward {text!r}: {message}")
+        seen[group] = suffix
+        values[option.name] = option.suffixes[suffix]
+    return values
+
+
+def suffix_option(suffix: str) -> TunnelOption | None:
+    """
+    The option that `suffix` (of a ``--forward`` value) sets, or None.
+    """
+    return next((option for option in OPTIONS if suffix in option.suffixes), None)
