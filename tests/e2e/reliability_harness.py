@@ -15,9 +15,7 @@ import hashlib
 import random
 import re
 import socket
-import socketserver
 import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +41,9 @@ from tests.e2e.harness import require_tool as require_tool
 from tests.e2e.harness import tls_connect as tls_connect
 from tests.e2e.harness import wait_for as wait_for
 from tunnel.testing._daemons import AgentProcess, RelayProcess
+from tunnel.testing._servers import LocalServer as LocalServer
+from tunnel.testing._servers import echo_handler as echo_handler
+from tunnel.testing._servers import http_handler as http_handler
 
 
 def port_accepts(port: int) -> bool:
@@ -185,54 +186,6 @@ class Group(ProcGroup):
 
 # ---------------------------------------------------------------------------------------------
 # Local servers (threads of the test process)
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-
-
-class LocalServer:
-    """A threaded TCP server on 127.0.0.1 with a handler function(sock, server)."""
-
-    def __init__(self, handle: Callable[[socket.socket, LocalServer], None]) -> None:
-        owner = self
-        self.events: list[str] = []
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                with contextlib.suppress(OSError):
-                    handle(self.request, owner)
-
-        self.server = _Server((LOOPBACK, 0), Handler)
-        self.port: int = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def echo_handler(sock: socket.socket, server: LocalServer) -> None:
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return
-        sock.sendall(data)
-
-
-def http_handler(sock: socket.socket, server: LocalServer) -> None:
-    """A tiny HTTP/1.1 server: answers every request with ``ok``, closes after one."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return
-        data += chunk
-    body = b"ok\n"
-    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n" + body)
 
 
 def payload(size: int, seed: int = 7) -> bytes:
