@@ -48,24 +48,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.util import free_port
-from tests.e2e.cutproxy import CutProxy
-from tests.e2e.harness import agent_args
-from tests.e2e.reliability_harness import (
-    READY,
-    LocalServer,
-    Proc,
-    clean_env,
-    echo_handler,
-    http_handler,
-    wait_for,
-)
+from tunnel.testing._cutproxy import CutProxy
+from tunnel.testing._daemons import AgentProcess, RelayProcess, child_env, wait_for
+from tunnel.testing._servers import LocalServer, echo_handler, http_handler
 
 DOMAIN = "tunnel.localhost"
 LOOPBACK = "127.0.0.1"
@@ -92,11 +82,6 @@ STATUS_KEYS = (
 COLUMNS = ("t", "phase", "rss_kib", "fds", *STATUS_KEYS, "ops", "errors", "inflight")
 
 
-def twistd() -> str:
-    here = Path(sys.executable).parent / "twistd"
-    return str(here) if here.exists() else "twistd"
-
-
 # ---------------------------------------------------------------------------------------------
 # The relay process
 
@@ -107,14 +92,12 @@ class Relay:
         #: Put before ``twistd`` (e.g. a tracing wrapper).
         self.prefix = prefix or []
         self.state = work / "relay-state"
-        self.port = free_port()
-        self.admin_port = free_port()
         # Below Linux's ephemeral range (32768-60999): an outgoing connection that happens to
         # take a port of the range as its local port makes a reclaim miss that port.
         low = random.randrange(20000, 30000)
         self.tcp_range = (low, low + 1999)
         self.log = work / "relay.log"
-        self.proc: Proc | None = None
+        self.proc: RelayProcess | None = None
 
     @property
     def ca(self) -> Path:
@@ -125,51 +108,25 @@ class Relay:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def port(self) -> int:
+        assert self.proc is not None
+        return self.proc.port
+
     def start(self) -> None:
-        args = [
-            *self.prefix,
-            twistd(),
-            "-n",
-            "--pidfile",
-            "",
-            "--logfile",
-            str(self.log),
-            "tunnelrelay",
-            "--domain",
-            DOMAIN,
-            "--listen",
-            f"tcp:{self.port}:interface={LOOPBACK}",
-            "--state-dir",
-            str(self.state),
-            "--tcp-ports",
-            f"{self.tcp_range[0]}-{self.tcp_range[1]}",
-            "--tcp-interface",
-            LOOPBACK,
-            "--admin",
-            f"tcp:{self.admin_port}:interface={LOOPBACK}",
-            "--keepalive-interval",
-            "1",
-            "--keepalive-timeout",
-            "3",
-        ]
-        self.proc = Proc(args, self.work / "relay.out", cwd=self.work)
-
-        def up() -> bool:
-            if not self.proc or not self.proc.alive():
-                raise RuntimeError(f"the relay exited; see {self.log} and {self.work}/relay.out")
-            try:
-                self.status()
-            except OSError:
-                return False
-            return self.ca.exists()
-
-        wait_for(up, "the relay's admin /status", 30.0)
+        self.proc = RelayProcess.start(
+            self.log,
+            state_dir=self.state,
+            tcp_ports=self.tcp_range,
+            extra=["--keepalive-interval", "1", "--keepalive-timeout", "3"],
+            prefix=self.prefix,
+            cwd=self.work,
+            timeout=30.0,
+        )
 
     def status(self) -> dict[str, int]:
-        url = f"http://{LOOPBACK}:{self.admin_port}/status"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            data: dict[str, int] = json.loads(r.read())
-            return data
+        assert self.proc is not None
+        return self.proc.status()
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -223,7 +180,7 @@ def curl_get(ca: Path, relay_port: int, host: str) -> None:
         capture_output=True,
         timeout=CONNECT_TIMEOUT + 5,
         stdin=subprocess.DEVNULL,
-        env=clean_env(),
+        env=child_env(),
         check=False,
     )
     if r.returncode != 0 or r.stdout != b"ok\n":
@@ -298,7 +255,7 @@ class Soak:
         self.agents: list[Any] = []
         self.proxy: CutProxy | None = None
         self.servers: list[LocalServer] = []
-        self.agent_proc: Proc | None = None
+        self.agent_proc: AgentProcess | None = None
         self.agent_proc_n = 0
         self.proc_slots: list[Slot] = []
         self.inflight = 0
@@ -515,23 +472,27 @@ class Soak:
         assert self.proxy is not None
         self.agent_proc_n += 1
         http, echo = self.http[0].port, self.echo[0].port
-        args = agent_args(f"localhost:{self.proxy.port}", self.relay.ca, [str(http), f"{echo}:tcp"])
         log = self.work / f"agent-{self.agent_proc_n:04d}.log"
-        proc = Proc(args, log, cwd=self.work)
+        proc = AgentProcess(
+            log,
+            relay=f"localhost:{self.proxy.port}",
+            ca=self.relay.ca,
+            forwards=[str(http), f"{echo}:tcp"],
+            cwd=self.work,
+        )
         self.agent_proc = proc
         self.stats.ops["agent_proc_start"] += 1
         found: dict[str, Slot] = {}
 
         def ready() -> bool:
             if not proc.alive():
-                raise RuntimeError(f"agent process exited: {proc.text()[-500:]}")
-            for m in READY.finditer(proc.text()):
-                target = int(m.group("target").rsplit(":", 1)[1])
+                raise RuntimeError(f"agent process exited: {proc.tail(500)}")
+            for t in proc.tunnels():
+                target = int(t.target.rsplit(":", 1)[1])
                 slot = Slot("proc", target, tcp=target == echo, state="open")
-                slot.host = m.group("host")
-                if m.group("tcp_port"):
-                    slot.tcp_port = int(m.group("tcp_port"))
-                found[m.group("target")] = slot
+                slot.host = t.host
+                slot.tcp_port = t.tcp_port
+                found[t.target] = slot
             return len(found) == 2
 
         try:

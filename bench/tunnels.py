@@ -12,43 +12,19 @@
 from __future__ import annotations
 
 import json
-import re
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import ClassVar
 
 from bench.paths import BenchPath, Endpoint, HttpTarget, register
-from bench.util import LOOPBACK, free_port, rss_bytes, wait_port
+from bench.util import LOOPBACK, free_port, rss_bytes
+from tunnel.testing._daemons import AgentProcess, RelayProcess
 
-DOMAIN = "tunnel.localhost"
-_READY = re.compile(
-    r"tunnel ready: https://(?P<host>[a-z0-9]+\.tunnel\.localhost):(?P<port>\d+)"
-    r"(?: tcp://[^:]+:(?P<tcp>\d+))? -> 127\.0\.0\.1:(?P<target>\d+)"
-)
 # As many descriptors as the hard limit allows: 10,000 idle connections need ~20,000.
 _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 _NOFILE = f"--nofile={_HARD}:{_HARD}" if _HARD != resource.RLIM_INFINITY else "--nofile=65536"
-
-
-def _twistd() -> str:
-    return str(Path(sys.executable).parent / "twistd")
-
-
-def _wait_log(
-    path: Path, pattern: re.Pattern[str], count: int, timeout: float
-) -> list[re.Match[str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        found = list(pattern.finditer(text))
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path}: {len(found)} of {count} lines after {timeout}s")
-        time.sleep(0.05)
 
 
 class _Tunnel(BenchPath):
@@ -60,52 +36,50 @@ class _Tunnel(BenchPath):
     max_window_mib: ClassVar[int | None] = None
 
     def start(self) -> None:
-        self.relay_port = free_port()
         self.state = self.dir / "relay-state"
-        low = 21000 + (self.relay_port % 10) * 1000  # below the ephemeral range
-        self.relay = self.spawn(
-            [
-                "prlimit", _NOFILE, _twistd(), "-n", "--pidfile", "", "--logfile", "-",
-                "tunnelrelay", "--domain", DOMAIN,
-                "--listen", f"tcp:{self.relay_port}:interface={LOOPBACK}:backlog=4096",
-                "--state-dir", str(self.state),
-                "--tcp-ports", f"{low}-{low + 999}", "--tcp-interface", LOOPBACK,
+        low = 21000 + (free_port() % 10) * 1000  # below the ephemeral range
+        self.relay = RelayProcess.start(
+            self.dir / "relay.log",
+            state_dir=self.state,
+            tcp_ports=(low, low + 999),
+            listen_options=":backlog=4096",
+            extra=[
                 "--max-connections-per-tunnel", "20000", "--max-streams-per-link", "20000",
                 "--max-pending-handshakes", "20000", "--max-pending-per-source", "20000",
                 "--max-connections-per-source", "20000", "--max-streams-per-token", "20000",
                 "--drain-grace", "1",
                 *self._window_args(),
             ],
-            "relay.log",
+            prefix=["prlimit", _NOFILE],
         )  # fmt: skip
-        wait_port(self.relay_port, timeout=20)
-        self.ca = str(self.state / "ca.pem")
+        self.procs.procs.append(self.relay.popen)
+        self.relay_port = self.relay.port
+        self.ca = str(self.relay.ca)
         link_port = self.relay_port
         if self.link_delay_ms is not None:
             link_port = self.start_delay_proxy([self.relay_port], self.link_delay_ms)[0]
         suffix = ":tcp" if self.unencrypted else ""
         targets = [self.ctx.nginx_port, self.ctx.data_port, self.ctx.echo_port]
-        self.agent_log = self.dir / "agent.log"
-        self.agent = self.spawn(
-            [
-                "prlimit", _NOFILE, _twistd(), "-n", "--pidfile", "", "--logfile", "-",
-                "tunnelagent", "--relay", f"localhost:{link_port}", "--ca", self.ca,
-                *[a for t in targets for a in ("--forward", f"{t}{suffix}")],
-                *self._window_args(),
-            ],
-            "agent.log",
-        )  # fmt: skip
-        ready = {int(m["target"]): m for m in _wait_log(self.agent_log, _READY, 3, 30)}
-        web, data, echo = (ready[t] for t in targets)
+        self.agent = AgentProcess(
+            self.dir / "agent.log",
+            relay=f"localhost:{link_port}",
+            ca=self.relay.ca,
+            forwards=[f"{t}{suffix}" for t in targets],
+            extra=self._window_args(),
+            prefix=["prlimit", _NOFILE],
+        )
+        self.procs.procs.append(self.agent.popen)
+        web, data, echo = (self.agent.tunnel(f"{LOOPBACK}:{t}", timeout=30) for t in targets)
         ca = self.ca
         if self.unencrypted:
-            self.http = HttpTarget(f"http://{LOOPBACK}:{web['tcp']}")
-            self.tcp = Endpoint(LOOPBACK, int(data["tcp"]))
-            self.echo = Endpoint(LOOPBACK, int(echo["tcp"]))
+            assert web.tcp_port and data.tcp_port and echo.tcp_port
+            self.http = HttpTarget(f"http://{LOOPBACK}:{web.tcp_port}")
+            self.tcp = Endpoint(LOOPBACK, data.tcp_port)
+            self.echo = Endpoint(LOOPBACK, echo.tcp_port)
         else:
-            self.http = HttpTarget(f"https://{web['host']}:{self.relay_port}", cafile=ca)
-            self.tcp = Endpoint(LOOPBACK, self.relay_port, sni=data["host"], cafile=ca)
-            self.echo = Endpoint(LOOPBACK, self.relay_port, sni=echo["host"], cafile=ca)
+            self.http = HttpTarget(f"https://{web.host}:{self.relay_port}", cafile=ca)
+            self.tcp = Endpoint(LOOPBACK, self.relay_port, sni=data.host, cafile=ca)
+            self.echo = Endpoint(LOOPBACK, self.relay_port, sni=echo.host, cafile=ca)
 
     def roles(self) -> dict[str, list[int]]:
         return {"relay": [self.relay.pid], "agent": [self.agent.pid]}

@@ -15,7 +15,7 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-__all__ = ["JSONResource", "admin_site", "gauges"]
+__all__ = ["JSONResource", "ReadyResource", "admin_site", "gauges"]
 
 
 class _Metrics(Resource):
@@ -44,6 +44,26 @@ class JSONResource(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.document()).encode() + b"\n"
+
+
+class ReadyResource(Resource):
+    """
+    ``GET`` answers 200 ``ready`` while ``check()`` holds, else 503 ``not ready``: a
+    readiness probe (Kubernetes, systemd, the launcher of tests and benchmarks).
+    """
+
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], bool]) -> None:
+        super().__init__()
+        self.check = check
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if self.check():
+            return b"ready\n"
+        request.setResponseCode(503)
+        return b"not ready\n"
 
 
 def gauges(prefix: str, values: Mapping[str, tuple[str, Callable[[], float]]]) -> CollectorRegistry:

@@ -20,9 +20,12 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from tunnel.testing._daemons import AgentProcess, Daemon, DaemonError, RelayProcess
+from tunnel.testing._daemons import free_port as _free_port
 
 __all__ = ["main"]
 
@@ -37,16 +40,6 @@ PAGE = """<!doctype html>
 <p>This page is served on 127.0.0.1 and reached through a Tunnels relay.</p>
 """
 
-#: This Python, unbuffered (the logs are read as they are written).
-PY = [sys.executable, "-u"]
-#: ``twistd -n`` in the foreground, logging to stdout (which is the child's log file).
-TWISTD = [
-    *PY,
-    "-c",
-    "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
-    *("-n", "--pidfile", "", "--logfile", "-"),
-]
-
 
 class DemoError(Exception):
     """
@@ -54,92 +47,11 @@ class DemoError(Exception):
     """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return "(no log)\n"
-
-
-class Child:
-    """
-    A process the demo started, its log file, and a way to wait for a line in that log.
-    """
-
-    def __init__(self, name: str, argv: list[str], log: str, env: dict[str, str] | None = None):
-        self.name = name
-        self.log = log
-        with open(log, "w", encoding="utf-8"):
-            pass  # start each run with an empty log
-        self._out = open(log, "a", encoding="utf-8")  # noqa: SIM115 (closed in stop())
-        # Its own session: Ctrl-C reaches the demo only, which then stops children in order.
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """
-        Read the log until a line matches `pattern`; fail if the process exits or time runs
-        out first.
-        """
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        offset = 0
-        pending = ""
-        with open(self.log, encoding="utf-8", errors="replace") as f:
-            while True:
-                f.seek(offset)
-                chunk = f.read()
-                offset = f.tell()
-                pending += chunk
-                *complete, pending = pending.split("\n")
-                for line in complete:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                if self.proc.poll() is not None:
-                    raise DemoError(
-                        f"the {self.name} exited (status {self.proc.returncode}); "
-                        f"its log ({self.log}) ends with:\n{_tail(self.log)}"
-                    )
-                if time.monotonic() > deadline:
-                    raise DemoError(
-                        f"the {self.name} was not ready after {timeout:.0f}s; "
-                        f"its log ({self.log}) ends with:\n{_tail(self.log)}"
-                    )
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        """
-        SIGTERM, then SIGKILL if it has not exited in time; by PID only.
-        """
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
-        self._out.close()
+def _fresh_log(state: str, name: str) -> Path:
+    """The log file `name` in the demo's directory, emptied: each run starts a new one."""
+    path = Path(state) / name
+    path.write_text("")
+    return path
 
 
 def _display_path(path: str) -> str:
@@ -218,59 +130,55 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
 
-    children: list[Child] = []
+    children: list[Daemon] = []
     status = 0
     try:
         print("Starting a relay, a web server and an agent on 127.0.0.1 ...")
 
         # The user's server: a static web server on a port the kernel picks.
-        web = Child(
-            "web server",
-            [*PY, "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", www],
-            os.path.join(state, "web.log"),
-        )
-        children.append(web)
-        web_port = int(web.wait_for(r"port (\d+)", READY_TIMEOUT).group(1))
-
-        # The relay; its port is chosen before it starts, so retry if another process took it.
-        relay_port = 0
-        for attempt in range(3):
-            relay_port = _free_port()
-            tcp_low = 30000 + (relay_port * 7919) % 9900
-            relay = Child(
-                "relay",
-                [
-                    *TWISTD,
-                    "tunnelrelay",
-                    *("--domain", DOMAIN, "--state-dir", relay_state, "--drain-grace", "2"),
-                    *("--listen", f"tcp:{relay_port}:interface=127.0.0.1"),
-                    *("--tcp-ports", f"{tcp_low}-{tcp_low + 99}", "--tcp-interface", "127.0.0.1"),
-                ],
-                os.path.join(state, "relay.log"),
-            )
-            children.append(relay)
-            try:
-                relay.wait_for(r"relay listening on ", READY_TIMEOUT)
-                break
-            except DemoError:
-                relay.stop()
-                children.remove(relay)
-                if attempt == 2:
-                    raise
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
-        agent = Child(
-            "agent",
+        web = Daemon(
             [
-                *TWISTD,
-                "tunnelagent",
-                *("--relay", f"localhost:{relay_port}", "--ca", ca, "--forward", str(web_port)),
+                sys.executable,
+                "-u",
+                "-m",
+                "http.server",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                www,
             ],
-            os.path.join(state, "agent.log"),
-            env=env,
+            _fresh_log(state, "web.log"),
+            new_session=True,
+        )
+        web.name = "web server"
+        children.append(web)
+        web_port = int(web.wait_log(r"port (\d+)", READY_TIMEOUT).group(1))
+
+        # The relay: started on free ports, ready when its admin endpoint says so.
+        relay_port = _free_port()
+        tcp_low = 30000 + (relay_port * 7919) % 9900
+        relay = RelayProcess.start(
+            _fresh_log(state, "relay.log"),
+            state_dir=Path(relay_state),
+            tcp_ports=(tcp_low, tcp_low + 99),
+            extra=["--drain-grace", "2"],
+            new_session=True,
+            attempts=3,
+            timeout=READY_TIMEOUT,
+        )
+        children.append(relay)
+
+        agent = AgentProcess(
+            _fresh_log(state, "agent.log"),
+            relay=f"localhost:{relay.port}",
+            ca=relay.ca,
+            forwards=[str(web_port)],
+            new_session=True,
         )
         children.append(agent)
-        url = agent.wait_for(r"tunnel ready: (https://\S+)", READY_TIMEOUT).group(1)
+        url = agent.tunnel(f"127.0.0.1:{web_port}", READY_TIMEOUT).url
+        relay_port = relay.port
 
         ca_shown = _display_path(ca)
         command = f"curl --cacert {ca_shown} {url}/"
@@ -292,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"The tunnel stays up; logs are in {_display_path(state)}/. Ctrl-C stops it.")
             while not stop_requested.wait(0.5):
                 for child in children:
-                    if child.proc.poll() is not None:
+                    if not child.alive():
                         raise DemoError(
-                            f"the {child.name} exited (status {child.proc.returncode}); "
-                            f"its log ({child.log}) ends with:\n{_tail(child.log)}"
+                            f"the {child.name} exited (status {child.returncode}); "
+                            f"its log ({child.log}) ends with:\n{child.tail(1500)}"
                         )
             print()
             status = 0
-    except DemoError as e:
+    except (DemoError, DaemonError) as e:
         print(f"demo: {e}", file=sys.stderr)
         status = 1
     finally:

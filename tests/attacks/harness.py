@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tests.e2e.harness import agent_args, wait_for
+from tests.e2e.harness import wait_for
 from tests.e2e.reliability_harness import (
     AgentProc,
     Endpoint,
@@ -69,8 +69,7 @@ class AttackWorld:
 
     def start_agent(self, forwards: Sequence[str], token: str | None = None) -> AgentProc:
         """Another legitimate agent process on the relay."""
-        args = agent_args(f"localhost:{self.relay.port}", self.relay.ca, forwards, token)
-        return AgentProc(self.group.start("agent", args))
+        return self.group.agent(self.relay, forwards, token=token)
 
     def usage(self) -> Usage:
         return usage(self.relay.pid)

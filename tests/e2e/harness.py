@@ -1,6 +1,7 @@
 """
-Helpers of the end-to-end tests: real relay and agent processes (twistd), local servers,
-and clients, all on loopback. ``reliability_harness`` builds on the pieces here.
+Helpers of the end-to-end tests: real relay and agent processes (started and waited for by
+the launcher, `tunnel.testing`), local servers, and clients, all on loopback.
+``reliability_harness`` builds on the pieces here.
 
 Every wait polls with a deadline; nothing sleeps to see whether something happened. Every
 process started here is kept (by PID) and ended by `Proc.stop`: SIGTERM, then SIGKILL after a
@@ -9,32 +10,30 @@ timeout.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import pytest
 
+from tunnel.testing._daemons import DEADLINE as DEADLINE
+from tunnel.testing._daemons import LOOPBACK as LOOPBACK
+from tunnel.testing._daemons import AgentProcess, Daemon, RelayProcess
+from tunnel.testing._daemons import child_env as clean_env
+from tunnel.testing._daemons import free_port as free_port
+from tunnel.testing._daemons import wait_for as wait_for
+
 DOMAIN = "tunnel.localhost"
-LOOPBACK = "127.0.0.1"
-#: Default deadline of every wait.
-DEADLINE = 20.0
 SERVERS = Path(__file__).parent / "servers"
 BACKEND = SERVERS / "backend.py"
-
-T = TypeVar("T")
 
 
 def require_tool(name: str) -> str:
@@ -44,182 +43,18 @@ def require_tool(name: str) -> str:
     return path
 
 
-def twistd() -> str:
-    """The venv's twistd (next to the running interpreter), else the one on PATH."""
-    here = Path(sys.executable).parent / "twistd"
-    if here.exists():
-        return str(here)
-    found = shutil.which("twistd")
-    if found is None:
-        pytest.skip("twistd is not installed")
-    return found
-
-
-def clean_env() -> dict[str, str]:
-    """The environment for children: no TUNNEL_* settings leaking in, no proxies."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("TUNNEL_") and k.lower() not in ("http_proxy", "https_proxy")
-    }
-    env["NO_PROXY"] = "*"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the caller retries if it is taken meanwhile)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
-    """Poll `check` until it returns something other than None/False, or fail at `timeout`."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = check()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command lines
-
-
-def twistd_args(plugin: str, *args: str) -> list[str]:
-    """``twistd`` running `plugin` in the foreground, no pidfile, logging to stdout."""
-    return [twistd(), "-n", "--pidfile", "", "--logfile", "-", plugin, *args]
-
-
 def tcp_port_range() -> tuple[int, int]:
     """500 ports for a relay's raw TCP tunnels, below the ephemeral range (32768+)."""
     low = random.randrange(20000, 32000)
     return low, low + 499
 
 
-def relay_args(
-    port: int,
-    state: Path,
-    tcp_ports: tuple[int, int],
-    extra: Sequence[str] = (),
-    listen_options: str = "",
-) -> list[str]:
-    """``twistd tunnelrelay`` on 127.0.0.1:`port` (`listen_options` appended to the endpoint)."""
-    return twistd_args(
-        "tunnelrelay",
-        "--domain",
-        DOMAIN,
-        "--listen",
-        f"tcp:{port}:interface={LOOPBACK}{listen_options}",
-        "--state-dir",
-        str(state),
-        "--tcp-ports",
-        f"{tcp_ports[0]}-{tcp_ports[1]}",
-        "--tcp-interface",
-        LOOPBACK,
-        *extra,
-    )
-
-
-def agent_args(
-    relays: str, ca: Path, forwards: Sequence[str], token: str | None = None
-) -> list[str]:
-    """``twistd tunnelagent`` linking to `relays` (the ``--relay`` value), trusting `ca`."""
-    args = twistd_args("tunnelagent", "--relay", relays, "--ca", str(ca))
-    for f in forwards:
-        args += ["--forward", f]
-    if token is not None:
-        args += ["--token", token]
-    return args
-
-
 # ---------------------------------------------------------------------------------------------
 # Processes
 
 
-class Proc:
-    """A child process we started, with its output in a file."""
-
-    def __init__(self, args: Sequence[str], log: Path, cwd: Path | None = None) -> None:
-        self.args = list(args)
-        self.log = log
-        self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            self.args,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd,
-            env=clean_env(),
-        )
-        self.pid = self.popen.pid
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def size(self) -> int:
-        try:
-            return self.log.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def wait(self, check: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
-        """`wait_for`, with the end of this process's log in the error."""
-        try:
-            return wait_for(check, what, timeout)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n--- {self.log} ---\n{self.text()[-3000:]}") from None
-
-    def wait_log(self, pattern: str, timeout: float = DEADLINE, start: int = 0) -> re.Match[str]:
-        """The first match of regex `pattern` in the log after character offset `start`."""
-        regex = re.compile(pattern)
-
-        def check() -> re.Match[str] | None:
-            m = regex.search(self.text(), start)
-            if m is None and self.popen.poll() is not None:
-                m = regex.search(self.text(), start)
-                if m is None:
-                    raise AssertionError(
-                        f"{self.args[:7]} exited ({self.popen.returncode}) before logging "
-                        f"{pattern!r}:\n{self.text()[-3000:]}"
-                    )
-            return m
-
-        return self.wait(check, f"{pattern!r} in {self.log.name}", timeout)
-
-    def count(self, pattern: str) -> int:
-        return len(re.findall(pattern, self.text()))
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL now, and reap."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self.popen.wait(10)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
-        self._out.close()
+#: A child process we started, with its output in a file (the launcher's `Daemon`).
+Proc = Daemon
 
 
 class ProcGroup:
@@ -246,32 +81,6 @@ class ProcGroup:
         self.procs.clear()
 
 
-def start_relay(
-    launch: Callable[[], tuple[Proc, int]],
-    attempts: int = 5,
-    also: Sequence[str] = (),
-    timeout: float = DEADLINE,
-) -> Proc:
-    """
-    Start a relay with `launch` (which returns its process and public port) and wait until it
-    listens there (and has logged every pattern of `also`); stop it and launch again (on new
-    ports) if it does not, up to `attempts` times: a free port may be taken meanwhile.
-    """
-    last = ""
-    for _ in range(attempts):
-        proc, port = launch()
-        try:
-            proc.wait_log(rf"relay listening on 127\.0\.0\.1:{port}\b", timeout)
-            for pattern in also:
-                proc.wait_log(pattern, timeout)
-        except AssertionError as e:
-            last = str(e)
-            proc.stop()
-            continue
-        return proc
-    raise AssertionError(f"the relay did not start:\n{last}")
-
-
 class Procs(ProcGroup):
     """A `ProcGroup` starting relays, agents and the local servers of ``servers/backend.py``."""
 
@@ -283,42 +92,58 @@ class Procs(ProcGroup):
         tokens: Sequence[str] | None = None,
         handshake_timeout: float | None = None,
         extra: Sequence[str] = (),
+        state: Path | None = None,
     ) -> Relay:
-        """Start a relay on a free port; returns once it listens."""
-        state = self.dir / f"relay-state-{self._n + 1}"
+        """Start a relay on free ports (state in `state`, else its own); returns once ready."""
+        n = self.next_id()
+        state = state or self.dir / f"relay-state-{n}"
         args_tail = ["--drain-grace", "1"]
         if tokens is not None:
-            token_file = self.dir / f"tokens-{self._n + 1}.txt"
+            token_file = self.dir / f"tokens-{n}.txt"
             token_file.write_text("# e2e tokens\n" + "\n".join(tokens) + "\n")
             args_tail += ["--tokens", str(token_file)]
         if handshake_timeout is not None:
             args_tail += ["--handshake-timeout", str(handshake_timeout)]
-        args_tail += list(extra)
-        port = 0
-
-        def launch() -> tuple[Proc, int]:
-            nonlocal port
-            port = free_port()
-            return self.start("relay", relay_args(port, state, tcp_port_range(), args_tail)), port
-
-        proc = start_relay(launch)
-        return Relay(proc, port, state / "ca.pem")
+        proc = RelayProcess.start(
+            self.dir / f"{n:02d}-relay.log",
+            state_dir=state,
+            tcp_ports=tcp_port_range(),
+            extra=[*args_tail, *extra],
+            cwd=self.dir,
+        )
+        self.procs.append(proc)
+        return Relay(proc, proc.port, proc.ca)
 
     # -- agent -------------------------------------------------------------------------------
 
     def agent(
         self,
-        relay: Relay,
+        relay: RelayLike | str,
         forwards: Sequence[str],
         *,
         token: str | None = None,
         wait: bool = True,
         extra: Sequence[str] = (),
+        ca: Path | None = None,
     ) -> Agent:
-        """Start `twistd tunnelagent` (`extra`: more options); with `wait`, returns once
-        every forward is ready."""
-        args = [*agent_args(f"localhost:{relay.port}", relay.ca, forwards, token), *extra]
-        agent = Agent(self.start("agent", args))
+        """Start `twistd tunnelagent` linking to `relay` (or to a ``--relay`` value, trusting
+        `ca`); `extra`: more options. With `wait`, returns once every forward is ready."""
+        if isinstance(relay, str):
+            relays = relay
+        else:
+            relays, ca = f"localhost:{relay.port}", relay.ca
+        n = self.next_id()
+        proc = AgentProcess(
+            self.dir / f"{n:02d}-agent.log",
+            relay=relays,
+            ca=ca,
+            forwards=forwards,
+            token=token,
+            extra=extra,
+            cwd=self.dir,
+        )
+        self.procs.append(proc)
+        agent = Agent(proc)
         if wait:
             for f in forwards:
                 agent.ready(f)
@@ -382,23 +207,21 @@ def ready_tunnels(log: str) -> Iterator[tuple[str, Endpoint]]:
         )
 
 
+def forward_target(forward: str) -> str:
+    """The local target of a ``--forward`` value such as ``8000``, ``8000:tcp`` or
+    ``127.0.0.1:8000:h2``, as the agent's ``/status`` names it."""
+    port = forward.split(":")[0] if forward[0].isdigit() else forward.split(":")[1]
+    return f"127.0.0.1:{port}"
+
+
 @dataclass
 class Agent:
-    proc: Proc
-    tunnels: dict[str, Endpoint] = field(default_factory=dict)
+    proc: AgentProcess
 
     def ready(self, forward: str, timeout: float = DEADLINE) -> Endpoint:
-        """The tunnel of ``--forward`` value `forward`, once the agent says it is ready."""
-        port = forward.split(":")[0] if forward[0].isdigit() else forward.split(":")[1]
-        target = f"127.0.0.1:{port}"
-        if target not in self.tunnels:
-
-            def check() -> Endpoint | None:
-                self.tunnels.update(ready_tunnels(self.proc.text()))
-                return self.tunnels.get(target)
-
-            self.proc.wait(check, f"tunnel ready for {target}", timeout)
-        return self.tunnels[target]
+        """The tunnel of ``--forward`` value `forward`, once the agent reports it granted."""
+        info = self.proc.tunnel(forward_target(forward), timeout)
+        return Endpoint(info.host, info.port, info.tcp_port)
 
 
 # ---------------------------------------------------------------------------------------------

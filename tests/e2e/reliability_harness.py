@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import random
 import re
 import socket
-import socketserver
 import ssl
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +24,8 @@ from typing import Any
 from tests.e2e.harness import (
     DEADLINE,
     ProcGroup,
-    agent_args,
-    free_port,
-    ready_tunnels,
-    relay_args,
+    forward_target,
     run,
-    start_relay,
     tcp_port_range,
 )
 
@@ -48,6 +40,10 @@ from tests.e2e.harness import curl as harness_curl
 from tests.e2e.harness import require_tool as require_tool
 from tests.e2e.harness import tls_connect as tls_connect
 from tests.e2e.harness import wait_for as wait_for
+from tunnel.testing._daemons import AgentProcess, RelayProcess
+from tunnel.testing._servers import LocalServer as LocalServer
+from tunnel.testing._servers import echo_handler as echo_handler
+from tunnel.testing._servers import http_handler as http_handler
 
 
 def port_accepts(port: int) -> bool:
@@ -80,67 +76,48 @@ class RelayProc:
         self.listen_options = listen_options
         self.extra = list(extra)
         self.prefix = list(prefix)
-        self.state = group.dir / f"relay-state-{group.next_id()}"
+        n = group.next_id()
+        self.state = group.dir / f"relay-state-{n}"
+        self.log = group.dir / f"{n:02d}-relay.log"
         self.port = 0
         self.admin_port = 0
         self.tcp_range = tcp_port_range()
         self.tcp_low = self.tcp_range[0]
-        self.proc: Proc | None = None
+        self.proc: RelayProcess | None = None
         self.starts = 0
 
     @property
     def ca(self) -> Path:
         return self.state / "ca.pem"
 
-    def _args(self) -> list[str]:
-        admin = ["--admin", f"tcp:{self.admin_port}:interface={LOOPBACK}"]
-        return [
-            *self.prefix,
-            *relay_args(
-                self.port, self.state, self.tcp_range, [*admin, *self.extra], self.listen_options
-            ),
-        ]
-
     def start(self, timeout: float = DEADLINE) -> RelayProc:
         """Start (on new free ports the first time; on the same ports afterwards)."""
-
-        def launch() -> tuple[Proc, int]:
-            if self.starts == 0:
-                self.port, self.admin_port = free_port(), free_port()
-            return self.group.start("relay", self._args()), self.port
-
-        self.proc = start_relay(
-            launch,
-            attempts=5 if self.starts == 0 else 1,
-            also=[r"admin on http://"],
+        self.proc = RelayProcess.start(
+            self.log,
+            state_dir=self.state,
+            port=self.port or None,
+            admin_port=self.admin_port or None,
             timeout=timeout,
+            tcp_ports=self.tcp_range,
+            listen_options=self.listen_options,
+            extra=self.extra,
+            prefix=self.prefix,
+            cwd=self.group.dir,
         )
+        self.port, self.admin_port = self.proc.port, self.proc.admin_port
+        self.group.procs.append(self.proc)
         self.starts += 1
         return self
 
     def status(self, timeout: float = 5.0) -> dict[str, int]:
-        url = f"http://{LOOPBACK}:{self.admin_port}/status"
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            data: dict[str, int] = json.loads(r.read())
-            return data
+        assert self.proc is not None
+        return self.proc.status(timeout)
 
     def wait_status(
         self, pred: Callable[[dict[str, int]], bool], what: str, timeout: float = DEADLINE
     ) -> dict[str, int]:
-        last: list[dict[str, int]] = [{}]
-
-        def check() -> dict[str, int] | None:
-            try:
-                s = self.status()
-            except OSError:
-                return None
-            last[0] = s
-            return s if pred(s) else None
-
-        try:
-            return wait_for(check, what, timeout)
-        except AssertionError as e:
-            raise AssertionError(f"{e}; last /status: {last[0]}") from None
+        assert self.proc is not None
+        return self.proc.wait_status(pred, what, timeout)
 
     @property
     def pid(self) -> int:
@@ -149,17 +126,13 @@ class RelayProc:
 
 
 class AgentProc:
-    def __init__(self, proc: Proc) -> None:
+    def __init__(self, proc: AgentProcess) -> None:
         self.proc = proc
 
     def ready(self, target_port: int, timeout: float = DEADLINE) -> Endpoint:
-        """The tunnel first reported ready for 127.0.0.1:`target_port`."""
-        target = f"127.0.0.1:{target_port}"
-
-        def check() -> Endpoint | None:
-            return next((t for at, t in ready_tunnels(self.proc.text()) if at == target), None)
-
-        return self.proc.wait(check, f"tunnel ready for {target}", timeout)
+        """The tunnel of 127.0.0.1:`target_port`, once the agent reports it granted."""
+        info = self.proc.tunnel(forward_target(str(target_port)), timeout)
+        return Endpoint(info.host, info.port, info.tcp_port)
 
     def back_count(self, tunnel: Endpoint) -> int:
         return self.proc.count(rf"tunnel {re.escape(tunnel.url)} is back")
@@ -183,10 +156,25 @@ class Group(ProcGroup):
         return RelayProc(self, extra, prefix, listen_options).start()
 
     def agent(
-        self, relay: RelayProc, forwards: Sequence[str], via_port: int | None = None
+        self,
+        relay: RelayProc,
+        forwards: Sequence[str],
+        via_port: int | None = None,
+        token: str | None = None,
+        extra: Sequence[str] = (),
     ) -> AgentProc:
-        args = agent_args(f"localhost:{via_port or relay.port}", relay.ca, forwards)
-        return AgentProc(self.start("agent", args))
+        """An agent of `relay` (dialling `via_port` instead, e.g. a proxy in front of it)."""
+        proc = AgentProcess(
+            self.dir / f"{self.next_id():02d}-agent.log",
+            relay=f"localhost:{via_port or relay.port}",
+            ca=relay.ca,
+            forwards=forwards,
+            token=token,
+            extra=extra,
+            cwd=self.dir,
+        )
+        self.procs.append(proc)
+        return AgentProc(proc)
 
     def stop_all(self) -> None:
         for cleanup in reversed(self.cleanups):
@@ -198,54 +186,6 @@ class Group(ProcGroup):
 
 # ---------------------------------------------------------------------------------------------
 # Local servers (threads of the test process)
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-
-
-class LocalServer:
-    """A threaded TCP server on 127.0.0.1 with a handler function(sock, server)."""
-
-    def __init__(self, handle: Callable[[socket.socket, LocalServer], None]) -> None:
-        owner = self
-        self.events: list[str] = []
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                with contextlib.suppress(OSError):
-                    handle(self.request, owner)
-
-        self.server = _Server((LOOPBACK, 0), Handler)
-        self.port: int = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def echo_handler(sock: socket.socket, server: LocalServer) -> None:
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return
-        sock.sendall(data)
-
-
-def http_handler(sock: socket.socket, server: LocalServer) -> None:
-    """A tiny HTTP/1.1 server: answers every request with ``ok``, closes after one."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return
-        data += chunk
-    body = b"ok\n"
-    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n" + body)
 
 
 def payload(size: int, seed: int = 7) -> bytes:

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.harness import LOOPBACK, Procs, free_port, wait_for
+from tests.e2e.harness import LOOPBACK, Procs, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -26,10 +26,8 @@ def get(port: int, path: str) -> tuple[int, bytes]:
 def test_ready_status_and_metrics_follow_the_link(procs: Procs) -> None:
     relay = procs.relay()
     backend = procs.backend("http")
-    admin = free_port()
-    agent = procs.agent(
-        relay, [str(backend.port)], extra=["--admin", f"tcp:{admin}:interface={LOOPBACK}"]
-    )
+    agent = procs.agent(relay, [str(backend.port)])  # with an admin endpoint on a free port
+    admin = agent.proc.admin_port
     tunnel = agent.ready(str(backend.port))
     wait_for(lambda: get(admin, "/ready") == (200, b"ready\n"), "/ready to say ready")
     status = json.loads(get(admin, "/status")[1])

@@ -10,36 +10,24 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import (
-    DOMAIN,
     LOOPBACK,
     Agent,
     Proc,
     Procs,
-    agent_args,
     curl,
     free_port,
-    twistd_args,
 )
 
 pytestmark = pytest.mark.e2e
 
 
 def _relay(procs: Procs, state: Path) -> tuple[Proc, int]:
-    port = free_port()
-    proc = procs.start(
-        "relay",
-        twistd_args(
-            "tunnelrelay",
-            "--domain", DOMAIN, "--listen", f"tcp:{port}:interface={LOOPBACK}",
-            "--state-dir", str(state), "--drain-grace", "1",
-        ),
-    )  # fmt: skip
-    proc.wait_log(rf"relay listening on 127\.0\.0\.1:{port}\b")
-    return proc, port
+    relay = procs.relay(state=state)
+    return relay.proc, relay.port
 
 
 def _agent(procs: Procs, relays: str, ca: Path, forward: str) -> Agent:
-    return Agent(procs.start("agent", agent_args(relays, ca, [forward])))
+    return procs.agent(relays, [forward], ca=ca, wait=False)
 
 
 def test_a_relay_that_does_not_answer_is_ranked_last(procs: Procs, tmp_path: Path) -> None:

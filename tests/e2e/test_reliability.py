@@ -4,7 +4,7 @@ dead links found fast, graceful drain, hard limits, file-descriptor exhaustion, 
 reconnect storm.
 
 Relays and agents are real ``twistd`` processes (they are what fails); local servers are
-threads of the test process; link cuts go through `tests.e2e.cutproxy`. Every wait has a
+threads of the test process; link cuts go through `tunnel.testing._cutproxy`. Every wait has a
 deadline; every process is ended by PID at teardown. Observed numbers are printed (``-s``)
 and recorded in ``docs/reliability.md``.
 """
@@ -30,7 +30,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.e2e.cutproxy import CutProxy
 from tests.e2e.reliability_harness import (
     LOOPBACK,
     Endpoint,
@@ -51,6 +50,7 @@ from tests.e2e.reliability_harness import (
     tls_connect,
     wait_for,
 )
+from tunnel.testing._cutproxy import CutProxy
 
 pytestmark = pytest.mark.e2e
 

@@ -23,10 +23,12 @@ MODULES = [
     "tunnel.wire.codes",
     "tunnel.wire.options",
 ]
+#: Public packages outside the sans-IO core, whose ``__all__`` is checked the same way.
+PUBLIC = ["tunnel", "tunnel.client", "tunnel.testing"]
 WIRE_DIR = Path(tunnel.wire.__file__).parent
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", MODULES + PUBLIC)
 def test_all_names_exist(name: str) -> None:
     module = importlib.import_module(name)
     exported = module.__all__

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
-from tunnel._admin import JSONResource, gauges
+from tunnel._admin import JSONResource, ReadyResource, gauges
 from tunnel._admin import admin_site as _site
 from tunnel.agent.session import Agent
 
@@ -57,21 +56,6 @@ def agent_ready(agent: Agent) -> bool:
     )
 
 
-class _Ready(Resource):
-    isLeaf = True
-
-    def __init__(self, agent: Agent) -> None:
-        super().__init__()
-        self.agent = agent
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain")
-        if agent_ready(self.agent):
-            return b"ready\n"
-        request.setResponseCode(503)
-        return b"not ready\n"
-
-
 def admin_site(agent: Agent) -> Site:
     """
     The admin web site of `agent`.
@@ -92,5 +76,8 @@ def admin_site(agent: Agent) -> Site:
     }
     return _site(
         gauges("tunnels_agent", values),
-        {b"status": JSONResource(lambda: agent_status(agent)), b"ready": _Ready(agent)},
+        {
+            b"status": JSONResource(lambda: agent_status(agent)),
+            b"ready": ReadyResource(lambda: agent_ready(agent)),
+        },
     )

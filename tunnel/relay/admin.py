@@ -1,16 +1,19 @@
 """
-The relay's admin endpoint: Prometheus metrics at ``/metrics`` and a JSON summary at
-``/status``. Bind it to loopback (``--admin tcp:9090:interface=127.0.0.1``).
+The relay's admin endpoint: Prometheus metrics at ``/metrics``, a JSON summary at
+``/status``, and ``/ready`` for readiness probes (200 while the relay listens for public
+clients and is not draining, else 503). Bind it to loopback
+(``--admin tcp:9090:interface=127.0.0.1``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.web.server import Site
 
-from tunnel._admin import JSONResource, gauges
+from tunnel._admin import JSONResource, ReadyResource, gauges
 from tunnel._admin import admin_site as _site
 from tunnel.relay.service import Relay
 
@@ -49,10 +52,12 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
     }
 
 
-def admin_site(relay: Relay, front: Any = None) -> Site:
+def admin_site(
+    relay: Relay, front: Any = None, listening: Callable[[], bool] = lambda: True
+) -> Site:
     """
     The admin web site of `relay` (`front` is its SNI-dispatching factory, for handshake
-    counts).
+    counts; `listening` tells whether the public listener is up, for ``/ready``).
     """
     values = {
         key: (f"Relay {key.replace('_', ' ')}", lambda key=key: relay_status(relay, front)[key])
@@ -60,5 +65,8 @@ def admin_site(relay: Relay, front: Any = None) -> Site:
     }
     return _site(
         gauges("tunnels_relay", values),
-        {b"status": JSONResource(lambda: relay_status(relay, front))},
+        {
+            b"status": JSONResource(lambda: relay_status(relay, front)),
+            b"ready": ReadyResource(lambda: listening() and not relay.draining),
+        },
     )

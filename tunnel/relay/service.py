@@ -1132,7 +1132,7 @@ class RelayService(service.MultiService):
                 )
 
             serverFromString(self.reactor, self.admin).listen(
-                admin_site(self.relay, self.front)
+                admin_site(self.relay, self.front, lambda: self.port is not None)
             ).addCallbacks(admin_listening, lambda f: _log.failure("cannot listen for admin", f))
         d = self.endpoint.listen(self.front)
 
