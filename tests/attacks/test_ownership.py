@@ -20,8 +20,8 @@ from typing import Any
 from tests.attacks.harness import AttackWorld
 from tests.attacks.rawlink import CONTROL, PING, RawLink, frame
 from tests.clientcerts import make_client_pki
-from tests.e2e.harness import agent_args, wait_for
-from tests.e2e.reliability_harness import LOOPBACK, AgentProc, Group, LocalServer
+from tests.e2e.harness import wait_for
+from tests.e2e.reliability_harness import LOOPBACK, Group, LocalServer
 
 TOKEN_A = "token-alice-0123456789"
 TOKEN_B = "token-bob-0123456789ab"
@@ -63,8 +63,7 @@ def test_bare_hellos_and_failed_client_certs_reach_no_local_server(
     target = LocalServer(_hold)
     group.cleanups.append(target.close)
     pki = make_client_pki(tmp_path / "pki", "ours")
-    args = agent_args(f"localhost:{world.relay.port}", world.relay.ca, [str(target.port)])
-    agent = AgentProc(group.start("agent", [*args, "--client-ca", str(pki.ca)]))
+    agent = group.agent(world.relay, [str(target.port)], extra=["--client-ca", str(pki.ca)])
     tunnel = agent.ready(target.port)
     hello = _client_hello(tunnel.host)
 
