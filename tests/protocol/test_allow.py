@@ -1,6 +1,7 @@
 """
-Allow lists between a real agent and relay in this process: the relay enforces them, refuses
-malformed ones, and an agent never sends one to a relay that would ignore it.
+Allow lists between a real agent and relay in this process: the relay enforces them, and an
+agent never sends one to a relay that would ignore it (malformed ones: the relay's control
+core, tests/unit/test_relay_control.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from twisted.internet import protocol
 from tests.protocol.inprocess import Echo, Recorder, agent_for, connect, get_reactor, wait_until
 from tunnel.agent.session import ForwardSpec
 from tunnel.errors import TunnelRefused
-from tunnel.relay import service as relay_service
+from tunnel.relay import _control as relay_control
 from tunnel.relay.service import RelayService
-from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
-from tunnel.wire.control import TunnelRequest
 
 
 async def exchange(port: int) -> Recorder:
@@ -68,29 +67,10 @@ def relay_ca_pem(relay: RelayService) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_relay_refuses_malformed_restrictions(relay: RelayService) -> None:
-    class Link:
-        peer_name = "test"
-
-    cases = [
-        ("tls", {"allow": ["nope"]}, "'nope' is not an IP network"),
-        ("tls", {"allow": "10.0.0.0/8"}, "is a list"),
-        ("tls", {"client_ca": "garbage"}, "no PEM certificate"),
-        ("tls", {"client_ca": 7}, "is PEM text"),
-        ("tcp", {"client_ca": relay_ca_pem(relay)}, "need a TLS tunnel"),
-    ]
-    for kind, options, why in cases:
-        answer = relay.relay.grant(Link(), TunnelRequest(1, kind, options))  # type: ignore[arg-type]
-        assert isinstance(answer, TunnelRefusedMessage), answer
-        assert answer.code == "bad_request" and why in answer.message
-    assert len(relay.relay.registry) == 0
-
-
-@pytest_twisted.ensureDeferred
 async def test_agent_will_not_send_restrictions_to_a_relay_that_would_ignore_them(
     relay: RelayService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay_service, "FEATURES", ())  # as a first-release relay
+    monkeypatch.setattr(relay_control, "FEATURES", ())  # as a first-release relay
     agent = agent_for(relay, tmp_path / "state")
     try:
         with pytest.raises(TunnelRefused, match="does not support allow lists"):

@@ -61,8 +61,22 @@ def test_no_import_cycle() -> None:
             visit(name)
 
 
-def test_every_agent_and_wire_module_imports_first_in_a_fresh_interpreter() -> None:
-    names = [n for n in MODULES if n.startswith(("tunnel.agent", "tunnel.wire"))] + [
+def test_the_relay_modules_are_checked_and_admin_does_not_import_the_service() -> None:
+    relay = {name for name in MODULES if name.startswith("tunnel.relay.")}
+    assert {"tunnel.relay.service", "tunnel.relay.admin", "tunnel.relay._control"} <= relay
+    assert "tunnel.relay.service" not in _imports(MODULES["tunnel.relay.admin"])
+    # The control core is sans-IO: it imports nothing of Twisted, even indirectly.
+    code = (
+        "import sys, tunnel.relay._control\n"
+        "assert not [m for m in sys.modules if m.startswith('twisted')], 'twisted imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_every_agent_relay_and_wire_module_imports_first_in_a_fresh_interpreter() -> None:
+    names = [
+        n for n in MODULES if n.startswith(("tunnel.agent", "tunnel.relay", "tunnel.wire"))
+    ] + [
         "tunnel.client",
         "tunnel.cli",
     ]

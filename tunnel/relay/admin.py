@@ -7,49 +7,19 @@ clients and is not draining, else 503). Bind it to loopback
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Site
 
 from tunnel._admin import JSONResource, ReadyResource, gauges
 from tunnel._admin import admin_site as _site
-from tunnel.relay.service import Relay
+from tunnel.relay._status import relay_status
+
+if TYPE_CHECKING:
+    from tunnel.relay._state import Relay
 
 __all__ = ["admin_site", "relay_status"]
-
-
-def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
-    """
-    Counts of what the relay holds now.
-    """
-    try:
-        fds = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        fds = -1
-    return {
-        "links": len(relay.links),
-        "agents": sum(1 for link in relay.links if link.authenticated),
-        "tunnels": len(relay.registry),
-        "streams": sum(len(link.streams) for link in relay.links),
-        "public_connections": len(relay.public_connections),
-        "tcp_listeners": sum(1 for t in relay.registry.all() if t.listener is not None),
-        "tcp_ports_in_use": relay.ports.in_use,
-        "pending_handshakes": getattr(front, "pending", 0),
-        "refused_handshakes_overload": getattr(front, "refused_overload", 0),
-        "refused_handshakes_per_source": getattr(front, "refused_source_overload", 0),
-        "evicted_silent_handshakes": getattr(front, "evicted_silent", 0),
-        "denied_connections": relay.denied_connections,
-        # Refusals by the per-party bounds, since start, one key per reason.
-        **{f"refused_{reason}": n for reason, n in relay.refused.items()},
-        "tcp_ports_quarantined": relay.ports.quarantined,
-        "tcp_ports_released_early": relay.ports.released_early,
-        "log_lines_dropped": relay.ratelog.dropped
-        + getattr(getattr(front, "ratelog", None), "dropped", 0),
-        "open_fds": fds,
-        "draining": int(relay.draining),
-    }
 
 
 def admin_site(

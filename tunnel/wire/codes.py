@@ -26,7 +26,9 @@ class ErrorReason(StrEnum):
     TIMEOUT = "timeout"
     #: A control message that does not decode.
     BAD_MESSAGE = "bad_message"
-    #: Reserved: a bound of the relay (such as links per token) was reached.
+    #: A bound of the relay was reached: the links of one token (or, on a relay without
+    #: tokens, of one address) are at their limit. The link ends with GOAWAY
+    #: ENHANCE_YOUR_CALM; a later attempt may succeed once other links have gone.
     LIMIT = "limit"
 
 

@@ -1,0 +1,225 @@
+"""
+The relay's decision on one tunnel request of a link, sans-IO: the request rates of the link
+and of its principal, then the grant: drain, reclaim (verified against the link's identity,
+and of an id another link holds, decided once that holder is probed), tunnels per agent,
+every option through the options table (`tunnel.wire.options`), the raw TCP port.
+
+Functions of the link's `RelaySession` (`_control`), which calls them in the states the
+table allows; the relay-wide answers come from its state (`tunnel.relay._state.Relay`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tunnel.relay._effects import Effect, GoAway, ProbeHolder, Send, log
+from tunnel.relay.config import RECLAIM_PROBE_TIMEOUT
+from tunnel.relay.registry import TunnelRecord, valid_tunnel_id
+from tunnel.wire import options as tunnel_options
+from tunnel.wire.codes import RefusalCode
+from tunnel.wire.control import TunnelGranted, TunnelRefused, TunnelRequest
+from tunnel.wire.errors import ErrorCode
+
+if TYPE_CHECKING:
+    from tunnel.relay._control import RelaySession
+
+__all__ = ["decide_reclaim", "grant", "reclaim_held", "requested"]
+
+
+def requested(session: RelaySession, request: TunnelRequest) -> list[Effect]:
+    """
+    Answer a tunnel request (`grant`), unless the link or its principal asks faster
+    than its rate: then ``limit``, and a link that keeps on asking after `RATE_STRIKES`
+    such refusals is ended with GOAWAY ENHANCE_YOUR_CALM.
+    """
+    relay = session.relay
+    config = relay.config
+    if session.requests.tokens >= 1 and relay.principal_requests.take(session.principal):
+        session.requests.take()
+        return grant(session, request)
+    relay.refused["tunnel_requests_rate"] += 1
+    per_link = session.requests.tokens < 1
+    whose = "link" if per_link else "token"
+    rate, burst = (
+        (config.tunnel_request_rate, config.tunnel_request_burst)
+        if per_link
+        else (config.token_request_rate, config.token_request_burst)
+    )
+    effects: list[Effect] = [
+        log(
+            "warn",
+            "refused a tunnel request of {peer}: over the rate of its {whose}",
+            key="tunnel-request-rate",
+            peer=session.peer_name,
+            whose=whose,
+        ),
+        Send(
+            TunnelRefused(
+                request.request_id,
+                RefusalCode.LIMIT,
+                f"too many tunnel requests: slow down (at most {rate:g} a second, "
+                f"{burst} at once, per {whose})",
+            )
+        ),
+    ]
+    if not session.strikes.take():
+        effects.append(
+            GoAway(ErrorCode.ENHANCE_YOUR_CALM, "tunnel requests refused for their rate")
+        )
+    return effects
+
+
+def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
+    """
+    Grant a tunnel, or say why not. A reclaim is verified against the identity this link
+    was accepted with (the reclaim secret binds its token); of an id another link still
+    holds, the answer comes later (`reclaim_held`).
+    """
+    relay = session.relay
+    config = relay.config
+
+    def refuse(code: RefusalCode, message: str) -> list[Effect]:
+        return [Send(TunnelRefused(request.request_id, code, message))]
+
+    if relay.draining:
+        return refuse(RefusalCode.DRAINING, "the relay is shutting down")
+    kind = request.kind
+    if request.reclaim_id is not None:
+        tunnel_id = request.reclaim_id
+        if (
+            not valid_tunnel_id(tunnel_id)
+            or request.reclaim_secret is None
+            or not relay.reclaim_key.verify(
+                kind, tunnel_id, request.reclaim_secret, session.reclaim_owner
+            )
+        ):
+            return [
+                log(
+                    "warn",
+                    "refused a reclaim of {id} with a wrong secret from {peer}",
+                    key="reclaim-refused",
+                    id=tunnel_id,
+                    peer=session.peer_name,
+                ),
+                *refuse(
+                    RefusalCode.RECLAIM_REFUSED,
+                    "the reclaim secret does not match the tunnel (or another token's)",
+                ),
+            ]
+        existing = relay.registry.get(tunnel_id)
+        if existing is not None:
+            if existing.owner is session.owner:
+                return [Send(granted(session, request, existing))]
+            return reclaim_held(session, request, existing)
+    else:
+        tunnel_id = relay.registry.fresh_id()
+    if len(relay.registry.owned_by(session.owner)) >= config.max_tunnels_per_agent:
+        return refuse(
+            RefusalCode.LIMIT,
+            f"an agent may hold at most {config.max_tunnels_per_agent} tunnels",
+        )
+    # Every option through the one table: typed values, or why not.
+    try:
+        options = tunnel_options.parse_request_options(kind, request.options)
+        allow = options.pop("allow", None)
+        cas = options.pop("client_ca", None)
+        context = relay.client_context(options, cas) if cas is not None else None
+    except ValueError as e:
+        return refuse(RefusalCode.BAD_REQUEST, str(e))
+    record = TunnelRecord(tunnel_id, kind, session.owner, options, allow, context=context)
+    if kind == "tcp" and not relay.listen_tcp(record, request.reclaim_port):
+        return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
+    relay.registry.add(record)
+    restrictions = (f", clients from {', '.join(allow.entries())} only" if allow else "") + (
+        ", client certificates required" if context is not None else ""
+    )
+    return [
+        log(
+            "info",
+            "granted {kind} tunnel {host}{port} to {peer}{restrictions}",
+            kind=kind,
+            host=relay.host_of(tunnel_id),
+            port=f" (tcp port {record.tcp_port})" if record.tcp_port else "",
+            peer=session.peer_name,
+            restrictions=restrictions,
+        ),
+        Send(granted(session, request, record)),
+    ]
+
+
+def reclaim_held(
+    session: RelaySession, request: TunnelRequest, existing: TunnelRecord
+) -> list[Effect]:
+    """
+    A verified reclaim of a tunnel another link holds: ask the holder whether it is
+    alive (`ProbeHolder`), then decide again (`decide_reclaim`).
+    """
+    limit = session.relay.config.max_tunnels_per_agent
+    if session.pending_reclaims >= limit:
+        return [
+            Send(
+                TunnelRefused(
+                    request.request_id,
+                    RefusalCode.LIMIT,
+                    f"at most {limit} reclaims may wait at once",
+                )
+            )
+        ]
+    probe = session.await_probe(request, existing)
+    return [
+        log(
+            "info",
+            "tunnel {id} is held by another link: checking that it is alive",
+            id=existing.tunnel_id,
+        ),
+        ProbeHolder(probe, existing.owner, RECLAIM_PROBE_TIMEOUT),
+    ]
+
+
+def decide_reclaim(
+    session: RelaySession,
+    request: TunnelRequest,
+    existing: TunnelRecord,
+    holder: Any,
+    alive: bool,
+) -> list[Effect]:
+    """
+    The holder of the tunnel that `request` reclaims answered its probe (`alive`) or did
+    not: an alive holder keeps it (``reclaim_refused``); a silent one loses it, and the
+    request is granted afresh.
+    """
+    relay = session.relay
+    tunnel_id = existing.tunnel_id
+    effects: list[Effect] = []
+    if relay.registry.get(tunnel_id) is existing and existing.owner is holder:
+        if alive:
+            return [
+                log(
+                    "warn", "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id
+                ),
+                Send(
+                    TunnelRefused(
+                        request.request_id,
+                        RefusalCode.RECLAIM_REFUSED,
+                        "the tunnel is held by another link, which is alive",
+                    )
+                ),
+            ]
+        effects.append(log("info", "tunnel {id} reclaimed from an older link", id=tunnel_id))
+        relay.close_tunnel(existing, "reclaimed by another link")
+    # Whatever changed meanwhile (the holder gone, the relay draining, a third link
+    # holding it now), the request is decided afresh.
+    return effects + grant(session, request)
+
+
+def granted(session: RelaySession, request: TunnelRequest, record: TunnelRecord) -> TunnelGranted:
+    relay = session.relay
+    return TunnelGranted(
+        request_id=request.request_id,
+        tunnel_id=record.tunnel_id,
+        host=relay.host_of(record.tunnel_id),
+        port=relay.config.public_port,
+        tcp_host=relay.domain if record.kind == "tcp" else None,
+        tcp_port=record.tcp_port,
+        secret=relay.reclaim_key.secret(record.kind, record.tunnel_id, session.reclaim_owner),
+    )

@@ -1,0 +1,249 @@
+"""
+The relay's public data path: a public client's connection (TLS-terminated or raw TCP)
+joined to one stream of the owning agent's link.
+
+`_PublicFactory` admits the clients a tunnel's allow list admits; `PublicProtocol` opens the
+stream (once any TLS handshake has completed) and is its producer; `_Activity` is the
+stream's side, counting traffic for the idle timeout.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import error
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnel.link import SpliceProtocol, StreamResetError, half_close, set_nodelay, write_now
+from tunnel.relay._peerwatch import set_keepalive, socket_of
+from tunnel.relay._sni import AccessDenied
+from tunnel.wire import ErrorCode
+
+if TYPE_CHECKING:
+    from tunnel.relay._state import Relay
+
+__all__ = ["PublicProtocol"]
+
+_log = Logger()
+
+#: Octets a public TLS connection may deliver before its stream opens (TLS delivers none
+#: before the handshake completes; this only bounds what a TLS layer might let through).
+_EARLY_DATA_LIMIT = 256 * 1024
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class PublicProtocol(SpliceProtocol):
+    """
+    A public client's connection (TLS-terminated, or raw TCP), joined to a new stream.
+
+    A raw TCP connection's stream opens at once. A TLS connection's opens only once its
+    handshake has completed, client-certificate check included: before that no byte and
+    no connection reaches the agent, so a bare ClientHello costs the target nothing.
+
+    It is the producer registered on its stream (standing in for its transport) so that it
+    knows when it is paused, and puts itself in the relay's `PausedWatch` meanwhile: a
+    paused transport reads nothing, not even the client's FIN or RST.
+    """
+
+    def __init__(self, relay: Relay, tunnel_id: str) -> None:
+        super().__init__(None)
+        self.relay = relay
+        self.tunnel_id = tunnel_id
+        self._counted = False
+        self._idle: Any = None
+        self._tls = False
+        self._paused = False
+        #: What arrived before the stream opened, and whether the client's input ended.
+        self._early: list[bytes] = []
+        self._early_size = 0
+        self._early_end = False
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._tls = isinstance(transport, TLSMemoryBIOProtocol)
+        set_nodelay(transport)
+        set_keepalive(socket_of(transport))
+        if not self._tls:
+            self._open()
+        # A TLS connection's stream opens in handshakeCompleted; the relay's handshake
+        # timeout bounds the wait.
+
+    def handshakeCompleted(self) -> None:
+        if self.other is None and not self.lost and self.transport is not None:
+            self._open()
+
+    def _open(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        stream = self.relay.open_public_stream(self.tunnel_id, self)
+        if stream is None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self._counted = True
+        self.relay.public_connections.add(self)
+        self.other = stream
+        stream.registerProducer(self, True)
+        stream.attach(_Activity(self, transport))
+        if self.relay.config.idle_timeout:
+            self._touch()
+        early, self._early = self._early, []
+        if early:
+            write_now(stream, b"".join(early))
+        if self._early_end:
+            half_close(stream)
+
+    # -- IPushProducer, for the stream: it pauses us when the agent has no credit left -----
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.relay.paused_watch.add(self)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.relay.paused_watch.discard(self)
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self.relay.paused_watch.discard(self)
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    # -- what the PausedWatch asks ---------------------------------------------------------
+
+    def peer_socket(self) -> Any:
+        return socket_of(self.transport)
+
+    @property
+    def may_half_close(self) -> bool:
+        return not self._tls
+
+    def peer_gone(self, why: str) -> None:
+        _log.info(
+            "tunnel {id}: public client gone while paused ({why}); resetting its stream",
+            id=self.tunnel_id,
+            why=why,
+        )
+        if self.transport is not None:
+            # connectionLost follows, and resets the stream (CANCEL).
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- data ------------------------------------------------------------------------------
+
+    def target_unreachable(self) -> None:
+        """
+        The agent could not connect to the tunnel's target, so nothing was sent. Close
+        cleanly (the stream opens only after any TLS handshake): the client sees an empty
+        reply, not a TLS error that would look like a problem with the relay's certificate.
+        """
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.other is None:
+            # Before the stream opens (TLS delivers nothing before its handshake completes;
+            # this only guards against a layer that would): kept, within a bound.
+            self._early.append(data)
+            self._early_size += len(data)
+            if self._early_size > _EARLY_DATA_LIMIT and self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self._touch()
+        write_now(self.other, data)
+
+    def readConnectionLost(self) -> None:
+        if self.other is None:
+            self._early_end = True
+            return
+        super().readConnectionLost()
+
+    def _touch(self) -> None:
+        timeout = self.relay.config.idle_timeout
+        if not timeout:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(timeout)
+        else:
+            self._idle = self.relay.reactor.callLater(timeout, self._idled)
+
+    def _idled(self) -> None:
+        self._idle = None
+        if self.other is not None:
+            self.other.abortConnection(ErrorCode.IDLE_TIMEOUT)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self._early = []
+        self.relay.paused_watch.discard(self)
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if not self._counted:
+            return
+        self._counted = False
+        self.relay.public_connections.discard(self)
+        self.relay.public_closed(self.tunnel_id, self)
+        super().connectionLost(reason)
+
+
+#: Stream reset codes meaning that the agent could not reach the tunnel's target: nothing was
+#: sent on the stream, so the public client is closed cleanly rather than reset.
+_TARGET_UNREACHABLE = frozenset({ErrorCode.CONNECT_FAILED, ErrorCode.CONNECT_TIMEOUT})
+
+
+class _Activity(SpliceProtocol):
+    """
+    The stream's side of a public connection: forwards to the public transport and counts
+    as activity for the idle timeout.
+    """
+
+    def __init__(self, public: PublicProtocol, transport: Any) -> None:
+        super().__init__(transport)
+        self.public = public
+
+    def dataReceived(self, data: bytes) -> None:
+        self.public._touch()
+        write_now(self.other, data)
+
+    def closeOther(self, reason: Failure) -> None:
+        if reason.check(StreamResetError) and reason.value.code in _TARGET_UNREACHABLE:  # type: ignore[union-attr]
+            self.public.target_unreachable()
+        else:
+            super().closeOther(reason)
+
+
+class _PublicFactory(Factory):
+    """
+    Builds the protocols of public connections to one tunnel (TLS-terminated or raw TCP),
+    for the clients its allow list admits.
+    """
+
+    noisy = False
+
+    def __init__(self, relay: Relay, tunnel_id: str, tls: bool) -> None:
+        self.relay = relay
+        self.tunnel_id = tunnel_id
+        self.tls = tls
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        """
+        @raise AccessDenied: a TLS client the allow list refuses (it gets an
+            ``access_denied`` alert). A raw TCP one gets None: its connection is closed.
+        """
+        record = self.relay.registry.get(self.tunnel_id)
+        allow = record.allow if record is not None else None
+        if allow is not None and not allow.admits(getattr(addr, "host", "")):
+            self.relay.denied_connections += 1
+            if self.tls:
+                raise AccessDenied(f"{getattr(addr, 'host', '?')} is not on the allow list")
+            return None
+        return PublicProtocol(self.relay, self.tunnel_id)

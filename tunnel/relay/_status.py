@@ -1,0 +1,47 @@
+"""
+The relay's ``/status`` document: the one list of its keys. The admin endpoint serves it as
+JSON, and its Prometheus gauges are derived from it, one per key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunnel.relay._state import Relay
+
+__all__ = ["relay_status"]
+
+
+def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
+    """
+    Counts of what the relay holds now (`front` is its SNI-dispatching factory, for the
+    handshake counts).
+    """
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = -1
+    return {
+        "links": len(relay.links),
+        "agents": sum(1 for link in relay.links if link.authenticated),
+        "tunnels": len(relay.registry),
+        "streams": sum(len(link.streams) for link in relay.links),
+        "public_connections": len(relay.public_connections),
+        "tcp_listeners": sum(1 for t in relay.registry.all() if t.listener is not None),
+        "tcp_ports_in_use": relay.ports.in_use,
+        "pending_handshakes": getattr(front, "pending", 0),
+        "refused_handshakes_overload": getattr(front, "refused_overload", 0),
+        "refused_handshakes_per_source": getattr(front, "refused_source_overload", 0),
+        "evicted_silent_handshakes": getattr(front, "evicted_silent", 0),
+        "denied_connections": relay.denied_connections,
+        # Refusals by the per-party bounds, since start, one key per reason.
+        **{f"refused_{reason}": n for reason, n in relay.refused.items()},
+        "tcp_ports_quarantined": relay.ports.quarantined,
+        "tcp_ports_released_early": relay.ports.released_early,
+        "log_lines_dropped": relay.ratelog.dropped
+        + getattr(getattr(front, "ratelog", None), "dropped", 0),
+        "open_fds": fds,
+        "draining": int(relay.draining),
+    }
