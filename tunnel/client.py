@@ -99,6 +99,9 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     @param port: the local port to expose.
     @param unencrypted: also give the tunnel a raw TCP port at the relay (`Tunnel.tcp_socket`).
     @param h2: advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear).
+        Not with ``unencrypted=True``.
+    @param h2_enabled: Modal's spelling of `h2` (giving both, with different values, is a
+        `ValueError`).
     @param proxy_protocol: 1 or 2: the local server gets a PROXY protocol header of that
         version, with the public client's address, before each connection's first byte
         (nginx ``proxy_protocol``, HAProxy ``accept-proxy``); 0 (the default): none.

@@ -26,7 +26,8 @@ from tunnel.wire.options import OPTIONS
 
 
 def test_forward_keywords_are_the_options_the_target_and_the_connection() -> None:
-    assert set(ForwardOptions.__annotations__) == {"host"} | {o.name for o in OPTIONS}
+    spellings = {k for o in OPTIONS for k in (o.name, *o.aliases)}
+    assert set(ForwardOptions.__annotations__) == {"host"} | spellings
     assert set(ConnectionArgs.__annotations__) == set(settings.ENVIRONMENT)
     assert set(ForwardArgs.__annotations__) == set(ForwardOptions.__annotations__) | set(
         ConnectionArgs.__annotations__
@@ -89,6 +90,20 @@ def test_forward_spec_reads_file_valued_options(tmp_path: Path) -> None:
     pem_path = make_client_pki(tmp_path, "spec").ca
     spec = forward_spec(8000, {"client_ca": str(pem_path), "host": "::1", "relay": "x:1"})
     assert spec == ForwardSpec(8000, "::1", client_ca=pem_path.read_text())
+
+
+def test_forward_spec_takes_modal_spellings() -> None:
+    assert forward_spec(8000, {"h2_enabled": True}) == ForwardSpec(8000, h2=True)
+    assert forward_spec(8000, {"h2_enabled": True, "h2": True}).h2
+    assert not forward_spec(8000, {"h2_enabled": False}).h2
+    with pytest.raises(ValueError, match="h2=False and h2_enabled=True are one option"):
+        forward_spec(8000, {"h2": False, "h2_enabled": True})
+    # As Modal's InvalidError: before any I/O.
+    with pytest.raises(ValueError, match="h2 applies to TLS tunnels only"):
+        forward_spec(8000, {"h2_enabled": True, "unencrypted": True})
+    for port in (0, 65536, -1):
+        with pytest.raises(ValueError, match="out of range 1-65535"):
+            forward_spec(port, {})
 
 
 def test_api_refuses_an_unknown_keyword() -> None:

@@ -179,6 +179,8 @@ class ForwardOptions(TypedDict, total=False):
 
     unencrypted: bool
     h2: bool
+    #: Modal's spelling of `h2` (an alias in `tunnel.wire.options`).
+    h2_enabled: bool
     proxy_protocol: int
     allow: Sequence[str]
     client_ca: str | None
@@ -218,18 +220,16 @@ def read_option_file(name: str, path: str) -> str:
 
 def forward_spec(port: int, args: Mapping[str, Any]) -> ForwardSpec:
     """
-    The `ForwardSpec` for ``forward(port, **args)``; connection arguments are ignored.
+    The `ForwardSpec` for ``forward(port, **args)``, an option given by its name or an
+    alias (``h2_enabled``); connection arguments are ignored.
 
-    @raise ValueError: a bad argument, or a file-valued option's file cannot be read.
+    @raise ValueError: a bad argument, one option under two spellings that disagree, or a
+        file-valued option's file cannot be read.
     """
-    values: dict[str, Any] = {}
-    for option in tunnel_options.OPTIONS:
-        if option.name not in args:
-            continue
-        value = args[option.name]
-        if option.file and value is not None:
-            value = read_option_file(option.name, value)
-        values[option.name] = value
+    values = tunnel_options.keyword_values(args)
+    for name, value in values.items():
+        if tunnel_options.by_name(name).file and value is not None:
+            values[name] = read_option_file(name, value)
     return ForwardSpec(port, args.get("host", "127.0.0.1"), **values)
 
 
