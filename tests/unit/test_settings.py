@@ -109,3 +109,36 @@ def test_forward_spec_takes_modal_spellings() -> None:
 def test_api_refuses_an_unknown_keyword() -> None:
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         client.forward(object(), 8000, colour="red")  # type: ignore[call-arg]
+
+
+def test_forward_specs_of_forward_many() -> None:
+    specs = settings.forward_specs([8000, "22:tcp", "[::1]:9000:h2"], {"allow": ["10.0.0.0/8"]})
+    assert specs == [
+        ForwardSpec(8000, allow=("10.0.0.0/8",)),
+        ForwardSpec(22, unencrypted=True, allow=("10.0.0.0/8",)),
+        ForwardSpec(9000, "::1", h2=True, allow=("10.0.0.0/8",)),
+    ]
+    # `host=` is for bare ports; a FORWARD string names its own.
+    assert settings.forward_specs([80, "81"], {"host": "::1"}) == [
+        ForwardSpec(80, "::1"),
+        ForwardSpec(81),
+    ]
+    assert settings.forward_specs([ForwardSpec(5)], {"h2_enabled": True}) == [
+        ForwardSpec(5, h2=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entries", "kwargs", "message"),
+    [
+        ([8000, "8000:tcp"], {}, "port 8000 is given twice"),
+        ([], {}, "no port given"),
+        ([True], {}, "a port or a FORWARD string"),
+        ([8000.0], {}, "a port or a FORWARD string"),
+        ([70000], {}, "out of range"),
+        (["22:tcp"], {"h2_enabled": True}, "h2 applies to TLS tunnels only"),
+    ],
+)
+def test_forward_specs_refuse(entries: list[object], kwargs: dict[str, object], message: str):
+    with pytest.raises(ValueError, match=message):
+        settings.forward_specs(entries, kwargs)  # type: ignore[arg-type]
