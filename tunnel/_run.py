@@ -31,7 +31,16 @@ from twisted.python.failure import Failure
 from tunnel._tunnel import Tunnel
 from tunnel.agent.settings import ForwardSpec
 
-__all__ = ["child_environment", "exit_status", "main", "tunnel_line", "tunnel_record"]
+__all__ = [
+    "child_environment",
+    "environment_names",
+    "exit_status",
+    "find_executable",
+    "main",
+    "split_command",
+    "tunnel_line",
+    "tunnel_record",
+]
 
 #: The signals passed on to the command.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
