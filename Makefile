@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tunnels-installed
-SRC    := tunnel tests bench twisted
+SRC    := tunnel tests bench twisted examples
 
 # Debian packages for the command-line clients the tests drive: command -> package.
-DEB_TOOLS := curl:curl openssl:openssl nc:netcat-openbsd socat:socat nghttpd:nghttp2-server
+DEB_TOOLS := curl:curl openssl:openssl nc:netcat-openbsd socat:socat nghttpd:nghttp2-server \
+             ssh:openssh-client sshd:openssh-server
 
 .PHONY: all venv deps lint types test fuzz bench soak demo clean plugins
 

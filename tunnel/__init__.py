@@ -9,6 +9,11 @@ Plain Python (the reactor runs in a background thread; nothing to set up)::
         print(t.tls_socket)   # (host, port)
 
 With ``unencrypted=True`` the tunnel also has a raw TCP port: ``t.tcp_socket``.
+Several ports at once (Modal's ``Sandbox.tunnels()``)::
+
+    with tunnel.forward_many([8000, "22:tcp"]) as tunnels:
+        print(tunnels[8000].url, tunnels[22].tcp_socket)
+
 In Twisted code, use `tunnel.client.forward`, which returns a Deferred.
 
 Where the relay is comes from the arguments or from ``TUNNEL_RELAY``, ``TUNNEL_TOKEN`` and
@@ -18,7 +23,7 @@ Where the relay is comes from the arguments or from ``TUNNEL_RELAY``, ``TUNNEL_T
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -32,6 +37,7 @@ __all__ = [
     "TunnelRefused",
     "__version__",
     "forward",
+    "forward_many",
 ]
 
 from tunnel.errors import (
@@ -120,3 +126,37 @@ def forward(port: int, **kwargs: Unpack[ForwardArgs]) -> Iterator[Tunnel]:
         yield t
     finally:
         blockingCallFromThread(reactor, t.close)  # type: ignore[arg-type]
+
+
+@contextmanager
+def forward_many(
+    ports: Iterable[int | str], **kwargs: Unpack[ForwardArgs]
+) -> Iterator[dict[int, Tunnel]]:
+    """
+    Forward several local ports for the duration of a ``with`` block; yields
+    ``{port: Tunnel}``, as Modal's ``Sandbox.tunnels()``.
+
+    The arguments are those of `tunnel.client.forward_many`: each entry a port or a
+    ``--forward`` value (``"22:tcp"``). Leaving the block closes every tunnel.
+
+    @raise ValueError: a bad entry or argument, a port given twice or already forwarded.
+    @raise RelayUnavailable: the relay could not be reached in time.
+    @raise AuthenticationError: the relay refused the token.
+    @raise TunnelRefused: the relay refused one of the tunnels (none is left open).
+    """
+    from twisted.internet import defer
+    from twisted.internet.threads import blockingCallFromThread
+
+    from tunnel import client
+
+    reactor = _running_reactor()
+    entries = list(ports)
+
+    def start() -> defer.Deferred[dict[int, Tunnel]]:
+        return client.forward_many(reactor, entries, **kwargs)
+
+    tunnels: dict[int, Tunnel] = blockingCallFromThread(reactor, start)
+    try:
+        yield tunnels
+    finally:
+        blockingCallFromThread(reactor, client.close_all, tunnels)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ The ``tunnel`` command: forward local ports from a terminal, like ``ngrok http 8
     tunnel 8000                    # https://<id>.<domain> -> 127.0.0.1:8000
     tunnel 8000 22:tcp             # and a raw TCP port for 22
     tunnel --relay relay.example.com:443 --token T 8000
+    tunnel run 8000 -- CMD ARGS    # CMD gets TUNNEL_URL_8000; see tunnel._run
 
 Prints one line per tunnel and runs until interrupted. The relay, token and CA come from the
 options or from ``TUNNEL_RELAY``, ``TUNNEL_TOKEN`` and ``TUNNEL_CA``. Exit status: 0 after an
@@ -55,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the command; returns the exit status.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:
+        from tunnel import _run
+
+        return _run.main(argv[1:])
     from tunnel.agent import settings
     from tunnel.wire.options import OPTIONS
 

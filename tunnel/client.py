@@ -9,12 +9,15 @@ The Twisted API: ``forward(reactor, port)`` returns a Deferred that fires with a
     async with forward(reactor, 8000) as t:
         ...
 
+    tunnels = await forward_many(reactor, [8000, "22:tcp"])   # {8000: Tunnel, 22: Tunnel}
+
 One agent (one link) is shared by every tunnel made with the same reactor, relay, token and
 CA, so a second `forward` costs one round trip on a link that is already up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Unpack
 
 from twisted.internet import defer
@@ -22,7 +25,14 @@ from twisted.internet import defer
 from tunnel._tunnel import Tunnel
 from tunnel.agent._httpconnect import ProxyAddress
 from tunnel.agent.session import Agent
-from tunnel.agent.settings import ForwardArgs, RelayAddress, connection_settings, forward_spec
+from tunnel.agent.settings import (
+    ForwardArgs,
+    ForwardSpec,
+    RelayAddress,
+    connection_settings,
+    forward_spec,
+    forward_specs,
+)
 from tunnel.errors import (
     AuthenticationError,
     RelayUnavailable,
@@ -39,7 +49,9 @@ __all__ = [
     "TunnelError",
     "TunnelRefused",
     "agent_for",
+    "close_all",
     "forward",
+    "forward_many",
     "shutdown",
 ]
 
@@ -63,6 +75,23 @@ class ForwardDeferred(defer.Deferred[Tunnel]):
     async def __aexit__(self, *exc: Any) -> None:
         if self._tunnel is not None:
             await self._tunnel.close()
+
+
+class ForwardManyDeferred(defer.Deferred[dict[int, Tunnel]]):
+    """
+    The Deferred `forward_many` returns; it also works as
+    ``async with forward_many(...) as tunnels``, closing them all when the block ends.
+    """
+
+    _tunnels: dict[int, Tunnel] | None = None
+
+    async def __aenter__(self) -> dict[int, Tunnel]:
+        self._tunnels = await self
+        return self._tunnels
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._tunnels is not None:
+            await close_all(self._tunnels)
 
 
 def agent_for(
@@ -99,6 +128,9 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     @param port: the local port to expose.
     @param unencrypted: also give the tunnel a raw TCP port at the relay (`Tunnel.tcp_socket`).
     @param h2: advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear).
+        Not with ``unencrypted=True``.
+    @param h2_enabled: Modal's spelling of `h2` (giving both, with different values, is a
+        `ValueError`).
     @param proxy_protocol: 1 or 2: the local server gets a PROXY protocol header of that
         version, with the public client's address, before each connection's first byte
         (nginx ``proxy_protocol``, HAProxy ``accept-proxy``); 0 (the default): none.
@@ -121,9 +153,7 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
         `AuthenticationError` or `TunnelRefused` (never hanging: the relay must answer within
         the agent's connect timeout).
     """
-    unknown = sorted(set(kwargs) - set(ForwardArgs.__annotations__))
-    if unknown:
-        raise TypeError(f"forward() got an unexpected keyword argument {unknown[0]!r}")
+    _check_keywords(kwargs, "forward")
     spec = forward_spec(port, kwargs)
     agent = agent_for(
         reactor, kwargs.get("relay"), kwargs.get("token"), kwargs.get("ca"), kwargs.get("proxy")
@@ -131,6 +161,63 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)
     return result
+
+
+def _check_keywords(kwargs: ForwardArgs, api: str) -> None:
+    unknown = sorted(set(kwargs) - set(ForwardArgs.__annotations__))
+    if unknown:
+        raise TypeError(f"{api}() got an unexpected keyword argument {unknown[0]!r}")
+
+
+def forward_many(
+    reactor: Any, ports: Iterable[int | str | ForwardSpec], **kwargs: Unpack[ForwardArgs]
+) -> ForwardManyDeferred:
+    """
+    Forward several local ports at once, on one link: the counterpart of Modal's
+    ``Sandbox.tunnels()``.
+
+        tunnels = await forward_many(reactor, [8000, "22:tcp"])
+        tunnels[8000].url, tunnels[22].tcp_socket
+
+    @param ports: each a local port, or a ``--forward`` value such as ``"22:tcp"`` or
+        ``"8000:h2"`` (its suffixes choose that tunnel's options, as on the command line),
+        or a `tunnel.agent.settings.ForwardSpec`.
+    @param kwargs: as for `forward`; the tunnel options apply to every port.
+    @raise ValueError: at once, before any I/O, for a bad entry or argument, a port given
+        twice, or a port already forwarded; then nothing has been asked of the relay.
+    @return: a Deferred firing with ``{port: Tunnel}`` once every tunnel is granted. If one
+        cannot be had, the others are closed and it fails with that error (as `forward`).
+    """
+    _check_keywords(kwargs, "forward_many")
+    specs = forward_specs(list(ports), kwargs)
+    agent = agent_for(
+        reactor, kwargs.get("relay"), kwargs.get("token"), kwargs.get("ca"), kwargs.get("proxy")
+    )
+    for spec in specs:
+        agent.check_forward(spec)
+    asked = [agent.forward(spec) for spec in specs]
+
+    def settled(results: list[tuple[bool, Any]]) -> Any:
+        tunnels = {spec.port: value for spec, (ok, value) in zip(specs, results, strict=True) if ok}
+        failures = [value for ok, value in results if not ok]
+        if not failures:
+            return tunnels
+        # All or nothing: a caller told of a failure has no tunnels to close.
+        return close_all(tunnels).addBoth(lambda _: failures[0])
+
+    result = ForwardManyDeferred()
+    defer.DeferredList(asked, consumeErrors=True).addCallback(settled).chainDeferred(result)
+    return result
+
+
+def close_all(tunnels: dict[int, Tunnel]) -> defer.Deferred[None]:
+    """
+    Close every tunnel of a `forward_many` result; fires when all are closed.
+    """
+    d: defer.Deferred[Any] = defer.gatherResults(
+        [t.close() for t in tunnels.values()], consumeErrors=True
+    )
+    return d.addBoth(lambda _: None)
 
 
 def shutdown(reactor: Any) -> defer.Deferred[None]:

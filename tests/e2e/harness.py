@@ -17,7 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,16 +239,20 @@ class RelayLike(Protocol):
 
 
 def run(
-    args: Sequence[str], timeout: float = 60.0, input: bytes | None = None
+    args: Sequence[str],
+    timeout: float = 60.0,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a client to completion (bounded by `timeout`), capturing its output."""
+    """Run a client to completion (bounded by `timeout`), capturing its output; `env`:
+    its environment (default: ours without ``TUNNEL_*`` settings or proxies)."""
     return subprocess.run(
         list(args),
         capture_output=True,
         timeout=timeout,
         input=input,
         stdin=None if input is not None else subprocess.DEVNULL,
-        env=clean_env(),
+        env=dict(env) if env is not None else clean_env(),
     )
 
 

@@ -226,3 +226,61 @@ async def test_async_with_forward(world: World):
             await threads.deferToThread(https_get, relay, t.host)
     finally:
         await client.shutdown(reactor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several ports at once: forward_many
+
+
+@pytest_twisted.ensureDeferred
+async def test_forward_many_gives_tunnels_by_port(world: World):
+    reactor = get_reactor()
+    relay = world.relay
+    kw = {"relay": f"localhost:{relay.port}", "ca": str(relay.ca)}
+    http_port = world.backends["http"].port
+    echo_port = world.backends["echo_tcp"].port
+    try:
+        d = client.forward_many(reactor, [http_port, f"{echo_port}:tcp"], **kw)
+        tunnels = await d.addTimeout(DEADLINE, reactor)
+        assert sorted(tunnels) == sorted([http_port, echo_port])
+        web, echo = tunnels[http_port], tunnels[echo_port]
+        response = await threads.deferToThread(https_get, relay, web.host)
+        assert response.endswith(b"hello /hello\n")
+        assert echo.unencrypted_host == "tunnel.localhost"
+        assert await threads.deferToThread(tcp_echo, echo.tcp_socket[1]) == b"ping through tcp"
+
+        # A port already forwarded: refused at once, and nothing else asked of the relay.
+        agent = client.agent_for(reactor, kw["relay"], None, kw["ca"])
+        held = len(agent.forwards)
+        with pytest.raises(ValueError, match=f"port {http_port} is already forwarded"):
+            client.forward_many(reactor, [free_port(), http_port], **kw)
+        assert len(agent.forwards) == held
+
+        await client.close_all(tunnels)
+        with pytest.raises(OSError):
+            await threads.deferToThread(https_get, relay, web.host)
+
+        async with client.forward_many(reactor, [http_port], h2_enabled=False, **kw) as again:
+            response = await threads.deferToThread(https_get, relay, again[http_port].host)
+            assert response.endswith(b"hello /hello\n")
+        with pytest.raises(OSError):
+            await threads.deferToThread(https_get, relay, again[http_port].host)
+    finally:
+        await client.shutdown(reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forward_many_is_all_or_nothing(procs: Any):
+    reactor = get_reactor()
+    relay = procs.relay(extra=["--max-tunnels-per-agent", "1"])
+    kw = {"relay": f"localhost:{relay.port}", "ca": str(relay.ca)}
+    try:
+        d = client.forward_many(reactor, [free_port(), free_port()], **kw)
+        with pytest.raises(TunnelError):
+            await d.addTimeout(DEADLINE, reactor)
+        # The tunnel that was granted is closed again: the agent holds nothing, and the relay
+        # was told.
+        assert client.agent_for(reactor, kw["relay"], None, kw["ca"]).forwards == []
+        await threads.deferToThread(relay.wait_log, r"closed by its agent")
+    finally:
+        await client.shutdown(reactor)

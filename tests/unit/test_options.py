@@ -43,6 +43,16 @@ def test_rows_are_consistent() -> None:
     assert options.PROXY_VERSIONS == VERSIONS
 
 
+def test_spellings_are_unique_and_map_to_their_option() -> None:
+    spellings = [k for o in OPTIONS for k in (o.name, *o.aliases)]
+    assert len(spellings) == len(set(spellings)) and set(spellings) == options.keywords()
+    assert options.by_name("h2").aliases == ("h2_enabled",)
+    assert options.keyword_values({"h2_enabled": True, "relay": "x:1"}) == {"h2": True}
+    assert options.keyword_values({"h2": True, "h2_enabled": True}) == {"h2": True}
+    with pytest.raises(ValueError, match="are one option"):
+        options.keyword_values({"h2": True, "h2_enabled": False})
+
+
 def test_defaults_make_a_plain_tls_request() -> None:
     assert request_options(check_values({})) == ("tls", {})
 

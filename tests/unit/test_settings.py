@@ -26,7 +26,8 @@ from tunnel.wire.options import OPTIONS
 
 
 def test_forward_keywords_are_the_options_the_target_and_the_connection() -> None:
-    assert set(ForwardOptions.__annotations__) == {"host"} | {o.name for o in OPTIONS}
+    spellings = {k for o in OPTIONS for k in (o.name, *o.aliases)}
+    assert set(ForwardOptions.__annotations__) == {"host"} | spellings
     assert set(ConnectionArgs.__annotations__) == set(settings.ENVIRONMENT)
     assert set(ForwardArgs.__annotations__) == set(ForwardOptions.__annotations__) | set(
         ConnectionArgs.__annotations__
@@ -91,6 +92,53 @@ def test_forward_spec_reads_file_valued_options(tmp_path: Path) -> None:
     assert spec == ForwardSpec(8000, "::1", client_ca=pem_path.read_text())
 
 
+def test_forward_spec_takes_modal_spellings() -> None:
+    assert forward_spec(8000, {"h2_enabled": True}) == ForwardSpec(8000, h2=True)
+    assert forward_spec(8000, {"h2_enabled": True, "h2": True}).h2
+    assert not forward_spec(8000, {"h2_enabled": False}).h2
+    with pytest.raises(ValueError, match="h2=False and h2_enabled=True are one option"):
+        forward_spec(8000, {"h2": False, "h2_enabled": True})
+    # As Modal's InvalidError: before any I/O.
+    with pytest.raises(ValueError, match="h2 applies to TLS tunnels only"):
+        forward_spec(8000, {"h2_enabled": True, "unencrypted": True})
+    for port in (0, 65536, -1):
+        with pytest.raises(ValueError, match="out of range 1-65535"):
+            forward_spec(port, {})
+
+
 def test_api_refuses_an_unknown_keyword() -> None:
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         client.forward(object(), 8000, colour="red")  # type: ignore[call-arg]
+
+
+def test_forward_specs_of_forward_many() -> None:
+    specs = settings.forward_specs([8000, "22:tcp", "[::1]:9000:h2"], {"allow": ["10.0.0.0/8"]})
+    assert specs == [
+        ForwardSpec(8000, allow=("10.0.0.0/8",)),
+        ForwardSpec(22, unencrypted=True, allow=("10.0.0.0/8",)),
+        ForwardSpec(9000, "::1", h2=True, allow=("10.0.0.0/8",)),
+    ]
+    # `host=` is for bare ports; a FORWARD string names its own.
+    assert settings.forward_specs([80, "81"], {"host": "::1"}) == [
+        ForwardSpec(80, "::1"),
+        ForwardSpec(81),
+    ]
+    assert settings.forward_specs([ForwardSpec(5)], {"h2_enabled": True}) == [
+        ForwardSpec(5, h2=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entries", "kwargs", "message"),
+    [
+        ([8000, "8000:tcp"], {}, "port 8000 is given twice"),
+        ([], {}, "no port given"),
+        ([True], {}, "a port or a FORWARD string"),
+        ([8000.0], {}, "a port or a FORWARD string"),
+        ([70000], {}, "out of range"),
+        (["22:tcp"], {"h2_enabled": True}, "h2 applies to TLS tunnels only"),
+    ],
+)
+def test_forward_specs_refuse(entries: list[object], kwargs: dict[str, object], message: str):
+    with pytest.raises(ValueError, match=message):
+        settings.forward_specs(entries, kwargs)  # type: ignore[arg-type]

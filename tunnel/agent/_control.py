@@ -250,13 +250,21 @@ class AgentControl:
 
         @raise ValueError: its target is already forwarded.
         """
-        spec = record.spec
-        for existing in self.forwards:
-            if (existing.spec.host, existing.spec.port) == (spec.host, spec.port):
-                raise ValueError(f"port {spec.port} is already forwarded ({existing.spec.target})")
+        self.check_forward(record.spec)
         record.deadline = now + self.connect_timeout
         self.forwards.append(record)
         return self.start() or (self._request(record) if self.link_usable else [])
+
+    def check_forward(self, spec: ForwardSpec) -> None:
+        """
+        Whether `forward` would take `spec`, without taking it (so that several forwards can
+        be checked before any is asked for).
+
+        @raise ValueError: its target is already forwarded.
+        """
+        for existing in self.forwards:
+            if (existing.spec.host, existing.spec.port) == (spec.host, spec.port):
+                raise ValueError(f"port {spec.port} is already forwarded ({existing.spec.target})")
 
     def close(self, record: ForwardRecord) -> list[Effect]:
         """

@@ -211,6 +211,14 @@ class Agent:
         self._apply(self.control.forward(record, self.reactor.seconds()))
         return d
 
+    def check_forward(self, spec: ForwardSpec) -> None:
+        """
+        Raise now what `forward` would raise for `spec`, asking for nothing.
+
+        @raise ValueError: the same target is already forwarded by this agent.
+        """
+        self.control.check_forward(spec)
+
     def _close(self, record: _Forward) -> defer.Deferred[None]:
         if record.closed:
             return defer.succeed(None)

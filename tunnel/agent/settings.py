@@ -30,6 +30,7 @@ __all__ = [
     "connection_settings",
     "flag_values",
     "forward_spec",
+    "forward_specs",
     "from_environment",
     "parse_forward",
     "parse_relays",
@@ -179,6 +180,8 @@ class ForwardOptions(TypedDict, total=False):
 
     unencrypted: bool
     h2: bool
+    #: Modal's spelling of `h2` (an alias in `tunnel.wire.options`).
+    h2_enabled: bool
     proxy_protocol: int
     allow: Sequence[str]
     client_ca: str | None
@@ -218,19 +221,54 @@ def read_option_file(name: str, path: str) -> str:
 
 def forward_spec(port: int, args: Mapping[str, Any]) -> ForwardSpec:
     """
-    The `ForwardSpec` for ``forward(port, **args)``; connection arguments are ignored.
+    The `ForwardSpec` for ``forward(port, **args)``, an option given by its name or an
+    alias (``h2_enabled``); connection arguments are ignored.
 
-    @raise ValueError: a bad argument, or a file-valued option's file cannot be read.
+    @raise ValueError: a bad argument, one option under two spellings that disagree, or a
+        file-valued option's file cannot be read.
     """
-    values: dict[str, Any] = {}
-    for option in tunnel_options.OPTIONS:
-        if option.name not in args:
-            continue
-        value = args[option.name]
-        if option.file and value is not None:
-            value = read_option_file(option.name, value)
-        values[option.name] = value
-    return ForwardSpec(port, args.get("host", "127.0.0.1"), **values)
+    return ForwardSpec(port, args.get("host", "127.0.0.1"), **_option_args(args))
+
+
+def _option_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    values = tunnel_options.keyword_values(args)
+    for name, value in values.items():
+        if tunnel_options.by_name(name).file and value is not None:
+            values[name] = read_option_file(name, value)
+    return values
+
+
+def forward_specs(
+    entries: Sequence[int | str | ForwardSpec], args: Mapping[str, Any]
+) -> list[ForwardSpec]:
+    """
+    The `ForwardSpec` of each entry of ``forward_many(entries, **args)``: a port (its host
+    is ``args["host"]``, else loopback), a ``--forward`` value (``"22:tcp"``,
+    ``"[::1]:8080:h2"``: its own host and options) or a `ForwardSpec`; the options in `args`
+    apply to every entry, over an entry's own.
+
+    @raise ValueError: a bad entry or argument, no entry, or one local port twice (the
+        result of ``forward_many`` is keyed by port).
+    """
+    options = _option_args(args)
+    host = args.get("host", "127.0.0.1")
+    specs: list[ForwardSpec] = []
+    for entry in entries:
+        if isinstance(entry, ForwardSpec):
+            spec = entry
+        elif isinstance(entry, str):
+            spec = parse_forward(entry)
+        elif isinstance(entry, int) and not isinstance(entry, bool):
+            spec = ForwardSpec(entry, host)
+        else:
+            raise ValueError(f"a port or a FORWARD string such as '22:tcp', not {entry!r}")
+        spec = replace(spec, **options)
+        if any(other.port == spec.port for other in specs):
+            raise ValueError(f"port {spec.port} is given twice")
+        specs.append(spec)
+    if not specs:
+        raise ValueError("no port given")
+    return specs
 
 
 def from_environment(

@@ -6,8 +6,9 @@ raising `ValueError` with a message that says why), which kinds of tunnel it app
 whether it restricts who may connect (and so needs the relay's ``welcome.features`` to
 name it: a relay that ignored it would let everyone in), where it goes in a
 ``tunnel_request`` (the ``kind`` member, an ``options`` member, or nowhere: agent-local),
-and how users spell it: the Python keyword (the row's `name`), the ``tunnel`` and
-``twistd tunnelagent`` flag, and the ``--forward PORT:SUFFIX`` suffixes.
+and how users spell it: the Python keyword (the row's `name`, and its `aliases`: another
+API's spelling, such as Modal's ``h2_enabled``), the ``tunnel`` and ``twistd tunnelagent``
+flag, and the ``--forward PORT:SUFFIX`` suffixes.
 
 The agent builds a request with `check_values` then `request_options`; the relay turns a
 received ``options`` member into typed values with `parse_request_options`.
@@ -32,6 +33,8 @@ __all__ = [
     "TunnelOption",
     "by_name",
     "check_values",
+    "keyword_values",
+    "keywords",
     "missing_features",
     "parse_request_options",
     "parse_suffixes",
@@ -96,6 +99,9 @@ class TunnelOption:
     restricts: bool = False
     #: Its name in ``welcome.features`` (the relay announces that it enforces it).
     feature: str | None = None
+    #: Other Python keywords of ``forward`` for it: another API's spelling (Modal's
+    #: ``h2_enabled``), so that code written for that API runs with only its import changed.
+    aliases: tuple[str, ...] = ()
     #: The flag of ``tunnel`` and ``twistd tunnelagent`` (without ``--``), applied to every
     #: forward; None: none.
     flag: str | None = None
@@ -170,6 +176,7 @@ OPTIONS: tuple[TunnelOption, ...] = (
         doc="advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear)",
         kinds=frozenset({"tls"}),
         kind_error="h2 applies to TLS tunnels only, not unencrypted ones",
+        aliases=("h2_enabled",),
         suffixes={"h2": True},
         group="kind",
     ),
@@ -227,6 +234,34 @@ def by_name(name: str) -> TunnelOption:
     @raise KeyError: no such option.
     """
     return _BY_NAME[name]
+
+
+def keywords() -> frozenset[str]:
+    """
+    Every Python keyword of ``forward`` that names a tunnel option: names and aliases.
+    """
+    return frozenset(k for option in OPTIONS for k in (option.name, *option.aliases))
+
+
+def keyword_values(args: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The option values of ``forward(**args)`` by option name, whichever of an option's
+    spellings (its name or an alias) gave it; keys that name no option are left out.
+
+    @raise ValueError: one option given under two spellings with different values.
+    """
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        given = [k for k in (option.name, *option.aliases) if k in args]
+        for other in given[1:]:
+            if args[other] != args[given[0]]:
+                raise ValueError(
+                    f"{given[0]}={args[given[0]]!r} and {other}={args[other]!r} are one option: "
+                    "give one of them"
+                )
+        if given:
+            values[option.name] = args[given[0]]
+    return values
 
 
 def _kind(unencrypted: bool) -> Kind:
