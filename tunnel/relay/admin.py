@@ -1,7 +1,7 @@
 """
 The relay's admin endpoint: Prometheus metrics at ``/metrics``, a JSON summary at
 ``/status``, and ``/ready`` for readiness probes (200 while the relay listens for public
-clients and is not draining, else 503). Bind it to loopback
+clients with a certificate and is not draining, else 503). Bind it to loopback
 (``--admin tcp:9090:interface=127.0.0.1``).
 """
 
@@ -17,13 +17,14 @@ from tunnel._admin import JSONResource, ReadyResource, gauges
 from tunnel._admin import admin_site as _site
 from tunnel.relay.service import Relay
 
-__all__ = ["admin_site", "relay_status"]
+__all__ = ["admin_site", "relay_status", "relay_status_document"]
 
 
 def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
     """
-    Counts of what the relay holds now.
+    Counts of what the relay holds now (numbers only: each becomes a gauge).
     """
+    pair = relay.tls.pair
     try:
         fds = len(os.listdir("/proc/self/fd"))
     except OSError:
@@ -49,7 +50,18 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
         + getattr(getattr(front, "ratelog", None), "dropped", 0),
         "open_fds": fds,
         "draining": int(relay.draining),
+        # Of the certificate in service, in seconds since the epoch (0: none yet).
+        "certificate_expiry_timestamp_seconds": int(pair.not_after.timestamp()) if pair else 0,
     }
+
+
+def relay_status_document(relay: Relay, front: Any = None) -> dict[str, Any]:
+    """
+    The ``/status`` document: `relay_status` (numbers, each also a gauge) and the
+    certificate in service (its names, issuer, validity and serial; null before the first).
+    """
+    pair = relay.tls.pair
+    return {**relay_status(relay, front), "certificate": pair.status() if pair else None}
 
 
 def admin_site(
@@ -66,7 +78,10 @@ def admin_site(
     return _site(
         gauges("tunnels_relay", values),
         {
-            b"status": JSONResource(lambda: relay_status(relay, front)),
-            b"ready": ReadyResource(lambda: listening() and not relay.draining),
+            b"status": JSONResource(lambda: relay_status_document(relay, front)),
+            # Not ready without a certificate (ACME mode, before the first is issued).
+            b"ready": ReadyResource(
+                lambda: listening() and not relay.draining and relay.tls.pair is not None
+            ),
         },
     )

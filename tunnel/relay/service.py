@@ -13,6 +13,7 @@ import gc
 import hashlib
 import hmac
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1102,6 +1103,8 @@ class RelayService(service.MultiService):
         self.admin_port: Any = None
         self._collector: LoopingCall | None = None
         self._token_watch: LoopingCall | None = None
+        #: Called on SIGHUP, before the tokens file is checked (the certificate's reload).
+        self.reload_hooks: list[Callable[[], None]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -1155,6 +1158,8 @@ class RelayService(service.MultiService):
         d.addCallbacks(listening, failed)
 
     def _sighup(self) -> None:
+        for hook in self.reload_hooks:
+            hook()
         if self.relay.config.tokens_file is None:
             _log.info("SIGHUP: nothing to reload (no --tokens file)")
             return

@@ -11,7 +11,9 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tunnel.relay._certificate import CertificateRefused
 from tunnel.relay._certs import ensure_dev_certificates
+from tunnel.relay._certwatch import CertificateWatch, put_in_service
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import TokenFile
 from tunnel.relay.registry import ReclaimKey
@@ -66,7 +68,12 @@ class Options(usage.Options):
         ["domain", None, "tunnel.localhost", "Tunnels are <id>.DOMAIN."],
         ["listen", None, "tcp:443:backlog=1024", "Endpoint string of the public TLS listener."],
         ["public-port", None, None, "Port written into URLs (default: the listening port).", int],
-        ["cert", None, None, "PEM certificate chain for DOMAIN and *.DOMAIN."],
+        [
+            "cert",
+            None,
+            None,
+            "PEM certificate chain for DOMAIN and *.DOMAIN (reread when it changes and on SIGHUP).",
+        ],
         ["key", None, None, "PEM private key of --cert."],
         ["tcp-ports", None, "20000-29999", "Range of raw TCP tunnel ports, LOW-HIGH."],
         ["tcp-interface", None, "", "Address raw TCP ports bind to (default: all)."],
@@ -233,11 +240,11 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     state_dir = options["state-dir"]
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     domain = options["domain"]
-    if options["cert"]:
-        cert, key = options["cert"], options["key"]
-    else:
+    # With --cert, the certificate comes from the files (below).
+    tls = RelayTLS()
+    if not options["cert"]:
         dev = ensure_dev_certificates(state_dir, domain)
-        cert, key = dev.cert_path, dev.key_path
+        tls = RelayTLS(dev.cert_path, dev.key_path)
         _log.warn(
             "development mode: certificate for {domain} and *.{domain} signed by a local CA; "
             "trust it with: curl --cacert {ca} / TUNNEL_CA={ca}",
@@ -297,7 +304,25 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     relay = Relay(
         reactor,
         config,
-        RelayTLS(cert, key),
+        tls,
         ReclaimKey.load_or_create(os.path.join(state_dir, "reclaim.key")),
     )
-    return RelayService(reactor, relay, options["listen"], options["admin"])
+    relay_service = RelayService(reactor, relay, options["listen"], options["admin"])
+    certificates: CertificateWatch | None = None
+    if options["cert"]:
+        certificates = CertificateWatch(
+            reactor,
+            options["cert"],
+            options["key"],
+            domain,
+            lambda pair: put_in_service(relay, pair),
+        )
+        try:
+            certificates.install_first()
+        except CertificateRefused as e:
+            raise usage.UsageError(f"--cert/--key: {e}") from None
+    if certificates is not None:
+        # Started before the public listener (children start first), stopped after it.
+        certificates.setServiceParent(relay_service)
+        relay_service.reload_hooks.append(certificates.reload)
+    return relay_service
