@@ -359,7 +359,9 @@ def describe_error(error: BaseException, directory_url: str = "") -> str:
             for challb in authz.body.challenges:
                 if challb.error is not None:
                     detail = challb.error.detail or challb.error.typ
-                    problems.append(f"{authz.body.identifier.value}: {detail}")
+                    name = authz.body.identifier.value
+                    name = f"*.{name}" if authz.body.wildcard else name
+                    problems.append(f"{name}: {detail}")
         return "the ACME server rejected the DNS-01 challenge: " + (
             "; ".join(problems) or "no detail given"
         )
@@ -502,7 +504,7 @@ class AcmeService(service.Service):
                 _log.warn("ACME: not using the kept certificate: {error}", error=str(e))
         else:
             _log.info(
-                "ACME: no certificate yet; TLS handshakes fail until {names} is issued",
+                "ACME: no certificate yet; TLS handshakes fail until one for {names} is issued",
                 names=" and ".join(required_names(self.domain)),
             )
         self._schedule(0)
@@ -591,7 +593,7 @@ class AcmeService(service.Service):
             still = f"still serving the certificate that expires {self.pair.not_after.isoformat()}"
         _log.error(
             "ACME: could not obtain a certificate (attempt {n}): {reason}; retrying in "
-            "{delay:.0f}s; {still}",
+            "{delay:.3g}s; {still}",
             n=self.failures,
             reason=reason,
             delay=delay,
