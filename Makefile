@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.tunnels-installed
 SRC    := tunnel tests bench twisted examples
 
 # Debian packages for the command-line clients the tests drive: command -> package.
+# pebble: Let's Encrypt's test ACME server (pebble and pebble-challtestsrv in /usr/bin).
 DEB_TOOLS := curl:curl openssl:openssl nc:netcat-openbsd socat:socat nghttpd:nghttp2-server \
-             ssh:openssh-client sshd:openssh-server
+             ssh:openssh-client sshd:openssh-server pebble:pebble pebble-challtestsrv:pebble
 
 .PHONY: all venv deps lint types test fuzz bench soak demo clean plugins
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tunnel.relay._state import Relay
 
-__all__ = ["relay_status"]
+__all__ = ["relay_status", "relay_status_document"]
 
 
 def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
@@ -19,6 +19,7 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
     Counts of what the relay holds now (`front` is its SNI-dispatching factory, for the
     handshake counts).
     """
+    pair = relay.tls.pair
     try:
         fds = len(os.listdir("/proc/self/fd"))
     except OSError:
@@ -44,4 +45,15 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
         + getattr(getattr(front, "ratelog", None), "dropped", 0),
         "open_fds": fds,
         "draining": int(relay.draining),
+        # Of the certificate in service, in seconds since the epoch (0: none yet).
+        "certificate_expiry_timestamp_seconds": int(pair.not_after.timestamp()) if pair else 0,
     }
+
+
+def relay_status_document(relay: Relay, front: Any = None) -> dict[str, Any]:
+    """
+    The ``/status`` document: `relay_status` (numbers, each also a gauge) and the
+    certificate in service (its names, issuer, validity and serial; null before the first).
+    """
+    pair = relay.tls.pair
+    return {**relay_status(relay, front), "certificate": pair.status() if pair else None}

@@ -14,7 +14,9 @@ never raises; an exception inside an OpenSSL callback aborts the handshake.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
 from twisted.logger import Logger
 
+from tunnel.relay._certificate import CertificatePair
 from tunnel.wire.mux import LINK_ALPN  # the link's ALPN id, re-exported here
 
 __all__ = [
@@ -139,39 +142,81 @@ def require_client_certificates(ctx: SSL.Context, cas: Sequence[x509.Certificate
 
 class RelayTLS:
     """
-    The relay's certificate and key, loaded once, and one cached context per ALPN preference.
+    The relay's certificate and key, and one cached context per ALPN preference.
 
     ``RelayTLS(cert_path, key_path).context_for((b"h2", b"http/1.1"))`` returns the same
-    `SSL.Context` on every call with the same tuple.  Construction reads and checks the files
-    (blocking; do it at start-up) and raises ``OSError``, ``ValueError`` or ``SSL.Error``
-    when they are missing, unreadable, or do not match.
+    `SSL.Context` on every call with the same tuple, until `install` puts another certificate
+    into service: from then on new handshakes get contexts with the new one, while
+    connections already established keep the context (and certificate) they started with.
+
+    Construction with paths reads and checks the files (blocking; do it at start-up) and
+    raises ``OSError``, ``ValueError`` or ``SSL.Error`` when they are missing, unreadable, or
+    do not match.  Without paths it holds no certificate until `install` (ACME mode, before
+    the first certificate is issued): every context it hands out then has no certificate,
+    so handshakes fail (a ``handshake_failure`` alert) rather than be served with anything
+    else.
     """
 
-    def __init__(self, cert_path: str, key_path: str) -> None:
+    def __init__(self, cert_path: str | None = None, key_path: str | None = None) -> None:
         self.cert_path = cert_path
         self.key_path = key_path
-        with open(cert_path, "rb") as f:
-            chain = x509.load_pem_x509_certificates(f.read())
-        with open(key_path, "rb") as f:
-            key = serialization.load_pem_private_key(f.read(), password=None)
-        self._chain: tuple[x509.Certificate, ...] = tuple(chain)
-        self._key = key
+        self._pair: CertificatePair | None = None
         self._contexts: dict[tuple[bytes, ...], SSL.Context] = {}
-        # Fail at start-up, not on the first connection, if the pair is unusable.
-        self.context_for(())
+        #: Each client-verifying context handed out: what `refresh` rebuilds it from, and
+        #: the certificate it has.
+        self._verifying: weakref.WeakKeyDictionary[SSL.Context, _Verifying] = (
+            weakref.WeakKeyDictionary()
+        )
+        if cert_path is not None:
+            if key_path is None:
+                raise ValueError("a certificate needs its key")
+            with open(cert_path, "rb") as f:
+                chain = x509.load_pem_x509_certificates(f.read())
+            with open(key_path, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+            if not chain:
+                raise ValueError(f"{cert_path} holds no certificate")
+            self.install(CertificatePair(tuple(chain), key, cert_path))
+
+    @property
+    def pair(self) -> CertificatePair | None:
+        """The certificate in service (None before the first one)."""
+        return self._pair
 
     @property
     def certificate(self) -> x509.Certificate:
-        """The leaf certificate."""
-        return self._chain[0]
+        """The leaf certificate in service.
+
+        @raise LookupError: there is none yet.
+        """
+        if self._pair is None:
+            raise LookupError("the relay has no certificate yet")
+        return self._pair.leaf
+
+    def install(self, pair: CertificatePair) -> None:
+        """
+        Serve `pair` to every new handshake from now on.
+
+        The contexts are built before anything changes: when OpenSSL refuses the pair
+        (``SSL.Error``) the certificate in service stays.  Contexts handed out before keep
+        the old certificate; `refresh` gives the replacement of a client-verifying one.
+        """
+        first = server_context(pair.chain, pair.key, ())
+        self._pair = pair
+        self._contexts = {(): first}
 
     def context_for(self, alpn: tuple[bytes, ...]) -> SSL.Context:
         """The server context preferring the ALPN protocols ``alpn``, in order."""
         ctx = self._contexts.get(alpn)
         if ctx is None:
-            ctx = server_context(self._chain, self._key, alpn)
+            ctx = self._new_context(alpn)
             self._contexts[alpn] = ctx
         return ctx
+
+    def _new_context(self, alpn: tuple[bytes, ...]) -> SSL.Context:
+        if self._pair is None:
+            return _without_certificate(alpn)
+        return server_context(self._pair.chain, self._pair.key, alpn)
 
     def client_verifying_context(
         self, alpn: tuple[bytes, ...], cas: Sequence[x509.Certificate]
@@ -180,6 +225,36 @@ class RelayTLS:
         A new context like ``context_for(alpn)`` that also demands a client certificate from
         one of `cas` (not cached: its owner, a tunnel, keeps it as long as it lives).
         """
-        ctx = server_context(self._chain, self._key, alpn)
+        ctx = self._new_context(alpn)
         require_client_certificates(ctx, cas)
+        self._verifying[ctx] = _Verifying(alpn, tuple(cas), self._pair)
         return ctx
+
+    def refresh(self, ctx: SSL.Context) -> SSL.Context | None:
+        """
+        For a context from `client_verifying_context`: a new one with the same ALPN
+        preference and authorities and the certificate in service now (None for a context
+        that did not come from there, or when it already has the current certificate).
+        """
+        made = self._verifying.get(ctx)
+        if made is None or made.pair is self._pair:
+            return None
+        return self.client_verifying_context(made.alpn, made.cas)
+
+
+@dataclass(frozen=True)
+class _Verifying:
+    alpn: tuple[bytes, ...]
+    cas: tuple[x509.Certificate, ...]
+    pair: CertificatePair | None
+
+
+def _without_certificate(alpn: tuple[bytes, ...]) -> SSL.Context:
+    """A server context with no certificate: every handshake with it fails."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_OPTIONS)
+    ctx.set_cipher_list(CIPHERS.encode("ascii"))
+    if alpn:
+        ctx.set_alpn_select_callback(make_alpn_selector(alpn))
+    return ctx

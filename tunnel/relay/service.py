@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -77,6 +78,8 @@ class RelayService(service.MultiService):
         self.admin_port: Any = None
         self._collector: LoopingCall | None = None
         self._token_watch: LoopingCall | None = None
+        #: Called on SIGHUP, before the tokens file is checked (the certificate's reload).
+        self.reload_hooks: list[Callable[[], None]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -129,6 +132,8 @@ class RelayService(service.MultiService):
         d.addCallbacks(listening, failed)
 
     def _sighup(self) -> None:
+        for hook in self.reload_hooks:
+            hook()
         if self.relay.config.tokens_file is None:
             _log.info("SIGHUP: nothing to reload (no --tokens file)")
             return

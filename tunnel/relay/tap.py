@@ -5,13 +5,26 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 from typing import Any
 
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tunnel.relay._acme import (
+    CHECK_INTERVAL,
+    AcmeIssuer,
+    AcmeService,
+    AcmeStore,
+    DNSHook,
+    RenewalPolicy,
+    issue_in_thread,
+)
+from tunnel.relay._certificate import CertificateRefused
 from tunnel.relay._certs import ensure_dev_certificates
+from tunnel.relay._certwatch import CertificateWatch, put_in_service
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import TokenFile
 from tunnel.relay.registry import ReclaimKey
@@ -55,19 +68,59 @@ class Options(usage.Options):
     Options of the relay. Listening addresses are endpoint strings.
     """
 
-    synopsis = "--domain DOMAIN [--listen tcp:443] [--cert C --key K] [options]"
+    synopsis = (
+        "--domain DOMAIN [--listen tcp:443] [--cert C --key K | --acme URL --acme-dns-hook CMD] "
+        "[options]"
+    )
     longdesc = (
         "The public relay of Tunnels: terminates TLS for *.DOMAIN and dispatches each "
         "connection by SNI to the agent that owns the tunnel; raw TCP ports for unencrypted "
-        "tunnels. Without --cert it runs in development mode with its own local CA."
+        "tunnels. Without --cert or --acme it runs in development mode with its own local CA."
     )
 
     optParameters = [
         ["domain", None, "tunnel.localhost", "Tunnels are <id>.DOMAIN."],
         ["listen", None, "tcp:443:backlog=1024", "Endpoint string of the public TLS listener."],
         ["public-port", None, None, "Port written into URLs (default: the listening port).", int],
-        ["cert", None, None, "PEM certificate chain for DOMAIN and *.DOMAIN."],
+        [
+            "cert",
+            None,
+            None,
+            "PEM certificate chain for DOMAIN and *.DOMAIN (reread when it changes and on SIGHUP).",
+        ],
         ["key", None, None, "PEM private key of --cert."],
+        [
+            "acme",
+            None,
+            None,
+            "ACME directory URL: obtain and renew the certificate for DOMAIN and *.DOMAIN "
+            "with DNS-01 (instead of --cert/--key).",
+        ],
+        ["acme-email", None, None, "Contact address of the ACME account."],
+        [
+            "acme-dns-hook",
+            None,
+            None,
+            "Command run as `CMD set NAME VALUE` / `CMD clear NAME VALUE` to publish and "
+            "remove the _acme-challenge TXT record (required with --acme).",
+        ],
+        ["acme-ca", None, None, "PEM CA bundle to trust for the ACME server (default: system)."],
+        [
+            "acme-renew-before",
+            None,
+            None,
+            "Renew this many seconds before expiry (default: when a third of the validity "
+            "is left).",
+            _positive(float),
+        ],
+        [
+            "acme-check-interval",
+            None,
+            CHECK_INTERVAL,
+            "Seconds between checks whether renewal is due (retries after a failure back "
+            "off from 60 s, at most this long, at most an hour).",
+            _positive(float),
+        ],
         ["tcp-ports", None, "20000-29999", "Range of raw TCP tunnel ports, LOW-HIGH."],
         ["tcp-interface", None, "", "Address raw TCP ports bind to (default: all)."],
         ["tokens", None, None, "File of accepted agent tokens, one per line."],
@@ -186,6 +239,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if bool(self["cert"]) != bool(self["key"]):
             raise usage.UsageError("--cert and --key go together")
+        self._check_acme()
         try:
             self["tcp-ports"] = parse_port_range(self["tcp-ports"])
         except ValueError as e:
@@ -196,6 +250,37 @@ class Options(usage.Options):
         self["domain"] = domain
         if self["state-dir"] is None:
             self["state-dir"] = _default_state_dir()
+
+    def _check_acme(self) -> None:
+        acme_only = ["acme-email", "acme-dns-hook", "acme-ca", "acme-renew-before"]
+        if not self["acme"]:
+            given = [f"--{name}" for name in acme_only if self[name] is not None]
+            if given:
+                raise usage.UsageError(f"{', '.join(given)} go with --acme")
+            return
+        if self["cert"]:
+            raise usage.UsageError(
+                "--acme and --cert/--key are mutually exclusive: with --acme the relay "
+                "obtains its certificate itself"
+            )
+        if not self["acme"].startswith(("https://", "http://")):
+            raise usage.UsageError(f"--acme {self['acme']!r} is not a directory URL")
+        if not self["acme-dns-hook"]:
+            raise usage.UsageError(
+                "--acme needs --acme-dns-hook CMD: the command that publishes the DNS-01 "
+                "TXT record (see docs/deployment.md)"
+            )
+        try:
+            argv = shlex.split(self["acme-dns-hook"])
+        except ValueError as e:
+            raise usage.UsageError(f"--acme-dns-hook: {e}") from None
+        if not argv or shutil.which(argv[0]) is None:
+            raise usage.UsageError(
+                f"--acme-dns-hook: {argv[0] if argv else 'empty command'!r} is not an "
+                "executable (give a path, or a command on PATH)"
+            )
+        if self["acme-ca"] is not None and not os.access(self["acme-ca"], os.R_OK):
+            raise usage.UsageError(f"--acme-ca {self['acme-ca']}: cannot read it")
 
 
 def _ephemeral_overlap(low: int, high: int) -> tuple[int, int] | None:
@@ -233,11 +318,12 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     state_dir = options["state-dir"]
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     domain = options["domain"]
-    if options["cert"]:
-        cert, key = options["cert"], options["key"]
-    else:
+    # With --cert, the certificate comes from the files (below); with --acme, from the ACME
+    # service once it is issued: until then the relay has none, and handshakes fail.
+    tls = RelayTLS()
+    if not (options["acme"] or options["cert"]):
         dev = ensure_dev_certificates(state_dir, domain)
-        cert, key = dev.cert_path, dev.key_path
+        tls = RelayTLS(dev.cert_path, dev.key_path)
         _log.warn(
             "development mode: certificate for {domain} and *.{domain} signed by a local CA; "
             "trust it with: curl --cacert {ca} / TUNNEL_CA={ca}",
@@ -297,7 +383,38 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     relay = Relay(
         reactor,
         config,
-        RelayTLS(cert, key),
+        tls,
         ReclaimKey.load_or_create(os.path.join(state_dir, "reclaim.key")),
     )
-    return RelayService(reactor, relay, options["listen"], options["admin"])
+    relay_service = RelayService(reactor, relay, options["listen"], options["admin"])
+    certificates: CertificateWatch | AcmeService | None = None
+    if options["cert"]:
+        certificates = CertificateWatch(
+            reactor,
+            options["cert"],
+            options["key"],
+            domain,
+            lambda pair: put_in_service(relay, pair),
+        )
+        try:
+            certificates.install_first()
+        except CertificateRefused as e:
+            raise usage.UsageError(f"--cert/--key: {e}") from None
+    elif options["acme"]:
+        store = AcmeStore(state_dir, options["acme"])
+        issuer = AcmeIssuer(
+            store, DNSHook(options["acme-dns-hook"]), options["acme-email"], options["acme-ca"]
+        )
+        certificates = AcmeService(
+            reactor,
+            domain,
+            store,
+            lambda csr: issue_in_thread(reactor, issuer, csr),
+            lambda pair: put_in_service(relay, pair),
+            RenewalPolicy(options["acme-renew-before"], options["acme-check-interval"]),
+        )
+    if certificates is not None:
+        # Started before the public listener (children start first), stopped after it.
+        certificates.setServiceParent(relay_service)
+        relay_service.reload_hooks.append(certificates.reload)
+    return relay_service
