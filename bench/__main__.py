@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         for name, cls in registry.items():
             extra = "" if cls.default else "  (only with --only)"
-            print(f"{name:20} {cls.title}{extra}")
+            print(f"{name:26} {cls.title}{extra}")
         return 0
     names = a.only.split(",") if a.only else [n for n, c in registry.items() if c.default]
     unknown = [n for n in names if n not in registry]
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             path = registry[name](ctx)
             _log(f"bench: {name} ({path.title})")
             entry: dict[str, Any] = {"title": path.title, "setup": [], "metrics": {}}
+            if path.wan is not None:
+                entry["wan"] = dataclasses.asdict(path.wan)
             try:
                 path.start()
                 entry["setup"] = path.setup_commands
