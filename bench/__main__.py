@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.monotonic()
     ctx = None
+    reports: dict[str, str] = {}
     try:
         ctx, backend_cmds = refs.start_backends(workdir, a.quick)
         results["backends"] = backend_cmds
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 path.stop()
             results["paths"][name] = entry
+            reports.update(path.reports)
     finally:
         if ctx is not None:
             ctx.procs.stop_all()
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - t_start, 1)
     files = report.write(results, a.out)
+    for fname, text in reports.items():
+        files[fname] = a.out / fname
+        files[fname].write_text(text)
     print(report.markdown(results))
     _log(f"bench: {results['seconds']}s; wrote " + ", ".join(str(p) for p in files.values()))
     return 1 if any(p["errors"] for p in results["paths"].values()) else 0

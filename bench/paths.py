@@ -148,6 +148,8 @@ class BenchPath(abc.ABC):
         self.tcp: Endpoint | None = None
         self.echo: Endpoint | None = None
         self.setup_commands: list[str] = []
+        #: Further Markdown reports by file name (written next to ``results.md``).
+        self.reports: dict[str, str] = {}
         #: The WAN proxy started by ``start_wan_proxy`` (the network, not a forwarder).
         self.wan_proxy: subprocess.Popen[bytes] | None = None
         #: CPU seconds per role during the last measurement (see ``roles``).

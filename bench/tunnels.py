@@ -21,6 +21,7 @@ import sys
 import time
 from typing import ClassVar
 
+from bench import coldstart
 from bench.paths import WANS, BenchPath, Endpoint, HttpTarget, register
 from bench.util import LOOPBACK, free_port, rss_bytes
 from tunnel.testing._daemons import AgentProcess, RelayProcess
@@ -119,6 +120,25 @@ class TunnelTls(_Tunnel):
             out[f"forward_{kind}_p99_ms"] = ("ms", [_pct(samples, 0.99)])
         idle = 1000 if self.ctx.quick else 10000
         out.update(self._idle_rss(idle))
+        out.update(self._cold_start(10 if self.ctx.quick else 50))
+        return out
+
+    def _cold_start(self, count: int) -> dict[str, tuple[str, list[float]]]:
+        """``python -m bench.coldstart`` against this relay: fresh processes to a URL."""
+        argv = [
+            sys.executable, "-m", "bench.coldstart", "--json", "--count", str(count),
+            "--relay", f"localhost:{self.relay_port}", "--ca", self.ca,
+        ]  # fmt: skip
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60 + count * 5)
+        if p.returncode:
+            raise RuntimeError(f"bench.coldstart failed: {(p.stderr or p.stdout)[-400:]}")
+        summary = json.loads(p.stdout.strip().splitlines()[-1])
+        self.reports["coldstart.md"] = coldstart.markdown(summary)
+        out: dict[str, tuple[str, list[float]]] = {}
+        for phase in ("total", "import", "first_forward", "later_forward"):
+            st = summary["phases"][phase]
+            out[f"coldstart_{phase}_p50_ms"] = ("ms", [st["p50_ms"]])
+            out[f"coldstart_{phase}_p99_ms"] = ("ms", [st["p99_ms"]])
         return out
 
     def _idle_rss(self, count: int) -> dict[str, tuple[str, list[float]]]:
