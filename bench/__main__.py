@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): measure every registered path, write the report.
 
-python -m bench [--quick] [--only direct,ssh-R,...] [--runs N] [--out DIR] [--list]
+python -m bench [--quick] [--only direct,ssh-R,...] [--runs N] [--out DIR] [--list] [--scale]
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the paths and exit")
     parser.add_argument("--no-install", action="store_true", help="do not apt/pip install")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="also the scale figures (bench.scale: 10,000 links, 100,000 connections; "
+        "minutes); with --only none, only them",
+    )
     a = parser.parse_args(argv)
     if a.list:
         for name, cls in registry.items():
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:26} {cls.title}{extra}")
         return 0
     names = a.only.split(",") if a.only else [n for n, c in registry.items() if c.default]
+    if names == ["none"]:
+        names = []
     unknown = [n for n in names if n not in registry]
     if unknown:
         parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(registry)}")
@@ -71,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = None
     reports: dict[str, str] = {}
     try:
-        ctx, backend_cmds = refs.start_backends(workdir, a.quick)
-        results["backends"] = backend_cmds
+        if names:
+            ctx, backend_cmds = refs.start_backends(workdir, a.quick)
+            results["backends"] = backend_cmds
         for name in names:
+            assert ctx is not None
             path = registry[name](ctx)
             _log(f"bench: {name} ({path.title})")
             entry: dict[str, Any] = {"title": path.title, "setup": [], "metrics": {}}
@@ -98,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"bench: kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    if a.scale:
+        from bench import scale
+
+        _log("bench: scale figures (bench.scale)")
+        a.out.mkdir(parents=True, exist_ok=True)
+        links, conns = (1000, 5000) if a.quick else (10_000, 100_000)
+        results["scale"] = scale.run(links, conns, keepalive_s=10 if a.quick else 30, log_dir=a.out)
+        reports["scale.md"] = scale.markdown(results["scale"])
     results["seconds"] = round(time.monotonic() - t_start, 1)
     files = report.write(results, a.out)
     for fname, text in reports.items():
