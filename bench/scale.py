@@ -163,6 +163,7 @@ async def _links(a: argparse.Namespace) -> None:
     ctx.set_alpn_protocols(["tunnel/1"])
     sem = asyncio.Semaphore(IN_FLIGHT)
     links: list[_Link] = []
+    serving: list[asyncio.Future[None]] = []
     errors: list[str] = []
 
     async def one(i: int) -> None:
@@ -174,13 +175,15 @@ async def _links(a: argparse.Namespace) -> None:
                 link = _Link(r, w)
                 await asyncio.wait_for(link.setup(i < a.tcp_tunnels), 30)
                 links.append(link)
+                # Served from now on: a link left silent while the others come up would
+                # reach the relay's keepalive timeout.
+                serving.append(asyncio.ensure_future(link.serve()))
             except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
                 errors.append(repr(e))
 
     start = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(a.count)))
     seconds = time.monotonic() - start
-    serving = [asyncio.ensure_future(link.serve()) for link in links]
     targets = [[link.host, link.tcp_port] for link in links]
     Path(a.targets).write_text(json.dumps(targets))
     print(
@@ -299,6 +302,18 @@ def _end(p: subprocess.Popen[str]) -> None:
         p.wait()
 
 
+def _alive_links(relay: Any) -> int | None:
+    """The relay's count of connected agents, from ``/status``, if it reports one."""
+    try:
+        status = relay.status(timeout=30)
+    except (OSError, ValueError):
+        return None
+    for key in ("agents", "links", "agents_connected"):
+        if isinstance(status.get(key), int):
+            return int(status[key])
+    return None
+
+
 def _settle(pid: int, seconds: float = 2.0) -> int:
     time.sleep(seconds)
     return rss_bytes([pid])
@@ -312,6 +327,7 @@ def run(
     sources: int = 8,
     tcp_tunnels: int = 100,
     log_dir: Path | None = None,
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
     """Start a relay, measure, stop everything; returns the figures (see the docstring)."""
     from tunnel.testing import RelayProcess
@@ -365,12 +381,27 @@ def run(
         rss1 = _settle(pid, 5.0)
         out["relay_rss_links_MiB"] = rss1 / 2**20
         out["relay_rss_per_link_KiB"] = (rss1 - rss0) / max(1, up["up"]) / 1024
+        spy = None
+        if profile_to is not None:
+            from bench.profile import py_spy
+
+            spy = subprocess.Popen(
+                [
+                    py_spy(), "record", "--pid", str(pid), "--nonblocking", "--rate", "100",
+                    "--duration", str(int(keepalive_s)), "--format", "raw",
+                    "-o", str(profile_to),
+                ],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         c0, t0 = cpu_seconds([pid]), time.monotonic()
         time.sleep(keepalive_s)
         c1, t1 = cpu_seconds([pid]), time.monotonic()
+        if spy is not None:
+            spy.wait(60)
         out["keepalive_seconds"] = t1 - t0
         out["relay_cpu_pct_idle_links"] = (c1 - c0) / (t1 - t0) * 100
         out["relay_cpu_us_per_link_second"] = (c1 - c0) / (t1 - t0) / max(1, up["up"]) * 1e6
+        out["links_alive_after_idle"] = _alive_links(relay)
         if conns:
             cp = _spawn(["conns", "--count", str(conns), *common], nofile)
             procs.append(cp)
@@ -382,6 +413,7 @@ def run(
             rss2 = _settle(pid, 5.0)
             out["relay_rss_connections_MiB"] = rss2 / 2**20
             out["relay_rss_per_connection_KiB"] = (rss2 - rss1) / max(1, held["held"]) / 1024
+            out["links_alive_at_end"] = _alive_links(relay)
             status = relay.status(timeout=30)
             out["relay_status"] = {
                 k: v for k, v in status.items() if isinstance(v, int | float | str)
@@ -404,9 +436,12 @@ ROWS = [
      "{:.1f}"),
     ("relay_cpu_us_per_link_second", "relay CPU per link per second of keepalives, µs",
      "{:.2f}"),
+    ("links_alive_after_idle", "links still up after the idle window (relay /status)",
+     "{:,.0f}"),
     ("connections_held", "idle public connections held", "{:,.0f}"),
     ("connections_open_seconds", "time to open them, s", "{:.1f}"),
     ("relay_rss_per_connection_KiB", "relay RSS per idle public connection, KiB", "{:.1f}"),
+    ("links_alive_at_end", "links still up at the end", "{:,.0f}"),
     ("relay_rss_start_MiB", "relay RSS at start, MiB", "{:.0f}"),
     ("relay_rss_links_MiB", "relay RSS with the links, MiB", "{:.0f}"),
     ("relay_rss_connections_MiB", "relay RSS with links and connections, MiB", "{:.0f}"),
@@ -423,6 +458,10 @@ def markdown(r: dict[str, Any]) -> str:
     for key, label, fmt in ROWS:
         if key in r:
             out += f"| {label} | {fmt.format(r[key])} |\n"
+    if r.get("idle_profile_top"):
+        out += "\nThe relay's self time while the links idle (py-spy, % of samples):\n\n"
+        out += "| function | % |\n|---|---:|\n"
+        out += "".join(f"| `{leaf}` | {pct} |\n" for leaf, pct in r["idle_profile_top"])
     for key in ("capped", "link_error_examples", "connection_error_examples"):
         if r.get(key):
             out += f"\n{key}: {r[key]}\n"
@@ -460,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keepalive-seconds", type=float, default=30.0)
     parser.add_argument("--sources", type=int, default=8, help="127.0.0.x source addresses")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the relay during the idle window (scale-idle-relay.txt in --out)",
+    )
     a = parser.parse_args(argv)
     if a.cmd == "links":
         asyncio.run(_links(a))
@@ -470,7 +514,18 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.scale: raising the descriptor limit needs root", file=sys.stderr)
     a.out.mkdir(parents=True, exist_ok=True)
-    r = run(a.links, a.connections, a.kind, a.keepalive_seconds, a.sources, a.tcp_tunnels, a.out)
+    spy_out = a.out / "scale-idle-relay.txt" if a.profile else None
+    r = run(
+        a.links, a.connections, a.kind, a.keepalive_seconds, a.sources, a.tcp_tunnels, a.out,
+        spy_out,
+    )  # fmt: skip
+    if spy_out is not None and spy_out.exists():
+        from bench.profile import self_times
+
+        counts, total = self_times(spy_out)
+        r["idle_profile_top"] = [
+            [leaf, round(n / total * 100, 1)] for leaf, n in counts.most_common(15)
+        ]
     (a.out / "scale.json").write_text(json.dumps(r, indent=2) + "\n")
     md = markdown(r)
     (a.out / "scale.md").write_text(md)
