@@ -238,11 +238,13 @@ async def serve(
     rate: float | None = None,
     burst: int = 256 << 10,
     queue: int = 4 << 20,
+    cut_on_sigusr1: bool = True,
 ) -> None:
     """Listen on each ``127.0.0.1:listen`` and proxy to ``127.0.0.1:target`` over a link
-    (one per mapping and direction) with ``opts``' delays and ``rate`` bytes/s."""
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGUSR1, cut_all)
+    (one per mapping and direction) with ``opts``' delays and ``rate`` bytes/s; SIGUSR1
+    cuts every connection (when ``cut_on_sigusr1``: only in the main thread)."""
+    if cut_on_sigusr1:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, cut_all)
     servers = []
     for listen, target in mapping.items():
         links = (Link(opts.fwd, rate, burst, queue), Link(opts.back, rate, burst, queue))
