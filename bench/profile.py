@@ -1,6 +1,6 @@
 """Where the relay's and the agent's CPU goes, per request and per MB (``make profile``).
 
-    python -m bench.profile [--seconds 10] [--rate 250] [--top 15] [--native]
+    python -m bench.profile [--seconds 20] [--rate 250] [--top 15] [--native]
                             [--only tls-http,tcp-http,tcp-download] [--out DIR]
 
 For each scenario it starts the path (``bench.tunnels``: ``twistd tunnelrelay`` +
@@ -102,6 +102,20 @@ def self_times(stacks: Path) -> tuple[collections.Counter[str], int]:
     return counts, total
 
 
+def area_of(leaf: str) -> str:
+    """The file a leaf function is in (the socket calls as one area of their own)."""
+    if is_syscall(leaf):
+        return "send/recv system calls"
+    m = re.search(r"\(([^()]*)\)(?: ←.*)?$", leaf)
+    return m.group(1) if m else leaf
+
+
+def is_syscall(leaf: str) -> bool:
+    """Whether a sample's leaf is (almost all) a socket system call: Twisted's send() /
+    recv() wrappers, ``Connection.doRead`` (its own time is the ``recv``)."""
+    return leaf.startswith(("untilConcludes ", "Connection.doRead (twisted/internet/tcp.py)"))
+
+
 def user_system(pid: int) -> tuple[float, float]:
     """(utime, stime) of ``pid`` in seconds: Python and libraries vs the kernel."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -184,27 +198,45 @@ def markdown(results: dict[str, dict[str, object]], out: Path, top: int) -> str:
         for role in ("relay", "agent"):
             counts, total = self_times(out / f"{scenario}-{role}.txt")
             poll = counts.pop(POLL, 0)
-            busy = total - poll
             per_unit = cpu[role] / work * scale
             sys_part = system.get(role, 0.0) / work * scale
+            user_part = per_unit - sys_part
+            user_n = sum(n for leaf, n in counts.items() if not is_syscall(leaf))
+            sys_n = sum(n for leaf, n in counts.items() if is_syscall(leaf))
             text += (
-                f"\n**{scenario}, {role}**: {per_unit:.1f} {per} of CPU in all, "
-                f"{sys_part:.1f} of it in the kernel (stime) "
-                f"({work:,.0f} {unit}s; {total:,} samples, {poll:,} of them in the "
-                f"reactor's epoll call, left out). Top {top} of the rest by self time, "
-                f"{per} = share of them times the measured CPU:\n\n"
-                f"| function | self % | {per} |\n|---|---:|---:|\n"
+                f"\n**{scenario}, {role}**: {per_unit:.1f} {per} of CPU: "
+                f"{user_part:.1f} in user space (utime: Python, OpenSSL), {sys_part:.1f} in "
+                f"the kernel (stime). {work:,.0f} {unit}s; {total:,} samples, {poll:,} of "
+                f"them in the reactor's epoll call (left out). A function's {per} is its "
+                "share of the user-space samples times utime, or for the socket calls "
+                f"(send, recv) its share of their samples times stime. Top {top}:\n\n"
+                f"| function | samples % | {per} |\n|---|---:|---:|\n"
             )
-            for leaf, n in counts.most_common(top):
-                share = n / busy if busy else 0.0
-                text += f"| `{leaf}` | {share * 100:.1f} | {share * per_unit:.2f} |\n"
+            busy = user_n + sys_n
+            costs = {
+                leaf: (n / sys_n * sys_part if sys_n else 0.0)
+                if is_syscall(leaf)
+                else (n / user_n * user_part if user_n else 0.0)
+                for leaf, n in counts.items()
+            }
+            for leaf, c in sorted(costs.items(), key=lambda kv: -kv[1])[:top]:
+                share = counts[leaf] / busy if busy else 0.0
+                text += f"| `{leaf}` | {share * 100:.1f} | {c:.2f} |\n"
+            files: collections.Counter[str] = collections.Counter()
+            for leaf, c in costs.items():
+                files[area_of(leaf)] += c
+            text += (
+                f"\nBy file ({per}): "
+                + ", ".join(f"`{f}` {c:.2f}" for f, c in files.most_common(10))
+                + "\n"
+            )
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10, help="load per scenario")
+    parser.add_argument("--seconds", type=int, default=20, help="load per scenario")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
