@@ -403,9 +403,13 @@ def run(
         out["relay_cpu_us_per_link_second"] = (c1 - c0) / (t1 - t0) / max(1, up["up"]) * 1e6
         out["links_alive_after_idle"] = _alive_links(relay)
         if conns:
+            cpu2 = cpu_seconds([pid])
             cp = _spawn(["conns", "--count", str(conns), *common], nofile)
             procs.append(cp)
             held = _line(cp, "connections", 120 + conns * 0.02)
+            out["relay_cpu_ms_per_connection_open"] = (
+                (cpu_seconds([pid]) - cpu2) * 1e3 / max(1, held["held"])
+            )
             out["connections_held"] = held["held"]
             out["connection_errors"] = held["errors"]
             out["connection_error_examples"] = held["error"]
@@ -440,6 +444,8 @@ ROWS = [
      "{:,.0f}"),
     ("connections_held", "idle public connections held", "{:,.0f}"),
     ("connections_open_seconds", "time to open them, s", "{:.1f}"),
+    ("relay_cpu_ms_per_connection_open",
+     "relay CPU per public connection opened (accept, TLS handshake, OPEN), ms", "{:.2f}"),
     ("relay_rss_per_connection_KiB", "relay RSS per idle public connection, KiB", "{:.1f}"),
     ("links_alive_at_end", "links still up at the end", "{:,.0f}"),
     ("relay_rss_start_MiB", "relay RSS at start, MiB", "{:.0f}"),
