@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import shutil
 import signal
 import sys
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     registry = load_paths()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 run, smaller sizes")
-    parser.add_argument("--only", help="comma-separated path names (see --list)")
+    parser.add_argument(
+        "--only", help="comma-separated path names or patterns, e.g. '*wan-*' (see --list)"
+    )
     parser.add_argument("--runs", type=int, help="repetitions per measurement (default 3)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--list", action="store_true", help="list the paths and exit")
@@ -53,10 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             extra = "" if cls.default else "  (only with --only)"
             print(f"{name:26} {cls.title}{extra}")
         return 0
-    names = a.only.split(",") if a.only else [n for n, c in registry.items() if c.default]
-    if names == ["none"]:
+    names = [n for n, c in registry.items() if c.default]
+    unknown: list[str] = []
+    if a.only:
+        # Names or shell patterns ("*wan-*"), in the order given; "none": no path at all.
         names = []
-    unknown = [n for n in names if n not in registry]
+        for pattern in a.only.split(","):
+            matched = [n for n in registry if fnmatch.fnmatchcase(n, pattern)]
+            if not matched and pattern != "none":
+                unknown.append(pattern)
+            names += [n for n in matched if n not in names]
     if unknown:
         parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(registry)}")
     settings = Settings.quick() if a.quick else Settings()
