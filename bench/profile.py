@@ -186,9 +186,58 @@ def profile(
     return {"work": work, "unit": unit, "cpu": cpu, "system": system}
 
 
+def summary(results: dict[str, dict[str, object]], out: Path, rows: int = 12) -> str:
+    """One table: each file's (area's) cost per request or per MB, a column per scenario
+    and process, the areas ordered by their largest cost; the total CPU last."""
+    columns: dict[str, dict[str, float]] = {}
+    totals: dict[str, str] = {}
+    for scenario, r in results.items():
+        unit = str(r["unit"])
+        scale = 1e6 if unit == "request" else 1e3
+        work = float(r["work"])  # type: ignore[arg-type]
+        cpu: dict[str, float] = r["cpu"]  # type: ignore[assignment]
+        system: dict[str, float] = r.get("system", {})  # type: ignore[assignment]
+        for role in ("relay", "agent"):
+            counts, _ = self_times(out / f"{scenario}-{role}.txt")
+            counts.pop(POLL, None)
+            per_unit = cpu[role] / work * scale
+            sys_part = system.get(role, 0.0) / work * scale
+            col = f"{scenario} {role} ({'µs/req' if unit == 'request' else 'ms/MB'})"
+            columns[col] = _costs(counts, per_unit - sys_part, sys_part, by_area=True)
+            totals[col] = f"{per_unit:.2f}"
+    areas: dict[str, float] = {}
+    for costs in columns.values():
+        for area, c in costs.items():
+            areas[area] = max(areas.get(area, 0.0), c / max(sum(costs.values()), 1e-9))
+    ranked = sorted(areas, key=lambda a: -areas[a])[:rows]
+    text = "| file | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
+    for area in ranked:
+        cells = [f"{columns[c].get(area, 0.0):.2f}" for c in columns]
+        text += f"| `{area}` | " + " | ".join(cells) + " |\n"
+    text += "| **all (measured CPU)** | " + " | ".join(totals.values()) + " |\n"
+    return text
+
+
+def _costs(
+    counts: collections.Counter[str], user: float, system: float, by_area: bool = False
+) -> dict[str, float]:
+    """Each leaf's (or area's) cost: its share of the user-space samples times ``user``, or
+    for socket calls its share of theirs times ``system``."""
+    user_n = sum(n for leaf, n in counts.items() if not is_syscall(leaf))
+    sys_n = sum(n for leaf, n in counts.items() if is_syscall(leaf))
+    out: dict[str, float] = collections.defaultdict(float)
+    for leaf, n in counts.items():
+        if is_syscall(leaf):
+            c = n / sys_n * system if sys_n else 0.0
+        else:
+            c = n / user_n * user if user_n else 0.0
+        out[area_of(leaf) if by_area else leaf] += c
+    return dict(out)
+
+
 def markdown(results: dict[str, dict[str, object]], out: Path, top: int) -> str:
-    """Per scenario and process: the top functions by self time, as a share and per unit."""
-    text = ""
+    """A summary by file, then per scenario and process the top functions by cost."""
+    text = "Cost by file, per request or per MB:\n\n" + summary(results, out) + "\n"
     for scenario, r in results.items():
         unit = str(r["unit"])
         scale, per = (1e6, "µs/req") if unit == "request" else (1e3, "ms/MB")
@@ -203,6 +252,7 @@ def markdown(results: dict[str, dict[str, object]], out: Path, top: int) -> str:
             user_part = per_unit - sys_part
             user_n = sum(n for leaf, n in counts.items() if not is_syscall(leaf))
             sys_n = sum(n for leaf, n in counts.items() if is_syscall(leaf))
+            costs = _costs(counts, user_part, sys_part)
             text += (
                 f"\n**{scenario}, {role}**: {per_unit:.1f} {per} of CPU: "
                 f"{user_part:.1f} in user space (utime: Python, OpenSSL), {sys_part:.1f} in "
@@ -213,12 +263,6 @@ def markdown(results: dict[str, dict[str, object]], out: Path, top: int) -> str:
                 f"| function | samples % | {per} |\n|---|---:|---:|\n"
             )
             busy = user_n + sys_n
-            costs = {
-                leaf: (n / sys_n * sys_part if sys_n else 0.0)
-                if is_syscall(leaf)
-                else (n / user_n * user_part if user_n else 0.0)
-                for leaf, n in counts.items()
-            }
             for leaf, c in sorted(costs.items(), key=lambda kv: -kv[1])[:top]:
                 share = counts[leaf] / busy if busy else 0.0
                 text += f"| `{leaf}` | {share * 100:.1f} | {c:.2f} |\n"
