@@ -126,8 +126,9 @@ def one_process(
 def importtime(
     relay: str, ca: str, port: int, forward: bool, top: int = 10
 ) -> list[dict[str, Any]]:
-    """``-X importtime`` of ``import tunnel`` (or of one forward()): the ``top`` modules by
-    cumulative time, with their self time (µs) and nesting depth (0 = imported directly)."""
+    """``-X importtime`` of ``import tunnel`` (or of one forward()): a summary (with the
+    ``top`` modules by self time), then the ``top`` modules by cumulative time, with their
+    self time (µs) and nesting depth (0 = imported directly)."""
     code = IMPORT_FORWARD if forward else "import tunnel"
     p = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code, str(port)],
@@ -151,7 +152,9 @@ def importtime(
             )
     total_self = sum(r["self_us"] for r in rows)
     rows.sort(key=lambda r: -r["cumulative_us"])
-    return [{"total_self_us": total_self, "modules": len(rows)}, *rows[:top]]
+    by_self = sorted(rows, key=lambda r: -r["self_us"])[:top]
+    head = {"total_self_us": total_self, "modules": len(rows), "top_self": by_self}
+    return [head, *rows[:top]]
 
 
 def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
@@ -223,6 +226,14 @@ def markdown(s: dict[str, Any]) -> str:
             out += (
                 f"| `{r['module']}` | {r['depth']} | {r['cumulative_us'] / 1e3:.1f} | "
                 f"{r['self_us'] / 1e3:.2f} |\n"
+            )
+        if head.get("top_self"):
+            out += (
+                f"\nThe top {len(head['top_self'])} by their own (self) time: "
+                + ", ".join(
+                    f"`{r['module']}` {r['self_us'] / 1e3:.1f} ms" for r in head["top_self"]
+                )
+                + ".\n"
             )
     return out
 

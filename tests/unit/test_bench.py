@@ -171,6 +171,7 @@ def test_importtime_lines_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(coldstart.subprocess, "run", lambda *a, **k: Done())
     head, *rows = coldstart.importtime("r:1", "ca", 1, forward=False)
-    assert head == {"total_self_us": 300, "modules": 2}
+    assert (head["total_self_us"], head["modules"]) == (300, 2)
+    assert [r["module"] for r in head["top_self"]] == ["tunnel", "typing"]
     assert rows[0] == {"module": "tunnel", "self_us": 200, "cumulative_us": 900, "depth": 0}
     assert rows[1]["depth"] == 1
