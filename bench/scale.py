@@ -431,7 +431,7 @@ def run(
 
 
 ROWS = [
-    ("links_up", "agent links up (one tunnel each)", "{:,.0f}"),
+    ("links_up", "agent links up (a TLS tunnel each)", "{:,.0f}"),
     ("links_setup_seconds", "time to accept them (TLS + hello + grant), s", "{:.1f}"),
     ("links_per_second", "links accepted per second", "{:,.0f}"),
     ("relay_cpu_ms_per_link_setup", "relay CPU per link set up, ms", "{:.2f}"),
@@ -445,7 +445,7 @@ ROWS = [
     ("connections_held", "idle public connections held", "{:,.0f}"),
     ("connections_open_seconds", "time to open them, s", "{:.1f}"),
     ("relay_cpu_ms_per_connection_open",
-     "relay CPU per public connection opened (accept, TLS handshake, OPEN), ms", "{:.2f}"),
+     "relay CPU per public connection opened (accept, TLS handshake for tls, OPEN), ms", "{:.2f}"),
     ("relay_rss_per_connection_KiB", "relay RSS per idle public connection, KiB", "{:.1f}"),
     ("links_alive_at_end", "links still up at the end", "{:,.0f}"),
     ("relay_rss_start_MiB", "relay RSS at start, MiB", "{:.0f}"),
