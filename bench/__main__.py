@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         files[fname] = a.out / fname
         files[fname].write_text(text)
     print(report.markdown(results))
+    for fname, text in reports.items():
+        print(f"\n{fname}:\n\n{text}")
     _log(f"bench: {results['seconds']}s; wrote " + ", ".join(str(p) for p in files.values()))
     return 1 if any(p["errors"] for p in results["paths"].values()) else 0
 
