@@ -12,7 +12,7 @@ SRC    := tunnel tests bench twisted examples
 DEB_TOOLS := curl:curl openssl:openssl nc:netcat-openbsd socat:socat nghttpd:nghttp2-server \
              ssh:openssh-client sshd:openssh-server pebble:pebble pebble-challtestsrv:pebble
 
-.PHONY: all venv deps lint types test fuzz bench soak demo clean plugins
+.PHONY: all venv deps lint types test fuzz bench profile soak demo clean plugins
 
 all: test
 
@@ -64,6 +64,11 @@ fuzz: venv
 
 bench: venv
 	$(PY) -m bench
+
+# Where the relay's and the agent's CPU goes under load (py-spy; docs/performance.md).
+PROFILE_ARGS ?=
+profile: venv
+	$(PY) -m bench.profile $(PROFILE_ARGS)
 
 SOAK_ARGS ?=
 soak: venv

@@ -1,12 +1,13 @@
 """``python -m bench`` (``make bench``): measure every registered path, write the report.
 
-python -m bench [--quick] [--only direct,ssh-R,...] [--runs N] [--out DIR] [--list]
+python -m bench [--quick] [--only direct,ssh-R,...] [--runs N] [--out DIR] [--list] [--scale]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import shutil
 import signal
 import sys
@@ -35,20 +36,36 @@ def main(argv: list[str] | None = None) -> int:
     registry = load_paths()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 run, smaller sizes")
-    parser.add_argument("--only", help="comma-separated path names (see --list)")
+    parser.add_argument(
+        "--only", help="comma-separated path names or patterns, e.g. '*wan-*' (see --list)"
+    )
     parser.add_argument("--runs", type=int, help="repetitions per measurement (default 3)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--list", action="store_true", help="list the paths and exit")
     parser.add_argument("--no-install", action="store_true", help="do not apt/pip install")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="also the scale figures (bench.scale: 10,000 links, 100,000 connections; "
+        "minutes); with --only none, only them",
+    )
     a = parser.parse_args(argv)
     if a.list:
         for name, cls in registry.items():
             extra = "" if cls.default else "  (only with --only)"
-            print(f"{name:20} {cls.title}{extra}")
+            print(f"{name:26} {cls.title}{extra}")
         return 0
-    names = a.only.split(",") if a.only else [n for n, c in registry.items() if c.default]
-    unknown = [n for n in names if n not in registry]
+    names = [n for n, c in registry.items() if c.default]
+    unknown: list[str] = []
+    if a.only:
+        # Names or shell patterns ("*wan-*"), in the order given; "none": no path at all.
+        names = []
+        for pattern in a.only.split(","):
+            matched = [n for n in registry if fnmatch.fnmatchcase(n, pattern)]
+            if not matched and pattern != "none":
+                unknown.append(pattern)
+            names += [n for n in matched if n not in names]
     if unknown:
         parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(registry)}")
     settings = Settings.quick() if a.quick else Settings()
@@ -69,13 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.monotonic()
     ctx = None
+    reports: dict[str, str] = {}
     try:
-        ctx, backend_cmds = refs.start_backends(workdir, a.quick)
-        results["backends"] = backend_cmds
+        if names:
+            ctx, backend_cmds = refs.start_backends(workdir, a.quick)
+            results["backends"] = backend_cmds
         for name in names:
+            assert ctx is not None
             path = registry[name](ctx)
             _log(f"bench: {name} ({path.title})")
             entry: dict[str, Any] = {"title": path.title, "setup": [], "metrics": {}}
+            if path.wan is not None:
+                entry["wan"] = dataclasses.asdict(path.wan)
             try:
                 path.start()
                 entry["setup"] = path.setup_commands
@@ -87,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 path.stop()
             results["paths"][name] = entry
+            reports.update(path.reports)
     finally:
         if ctx is not None:
             ctx.procs.stop_all()
@@ -94,9 +117,22 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"bench: kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    if a.scale:
+        from bench import scale
+
+        _log("bench: scale figures (bench.scale)")
+        a.out.mkdir(parents=True, exist_ok=True)
+        links, conns = (1000, 5000) if a.quick else (10_000, 100_000)
+        results["scale"] = scale.run(links, conns, keepalive_s=10 if a.quick else 30, log_dir=a.out)
+        reports["scale.md"] = scale.markdown(results["scale"])
     results["seconds"] = round(time.monotonic() - t_start, 1)
     files = report.write(results, a.out)
+    for fname, text in reports.items():
+        files[fname] = a.out / fname
+        files[fname].write_text(text)
     print(report.markdown(results))
+    for fname, text in reports.items():
+        print(f"\n{fname}:\n\n{text}")
     _log(f"bench: {results['seconds']}s; wrote " + ", ".join(str(p) for p in files.values()))
     return 1 if any(p["errors"] for p in results["paths"].values()) else 0
 

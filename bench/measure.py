@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import ssl
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +47,13 @@ METRICS: list[Metric] = [
     Metric("tcp100_cpu_ms_per_MB", "CPU per MB (TCP 100)", "ms/MB", False),
     Metric("connect_p50_ms", "connect+1st byte p50", "ms", False),
     Metric("connect_p99_ms", "connect+1st byte p99", "ms", False),
+    Metric("wan1_MBps", "WAN 1 stream", "MB/s", True),
+    Metric("wan1_cap_pct", "WAN 1 stream, share of the cap", "%", True),
+    Metric("wan1_cpu_ms_per_MB", "CPU per MB (WAN 1)", "ms/MB", False),
+    Metric("wan8_MBps", "WAN 8 streams", "MB/s", True),
+    Metric("wan8_cap_pct", "WAN 8 streams, share of the cap", "%", True),
+    Metric("wan8_cpu_ms_per_MB", "CPU per MB (WAN 8)", "ms/MB", False),
+    Metric("reconnect_ms", "link cut mid-transfer → same URL serves again", "ms", False),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 
@@ -61,6 +71,10 @@ class Settings:
     tcp100_streams: int = 100
     tcp100_bytes: int = 16 << 20
     connect_count: int = 1000
+    #: Seconds of transfer at the cap for each WAN download (1 stream, and 8 together).
+    wan_seconds: float = 6.0
+    #: Link cuts timed on each path that can be cut.
+    cut_count: int = 5
 
     @classmethod
     def quick(cls) -> Settings:
@@ -72,6 +86,8 @@ class Settings:
             tcp1_bytes=256 << 20,
             tcp100_bytes=4 << 20,
             connect_count=200,
+            wan_seconds=2.0,
+            cut_count=2,
         )
 
 
@@ -248,6 +264,69 @@ def tcp_download(
         _add_roles(path, r, f"{key}_cpu_ms_per_MB", 1e3 / (total / MB))
 
 
+def wan_download(path: BenchPath, e: Endpoint, streams: int, s: Settings, r: PathResult) -> None:
+    """``streams`` parallel downloads over ``path.wan``, ``wan_seconds`` at the cap in all;
+    throughput also as a share of the cap."""
+    assert path.wan is not None
+    key = f"wan{streams}"
+    total = int(path.wan.rate_MBps * MB * s.wan_seconds)
+    tcp_download(path, e, streams, total // streams, key, r)
+    r.add(f"{key}_cap_pct", r.samples[f"{key}_MBps"][-1] / path.wan.rate_MBps * 100)
+
+
+def echo_once(e: Endpoint, timeout: float) -> bool:
+    """One connection to the echo target: (TLS handshake,) 1 byte there and back."""
+    try:
+        with socket.create_connection((e.host, e.port), timeout=timeout) as raw:
+            sock: socket.socket = raw
+            if e.sni:
+                ctx = ssl.create_default_context(cafile=e.cafile)
+                sock = ctx.wrap_socket(raw, server_hostname=e.sni)
+            sock.sendall(b"x")
+            return sock.recv(1) == b"x"
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def reconnect(path: BenchPath, s: Settings, r: PathResult, deadline: float = 30.0) -> None:
+    """Cut the agent's link in the middle of a download, ``cut_count`` times; each time,
+    the milliseconds from the cut until the *same* echo endpoint (raw TCP port or SNI name)
+    answers again.  The download must end (the relay resets the streams of a lost link)."""
+    assert path.tcp is not None and path.echo is not None
+    e, echo = path.tcp, path.echo
+    args = ["download", e.host, str(e.port), f"--size={1 << 40}", "--streams=1", *_tls_args(e)]
+    r.commands["reconnect"] = (
+        "python -m bench.client " + " ".join(args) + " & sleep 1; kill -USR1 WAN_PROXY_PID; "
+        "then connect+echo once every 10 ms until it answers"
+    )
+    for i in range(s.cut_count):
+        dl = subprocess.Popen(
+            [sys.executable, "-m", "bench.client", *args],
+            cwd=str(_ROOT),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(1.0)  # mid-transfer
+            if dl.poll() is not None:
+                raise RuntimeError(f"cut {i + 1}: the download ended before the cut")
+            path.cut_link()
+            t0 = time.perf_counter()
+            while not echo_once(echo, timeout=1.0):
+                if time.perf_counter() - t0 > deadline:
+                    raise RuntimeError(f"cut {i + 1}: the URL did not serve in {deadline}s")
+                time.sleep(0.01)
+            r.add("reconnect_ms", (time.perf_counter() - t0) * 1e3)
+            try:
+                dl.wait(10)
+            except subprocess.TimeoutExpired:
+                r.errors.append(f"cut {i + 1}: the download through the cut link did not end")
+        finally:
+            if dl.poll() is None:
+                dl.kill()
+                dl.wait()
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -266,6 +345,13 @@ def measure_path(path: BenchPath, s: Settings, log: Callable[[str], None]) -> Pa
     """Run every measurement the path supports ``s.runs`` times; errors are recorded."""
     r = PathResult()
     steps: list[tuple[str, Callable[[], None]]] = []
+    if path.wan is not None:
+        if (w := path.tcp) is not None:
+            steps.append(("wan1", lambda: wan_download(path, w, 1, s, r)))
+            steps.append(("wan8", lambda: wan_download(path, w, 8, s, r)))
+        if path.cuttable and path.echo is not None:
+            steps.append(("reconnect", lambda: reconnect(path, s, r)))
+        return _run_steps(path, steps, s, r, log)
     if (t := path.http) is not None:
         steps.append(("http", lambda: http_rps(path, t, s, r)))
         steps.append(("download", lambda: download(path, t, s, r)))
@@ -276,8 +362,19 @@ def measure_path(path: BenchPath, s: Settings, log: Callable[[str], None]) -> Pa
     if (ec := path.echo) is not None:
         count = min(s.connect_count, path.connect_count or s.connect_count)
         steps.append(("connect", lambda: connect_latency(path, ec, count, r)))
+    return _run_steps(path, steps, s, r, log)
+
+
+def _run_steps(
+    path: BenchPath,
+    steps: list[tuple[str, Callable[[], None]]],
+    s: Settings,
+    r: PathResult,
+    log: Callable[[str], None],
+) -> PathResult:
     for name, step in steps:
-        for i in range(s.runs):
+        # One reconnect step already times ``cut_count`` cuts.
+        for i in range(1 if name == "reconnect" else s.runs):
             t0 = time.monotonic()
             try:
                 step()

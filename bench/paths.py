@@ -28,7 +28,9 @@ from __future__ import annotations
 import abc
 import importlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -81,6 +83,30 @@ class HttpTarget:
         return self.hostname not in (LOOPBACK, "localhost", "::1")
 
 
+@dataclass(frozen=True)
+class Wan:
+    """An emulated WAN link (``bench.delayproxy`` with a delay and a bandwidth cap)."""
+
+    #: Part of the path names: ``wan-100ms-400M``, ``tunnel-tcp-wan-100ms-400M``, ...
+    tag: str
+    rtt_ms: float
+    rate_mbps: float
+
+    @property
+    def rate_MBps(self) -> float:
+        """The cap in MB/s (10^6 bytes)."""
+        return self.rate_mbps / 8
+
+    def proxy_args(self) -> list[str]:
+        """``bench.delayproxy`` options for this link (half the round trip each way)."""
+        return [f"--delay-ms={self.rtt_ms / 2:g}", f"--rate-mbps={self.rate_mbps:g}"]
+
+
+#: The WAN links every ``*-wan-*`` path is measured over: an agent far away (100 ms, a
+#: 400 Mbit/s share), and one in a nearby region (30 ms, 1 Gbit/s).
+WANS: list[Wan] = [Wan("100ms-400M", 100.0, 400.0), Wan("30ms-1G", 30.0, 1000.0)]
+
+
 @dataclass
 class Context:
     """What every path can use: the loopback servers, the TLS material, the run's settings."""
@@ -107,6 +133,11 @@ class BenchPath(abc.ABC):
     connect_count: ClassVar[int | None] = None
     #: False: run only when named with ``--only`` (keeps the default run short).
     default: ClassVar[bool] = True
+    #: Set on paths that cross an emulated WAN link: they are measured with the ``wan1`` /
+    #: ``wan8`` downloads (as a share of ``wan.rate_MBps``) instead of the loopback set.
+    wan: ClassVar[Wan | None] = None
+    #: True: ``cut_link()`` drops the agent's link, and the reconnect time is measured.
+    cuttable: ClassVar[bool] = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -117,6 +148,10 @@ class BenchPath(abc.ABC):
         self.tcp: Endpoint | None = None
         self.echo: Endpoint | None = None
         self.setup_commands: list[str] = []
+        #: Further Markdown reports by file name (written next to ``results.md``).
+        self.reports: dict[str, str] = {}
+        #: The WAN proxy started by ``start_wan_proxy`` (the network, not a forwarder).
+        self.wan_proxy: subprocess.Popen[bytes] | None = None
         #: CPU seconds per role during the last measurement (see ``roles``).
         self.role_cpu: dict[str, float] = {}
 
@@ -129,8 +164,10 @@ class BenchPath(abc.ABC):
         self.procs.stop_all()
 
     def pids(self) -> list[int]:
-        """The forwarding processes whose CPU time is charged to this path."""
-        return self.procs.pids
+        """The forwarding processes whose CPU time is charged to this path (not the WAN
+        proxy: it stands for the network)."""
+        proxy = self.wan_proxy.pid if self.wan_proxy is not None else None
+        return [p for p in self.procs.pids if p != proxy]
 
     def extra(self, runs: int) -> dict[str, tuple[str, list[float]]]:
         """Path-specific measurements: ``{metric: (unit, samples)}``.  None by default."""
@@ -153,6 +190,24 @@ class BenchPath(abc.ABC):
         for p in ports:
             _wait_alive(proc, p)
         return list(ports)
+
+    def start_wan_proxy(self, targets: Sequence[int]) -> list[int]:
+        """Put ``self.wan`` in front of loopback ``targets``; return the ports that reach
+        them. Each target gets its own link (one per direction), shared by all of its
+        connections. ``cut_link()`` resets every connection through it."""
+        assert self.wan is not None
+        ports = {free_port(): t for t in targets}
+        argv = [sys.executable, "-m", "bench.delayproxy", *self.wan.proxy_args()]
+        argv += [f"{a}:{b}" for a, b in ports.items()]
+        self.wan_proxy = self.spawn(argv, "wanproxy.log")
+        for p in ports:
+            _wait_alive(self.wan_proxy, p)
+        return list(ports)
+
+    def cut_link(self) -> None:
+        """Reset (RST both ways) every connection through the WAN proxy, now."""
+        assert self.wan_proxy is not None and self.wan_proxy.poll() is None
+        os.kill(self.wan_proxy.pid, signal.SIGUSR1)
 
     def spawn(
         self, argv: Sequence[str], log: str, stdin: int | None = subprocess.DEVNULL
@@ -213,6 +268,34 @@ class Delay(BenchPath):
         self.http = HttpTarget(f"http://{LOOPBACK}:{web}")
         self.tcp = Endpoint(LOOPBACK, data)
         self.echo = Endpoint(LOOPBACK, echo)
+
+
+class _WanDirect(BenchPath):
+    """The data server through the WAN proxy alone: the link's own capacity (~97 % of the
+    cap is what the shaper lets a TCP download reach), the reference for every path over
+    the same link. The proxy's CPU is what is charged."""
+
+    def start(self) -> None:
+        (data,) = self.start_wan_proxy([self.ctx.data_port])
+        self.tcp = Endpoint(LOOPBACK, data)
+
+    def pids(self) -> list[int]:
+        return self.procs.pids
+
+
+for _wan in WANS:
+    register(
+        type(
+            f"WanDirect_{_wan.tag}",
+            (_WanDirect,),
+            {
+                "name": f"wan-{_wan.tag}",
+                "title": f"direct via WAN proxy ({_wan.rtt_ms:g} ms RTT, "
+                f"{_wan.rate_mbps:g} Mbit/s)",
+                "wan": _wan,
+            },
+        )
+    )
 
 
 def _wait_alive(proc: subprocess.Popen[bytes], port: int, timeout: float = 10.0) -> None:

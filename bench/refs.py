@@ -18,7 +18,15 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
-from bench.paths import BenchPath, Context, Endpoint, HttpTarget, register, wait_json_line
+from bench.paths import (
+    WANS,
+    BenchPath,
+    Context,
+    Endpoint,
+    HttpTarget,
+    register,
+    wait_json_line,
+)
 from bench.util import CACHE_DIR, LOOPBACK, ProcessGroup, free_port, run, wait_port
 
 BIG_SIZE = 1 << 30
@@ -217,6 +225,9 @@ class SshReverse(BenchPath):
         (d / "sshd_config").write_text(SSHD_CONF.format(host=LOOPBACK, port=sshd_port, d=d))
         self.spawn(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], "sshd.log")
         wait_port(sshd_port)
+        if self.wan is not None:
+            # The ssh connection is the link that crosses the WAN, as the agent's link does.
+            sshd_port = self.start_wan_proxy([sshd_port])[0]
         self.web_port, self.data_port, self.echo_port = free_port(), free_port(), free_port()
         argv = [
             "ssh", "-F", "/dev/null", "-i", str(d / "id"), "-p", str(sshd_port),
@@ -270,6 +281,31 @@ class SshReverseTty(SshReverse):
     name = "ssh-R-tt"
     title = "ssh -tt -R (TCP_NODELAY)"
     tty = True
+
+
+class _SshWan(SshReverse):
+    """``ssh -R`` whose ssh connection crosses ``wan`` (ssh dials sshd through the proxy)."""
+
+    def set_targets(self) -> None:
+        super().set_targets()
+        self.http = None
+
+
+for _wan in WANS:
+    for _base in (SshReverseN, SshReverseTty):
+        register(
+            type(
+                f"{_base.__name__}Wan_{_wan.tag}",
+                (_SshWan,),
+                {
+                    "name": f"{_base.name}-wan-{_wan.tag}",
+                    "title": f"{_base.title}, ssh link over {_wan.rtt_ms:g} ms / "
+                    f"{_wan.rate_mbps:g} Mbit/s",
+                    "tty": _base.tty,
+                    "wan": _wan,
+                },
+            )
+        )
 
 
 HAPROXY_CONF = """\

@@ -68,7 +68,9 @@ def markdown(results: Results) -> str:
     Metrics a path adds through ``BenchPath.extra()`` get rows of their own.
     """
     runs = results["settings"]["runs"]
-    paths = results["paths"]
+    paths = {n: p for n, p in results["paths"].items() if not p.get("wan")}
+    if not paths:
+        return wan_markdown(results)
     rows: list[tuple[str, str]] = [(m.key, f"{m.label} ({m.unit})") for m in METRICS]
     known = {m.key for m in METRICS}
     for p in paths.values():
@@ -82,9 +84,56 @@ def markdown(results: Results) -> str:
         cells = [_cell(p["metrics"].get(key), runs) for p in paths.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
-    errs = [f"- {n}: {e}" for n, p in paths.items() for e in p["errors"]]
+    out += wan_markdown(results)
+    errs = [f"- {n}: {e}" for n, p in results["paths"].items() for e in p["errors"]]
     if errs:
         out += "\nErrors:\n\n" + "\n".join(errs) + "\n"
+    return out
+
+
+def _median(results: Results, path: str, key: str) -> float | None:
+    stat = results["paths"].get(path, {}).get("metrics", {}).get(key)
+    return float(stat["median"]) if stat else None
+
+
+def _times(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def wan_markdown(results: Results) -> str:
+    """One table per emulated WAN link: each path's 1- and 8-stream throughput, as MB/s, as
+    a share of the cap and as a ratio to ``ssh -N -R`` / ``ssh -tt -R`` over the same link
+    in the same run; forwarding CPU per MB; the reconnect time after a cut (median, max)."""
+    runs = results["settings"]["runs"]
+    by_tag: dict[str, list[str]] = {}
+    for name, p in results["paths"].items():
+        if p.get("wan"):
+            by_tag.setdefault(p["wan"]["tag"], []).append(name)
+    out = ""
+    for tag, names in by_tag.items():
+        wan = results["paths"][names[0]]["wan"]
+        out += (
+            f"\nWAN {tag}: {wan['rtt_ms']:g} ms round trip, {wan['rate_mbps']:g} Mbit/s "
+            f"({wan['rate_mbps'] / 8:g} MB/s) each way. Median (min-max).\n\n"
+            "| path | 1 stream (MB/s) | % of cap | vs ssh -N -R | vs ssh -tt -R "
+            "| 8 streams (MB/s) | % of cap | vs ssh -N -R | vs ssh -tt -R "
+            "| CPU/MB 1 / 8 (ms) | cut → serves again, median / max (ms) |\n"
+            "|---|" + "---:|" * 10 + "\n"
+        )
+        bases = (f"ssh-R-wan-{tag}", f"ssh-R-tt-wan-{tag}")
+        for name in names:
+            m = results["paths"][name]["metrics"]
+            cells = []
+            for n in (1, 8):
+                key = f"wan{n}_MBps"
+                mine = _median(results, name, key)
+                cells += [_cell(m.get(key), runs), _cell(m.get(f"wan{n}_cap_pct"), 1)]
+                cells += [_times(mine, _median(results, b, key)) for b in bases]
+            cpu = [_cell(m.get(f"wan{n}_cpu_ms_per_MB"), 1) for n in (1, 8)]
+            cells.append(" / ".join(cpu))
+            cut = m.get("reconnect_ms")
+            cells.append(f"{_fmt(cut['median'])} / {_fmt(cut['max'])}" if cut else "-")
+            out += f"| {name} | " + " | ".join(cells) + " |\n"
     return out
 
 
@@ -131,7 +180,7 @@ def chart(
     labels = {m.key: m.label for m in METRICS}
     fig, axes = plt.subplots(len(bases), 1, figsize=(12, 4.5 * len(bases)), squeeze=False)
     for ax, base in zip(axes[:, 0], bases, strict=True):
-        others = [p for p in results["paths"] if p != base]
+        others = [p for p, e in results["paths"].items() if p != base and not e.get("wan")]
         keys = [k for k in CHART_METRICS if any(ratio(results, p, base, k) for p in others)]
         width = 0.8 / max(1, len(others))
         for i, p in enumerate(others):

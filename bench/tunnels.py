@@ -7,6 +7,9 @@
 * ``tunnel-tcp-100ms``: the raw TCP path with 50 ms added each way between agent and relay,
   so the link itself has a 100 ms round trip: what auto-tuned windows are for. Compare its
   single stream with ``delay-100ms`` (the delay path's own capacity).
+* ``tunnel-tcp-wan-*``, ``tunnel-tls-wan-*``: the agent's link crosses an emulated WAN
+  (``bench.paths.WANS``: a delay and a bandwidth cap); one and eight streams as a share of
+  the cap, and the time from a cut of the link until the same URL serves again.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import sys
 import time
 from typing import ClassVar
 
-from bench.paths import BenchPath, Endpoint, HttpTarget, register
+from bench import coldstart
+from bench.paths import WANS, BenchPath, Endpoint, HttpTarget, register
 from bench.util import LOOPBACK, free_port, rss_bytes
 from tunnel.testing._daemons import AgentProcess, RelayProcess
 
@@ -56,7 +60,9 @@ class _Tunnel(BenchPath):
         self.relay_port = self.relay.port
         self.ca = str(self.relay.ca)
         link_port = self.relay_port
-        if self.link_delay_ms is not None:
+        if self.wan is not None:
+            link_port = self.start_wan_proxy([self.relay_port])[0]
+        elif self.link_delay_ms is not None:
             link_port = self.start_delay_proxy([self.relay_port], self.link_delay_ms)[0]
         suffix = ":tcp" if self.unencrypted else ""
         targets = [self.ctx.nginx_port, self.ctx.data_port, self.ctx.echo_port]
@@ -114,6 +120,25 @@ class TunnelTls(_Tunnel):
             out[f"forward_{kind}_p99_ms"] = ("ms", [_pct(samples, 0.99)])
         idle = 1000 if self.ctx.quick else 10000
         out.update(self._idle_rss(idle))
+        out.update(self._cold_start(10 if self.ctx.quick else 50))
+        return out
+
+    def _cold_start(self, count: int) -> dict[str, tuple[str, list[float]]]:
+        """``python -m bench.coldstart`` against this relay: fresh processes to a URL."""
+        argv = [
+            sys.executable, "-m", "bench.coldstart", "--json", "--count", str(count),
+            "--relay", f"localhost:{self.relay_port}", "--ca", self.ca,
+        ]  # fmt: skip
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60 + count * 5)
+        if p.returncode:
+            raise RuntimeError(f"bench.coldstart failed: {(p.stderr or p.stdout)[-400:]}")
+        summary = json.loads(p.stdout.strip().splitlines()[-1])
+        self.reports["coldstart.md"] = coldstart.markdown(summary)
+        out: dict[str, tuple[str, list[float]]] = {}
+        for phase in ("total", "import", "first_forward", "later_forward"):
+            st = summary["phases"][phase]
+            out[f"coldstart_{phase}_p50_ms"] = ("ms", [st["p50_ms"]])
+            out[f"coldstart_{phase}_p99_ms"] = ("ms", [st["p99_ms"]])
         return out
 
     def _idle_rss(self, count: int) -> dict[str, tuple[str, list[float]]]:
@@ -183,6 +208,34 @@ class TunnelTcpDelayWide(TunnelTcpDelay):
     name = "tunnel-tcp-100ms-64M"
     title = "Tunnels raw TCP, 100 ms RTT, --max-window 64"
     max_window_mib = 64
+
+
+class _TunnelWan(_Tunnel):
+    """A tunnel whose agent is across ``wan`` from its relay (the shaped proxy sits on the
+    agent's link), measured with one and eight downloads and with link cuts."""
+
+    cuttable = True
+
+    def start(self) -> None:
+        super().start()
+        self.http = None
+
+
+for _wan in WANS:
+    for _base, _kind in ((TunnelTcp, "raw TCP"), (TunnelTls, "TLS")):
+        register(
+            type(
+                f"{_base.__name__}Wan_{_wan.tag}",
+                (_TunnelWan,),
+                {
+                    "name": f"{_base.name}-wan-{_wan.tag}",
+                    "title": f"Tunnels {_kind}, agent link over {_wan.rtt_ms:g} ms / "
+                    f"{_wan.rate_mbps:g} Mbit/s",
+                    "unencrypted": _base.unencrypted,
+                    "wan": _wan,
+                },
+            )
+        )
 
 
 def _pct(xs: list[float], q: float) -> float:

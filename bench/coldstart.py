@@ -1,0 +1,283 @@
+"""Cold start of the plain-Python API: a fresh process from ``import tunnel`` to a URL.
+
+    python -m bench.coldstart [--count 50] [--forwards 5] [--out bench/results]
+    python -m bench.coldstart --relay localhost:PORT --ca CA.pem --json   # an existing relay
+
+Without ``--relay`` it starts its own ``twistd tunnelrelay`` (development mode, through
+``tunnel.testing``) on loopback and stops it at the end.  Then ``--count`` fresh interpreters
+each run::
+
+    import tunnel                                   # phase "import"
+    with tunnel.forward(port) as t: t.url           # phase "first forward" (to the URL)
+    with tunnel.forward(port) as t: t.url           # x (--forwards - 1): "later forward"
+
+and report, in milliseconds on the system-wide monotonic clock: spawn → the script's
+first line (``interpreter``: CPython start-up and ``site``), the import, the first
+``forward()`` (the reactor thread, the imports it triggers, the link's TCP + TLS handshake,
+hello, grant), each later ``forward()`` in the same process, and spawn → URL in all
+(``total``).  p50 and p99 over the processes.
+
+It also runs ``python -X importtime -c "import tunnel"`` and the same for a script that
+makes one ``forward()``: the 10 modules with the largest cumulative import time.
+
+Writes ``coldstart.json`` and ``coldstart.md`` into ``--out``; with ``--json`` prints the
+summary on stdout instead (what ``python -m bench`` reads for the ``tunnel-tls`` column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.util import BENCH_DIR
+
+_ROOT = BENCH_DIR.parent
+
+#: Run in each fresh process; argv: port, forwards, the parent's monotonic clock at spawn.
+CHILD = r"""
+import json, sys, time
+t_first = time.monotonic()
+import tunnel
+t_import = time.monotonic()
+port, forwards = int(sys.argv[1]), int(sys.argv[2])
+if sys.argv[3] == "preimport":
+    import tunnel.client, tunnel._tunnel, twisted.internet.reactor, twisted.internet.ssl
+t_preimported = time.monotonic()
+laps, url = [], None
+for _ in range(forwards):
+    t = time.monotonic()
+    with tunnel.forward(port) as tun:
+        url = tun.url
+    laps.append((time.monotonic() - t) * 1e3)
+    if len(laps) == 1:
+        t_url = time.monotonic()
+print(json.dumps({"first_line": t_first, "imported": t_import, "preimported": t_preimported,
+                  "url_at": t_url,
+                  "laps_ms": laps, "url": url}))
+"""
+
+#: One forward(), for ``-X importtime`` of everything the first URL needs.
+IMPORT_FORWARD = "import sys, tunnel\nwith tunnel.forward(int(sys.argv[1])) as t: t.url\n"
+
+PHASES = (
+    "interpreter",
+    "import",
+    "first_forward",
+    "lazy_imports",
+    "first_forward_preimported",
+    "later_forward",
+    "total",
+)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def _env(relay: str, ca: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+    env.update(TUNNEL_RELAY=relay, TUNNEL_CA=ca, NO_PROXY="*")
+    return env
+
+
+def one_process(
+    relay: str, ca: str, port: int, forwards: int, preimport: bool = False
+) -> dict[str, Any]:
+    """One fresh interpreter: its phases in milliseconds.  With ``preimport`` the modules
+    the first ``forward()`` would import lazily are imported before it is timed."""
+    spawn = time.monotonic()
+    mode = "preimport" if preimport else "plain"
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(port), str(forwards), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(relay, ca),
+        cwd=str(_ROOT),
+    )
+    if p.returncode:
+        raise RuntimeError(f"cold-start child failed: {p.stderr[-500:]}")
+    d = json.loads(p.stdout.strip().splitlines()[-1])
+    if preimport:
+        return {
+            "lazy_imports": (d["preimported"] - d["imported"]) * 1e3,
+            "first_forward_preimported": d["laps_ms"][0],
+        }
+    return {
+        "interpreter": (d["first_line"] - spawn) * 1e3,
+        "import": (d["imported"] - d["first_line"]) * 1e3,
+        "first_forward": d["laps_ms"][0],
+        "later_forward": d["laps_ms"][1:],
+        "total": (d["url_at"] - spawn) * 1e3,
+    }
+
+
+def importtime(
+    relay: str, ca: str, port: int, forward: bool, top: int = 10
+) -> list[dict[str, Any]]:
+    """``-X importtime`` of ``import tunnel`` (or of one forward()): a summary (with the
+    ``top`` modules by self time), then the ``top`` modules by cumulative time, with their
+    self time (µs) and nesting depth (0 = imported directly)."""
+    code = IMPORT_FORWARD if forward else "import tunnel"
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(relay, ca),
+        cwd=str(_ROOT),
+    )
+    rows = []
+    for line in p.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
+        if m:
+            rows.append(
+                {
+                    "module": m.group(4),
+                    "self_us": int(m.group(1)),
+                    "cumulative_us": int(m.group(2)),
+                    "depth": len(m.group(3)) // 2,
+                }
+            )
+    total_self = sum(r["self_us"] for r in rows)
+    rows.sort(key=lambda r: -r["cumulative_us"])
+    by_self = sorted(rows, key=lambda r: -r["self_us"])[:top]
+    head = {"total_self_us": total_self, "modules": len(rows), "top_self": by_self}
+    return [head, *rows[:top]]
+
+
+def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
+    """``count`` fresh processes, and ``count`` more that import what the first forward()
+    needs before timing it, to split its time (after one unmeasured warm-up, for the page
+    cache and the .pyc files); and the import-time profiles."""
+    with socket.socket() as srv:  # a local port to forward; nothing connects to it
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        one_process(relay, ca, port, 2)
+        runs = [one_process(relay, ca, port, forwards) for _ in range(count)]
+        runs += [one_process(relay, ca, port, 1, preimport=True) for _ in range(count)]
+        imports = {
+            "import tunnel": importtime(relay, ca, port, forward=False),
+            "import tunnel + first forward()": importtime(relay, ca, port, forward=True),
+        }
+    summary: dict[str, Any] = {"count": count, "forwards": forwards, "phases": {}}
+    for phase in PHASES:
+        xs: list[float] = []
+        for r in runs:
+            if phase not in r:
+                continue
+            v = r[phase]
+            xs.extend(v if isinstance(v, list) else [v])
+        if xs:
+            summary["phases"][phase] = {
+                "p50_ms": _pct(xs, 0.5),
+                "p99_ms": _pct(xs, 0.99),
+                "mean_ms": statistics.fmean(xs),
+                "samples": len(xs),
+            }
+    summary["importtime"] = imports
+    return summary
+
+
+LABELS = {
+    "interpreter": "spawn → first line (CPython start-up, site)",
+    "import": "`import tunnel`",
+    "first_forward": "first `tunnel.forward()` → URL (reactor thread, lazy imports, link)",
+    "lazy_imports": "of which: the modules it imports (`tunnel.client`, Twisted's reactor, TLS)",
+    "first_forward_preimported": "of which: the rest, timed with those imported beforehand "
+    "(reactor thread, link TCP + TLS + hello, grant)",
+    "later_forward": "later `tunnel.forward()` in the same process",
+    "total": "spawn → URL",
+}
+
+
+def markdown(s: dict[str, Any]) -> str:
+    """The phase table and the two import-time tables."""
+    out = (
+        f"{s['count']} fresh processes, {s['forwards']} `forward()` each. Milliseconds.\n\n"
+        "| phase | p50 | p99 | mean | samples |\n|---|---:|---:|---:|---:|\n"
+    )
+    for phase, st in s["phases"].items():
+        out += (
+            f"| {LABELS[phase]} | {st['p50_ms']:.1f} | {st['p99_ms']:.1f} | "
+            f"{st['mean_ms']:.1f} | {st['samples']} |\n"
+        )
+    for what, rows in s["importtime"].items():
+        head, mods = rows[0], rows[1:]
+        out += (
+            f"\n`python -X importtime` of {what}: {head['modules']} modules, "
+            f"{head['total_self_us'] / 1e3:.1f} ms of self time in all; the top "
+            f"{len(mods)} by cumulative time.\n\n"
+            "| module | depth | cumulative (ms) | self (ms) |\n|---|---:|---:|---:|\n"
+        )
+        for r in mods:
+            out += (
+                f"| `{r['module']}` | {r['depth']} | {r['cumulative_us'] / 1e3:.1f} | "
+                f"{r['self_us'] / 1e3:.2f} |\n"
+            )
+        if head.get("top_self"):
+            out += (
+                f"\nThe top {len(head['top_self'])} by their own (self) time: "
+                + ", ".join(
+                    f"`{r['module']}` {r['self_us'] / 1e3:.1f} ms" for r in head["top_self"]
+                )
+                + ".\n"
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__)
+    parser.add_argument("--relay", help="host:port of a running relay (default: start one)")
+    parser.add_argument("--ca", help="its CA file (with --relay)")
+    parser.add_argument("--count", type=int, default=50, help="fresh processes")
+    parser.add_argument("--forwards", type=int, default=5, help="forward() per process")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    a = parser.parse_args(argv)
+    relay_proc = None
+    tmp = None
+    try:
+        if a.relay:
+            if not a.ca:
+                parser.error("--relay needs --ca")
+            relay, ca = a.relay, a.ca
+        else:
+            from tunnel.testing import RelayProcess
+
+            tmp = tempfile.TemporaryDirectory(prefix="tunnels-coldstart-")
+            d = Path(tmp.name)
+            relay_proc = RelayProcess.start(d / "relay.log", state_dir=d / "state")
+            relay, ca = f"localhost:{relay_proc.port}", str(relay_proc.ca)
+        summary = measure(relay, ca, a.count, a.forwards)
+    finally:
+        if relay_proc is not None:
+            relay_proc.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    if a.json:
+        print(json.dumps(summary))
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "coldstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = markdown(summary)
+    (a.out / "coldstart.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
