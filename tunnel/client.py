@@ -137,6 +137,8 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     @param allow: only clients from these networks or addresses (``"203.0.113.0/24"``,
         ``"2001:db8::1"``) may connect, enforced by the relay: others get a TLS
         ``access_denied`` alert, or their raw TCP connection closed. Default: everyone.
+    @param deny: clients from these networks or addresses may not connect, even when
+        `allow` lists them; refused as for `allow`. Default: nobody.
     @param client_ca: path of a PEM file of certificate authorities: public TLS clients
         must present a certificate from one of them (mutual TLS), checked by the relay.
         Not with ``unencrypted=True``.

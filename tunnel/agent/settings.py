@@ -108,6 +108,9 @@ class ForwardSpec:
     #: Only clients from these networks (``"203.0.113.0/24"``, ``"2001:db8::/32"``, single
     #: addresses) may connect; empty: everyone. The relay enforces it.
     allow: tuple[str, ...] = ()
+    #: Clients from these networks may not connect, whether `allow` lists them or not;
+    #: empty: nobody refused. The relay enforces it.
+    deny: tuple[str, ...] = ()
     #: PEM text of the authorities whose client certificates the relay demands of public
     #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
     client_ca: str | None = field(default=None, repr=False)
@@ -184,6 +187,7 @@ class ForwardOptions(TypedDict, total=False):
     h2_enabled: bool
     proxy_protocol: int
     allow: Sequence[str]
+    deny: Sequence[str]
     client_ca: str | None
     host: str
 

@@ -29,8 +29,8 @@ class Options(usage.Options):
     """
 
     synopsis = (
-        "--relay HOST:PORT --forward PORT[:tcp] [--forward ...] [--allow NETWORK] [--token T] "
-        "[--ca CA]"
+        "--relay HOST:PORT --forward PORT[:tcp] [--forward ...] [--allow NETWORK] "
+        "[--deny NETWORK] [--token T] [--ca CA]"
     )
     longdesc = (
         "The agent of Tunnels: dials out to a relay over TLS and forwards public "

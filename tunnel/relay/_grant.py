@@ -122,16 +122,21 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
     try:
         options = tunnel_options.parse_request_options(kind, request.options)
         allow = options.pop("allow", None)
+        deny = options.pop("deny", None)
         cas = options.pop("client_ca", None)
         context = relay.client_context(options, cas) if cas is not None else None
     except ValueError as e:
         return refuse(RefusalCode.BAD_REQUEST, str(e))
-    record = TunnelRecord(tunnel_id, kind, session.owner, options, allow, context=context)
+    record = TunnelRecord(
+        tunnel_id, kind, session.owner, options, allow, deny=deny, context=context
+    )
     if kind == "tcp" and not relay.listen_tcp(record, request.reclaim_port):
         return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
     relay.registry.add(record)
-    restrictions = (f", clients from {', '.join(allow.entries())} only" if allow else "") + (
-        ", client certificates required" if context is not None else ""
+    restrictions = (
+        (f", clients from {', '.join(allow.entries())} only" if allow else "")
+        + (f", none from {', '.join(deny.entries())}" if deny else "")
+        + (", client certificates required" if context is not None else "")
     )
     return [
         log(

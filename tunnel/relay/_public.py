@@ -2,8 +2,8 @@
 The relay's public data path: a public client's connection (TLS-terminated or raw TCP)
 joined to one stream of the owning agent's link.
 
-`_PublicFactory` admits the clients a tunnel's allow list admits; `PublicProtocol` opens the
-stream (once any TLS handshake has completed) and is its producer; `_Activity` is the
+`_PublicFactory` admits the clients a tunnel's deny and allow lists admit; `PublicProtocol`
+opens the stream (once any TLS handshake has completed) and is its producer; `_Activity` is the
 stream's side, counting traffic for the idle timeout.
 """
 
@@ -224,7 +224,7 @@ class _Activity(SpliceProtocol):
 class _PublicFactory(Factory):
     """
     Builds the protocols of public connections to one tunnel (TLS-terminated or raw TCP),
-    for the clients its allow list admits.
+    for the clients its deny and allow lists admit.
     """
 
     noisy = False
@@ -236,14 +236,19 @@ class _PublicFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
-        @raise AccessDenied: a TLS client the allow list refuses (it gets an
+        @raise AccessDenied: a TLS client the deny or allow list refuses (it gets an
             ``access_denied`` alert). A raw TCP one gets None: its connection is closed.
         """
         record = self.relay.registry.get(self.tunnel_id)
-        allow = record.allow if record is not None else None
-        if allow is not None and not allow.admits(getattr(addr, "host", "")):
+        host = getattr(addr, "host", "")
+        why = None
+        if record is not None and record.deny is not None and not record.deny.admits(host):
+            why = "is on the deny list"
+        elif record is not None and record.allow is not None and not record.allow.admits(host):
+            why = "is not on the allow list"
+        if why is not None:
             self.relay.denied_connections += 1
             if self.tls:
-                raise AccessDenied(f"{getattr(addr, 'host', '?')} is not on the allow list")
+                raise AccessDenied(f"{host or '?'} {why}")
             return None
         return PublicProtocol(self.relay, self.tunnel_id)

@@ -79,7 +79,7 @@ class Relay:
         self._public_sources: dict[Protocol, tuple[TunnelRecord, str]] = {}
         #: Paused public connections, checked for clients that went away.
         self.paused_watch = PausedWatch(reactor)
-        #: Public connections refused by a tunnel's allow list, since start.
+        #: Public connections refused by a tunnel's deny or allow list, since start.
         self.denied_connections = 0
         #: Refusals since start by reason (one `/status` key each, see `REFUSALS`).
         self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
-from tunnel._allow import AllowList
+from tunnel._allow import AllowList, DenyList
 from tunnel._clientca import parse_client_cas
 
 __all__ = [
@@ -141,14 +141,17 @@ def _proxy_protocol(value: Any) -> int:
     return int(value)
 
 
-def _allow(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        raise ValueError(f"allow is a list of networks, not one string: [{value!r}]")
-    if not value:
-        return ()
-    entries = tuple(value) if isinstance(value, list | tuple) else value
-    AllowList.parse(entries)  # names a bad entry
-    return tuple(entries)
+def _networks(name: str, kind: type[AllowList]) -> Callable[[Any], tuple[str, ...]]:
+    def check(value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            raise ValueError(f"{name} is a list of networks, not one string: [{value!r}]")
+        if not value:
+            return ()
+        entries = tuple(value) if isinstance(value, list | tuple) else value
+        kind.parse(entries)  # names a bad entry
+        return tuple(entries)
+
+    return check
 
 
 def _client_ca(value: Any) -> str | None:
@@ -193,7 +196,7 @@ OPTIONS: tuple[TunnelOption, ...] = (
     TunnelOption(
         "allow",
         default=(),
-        check=_allow,
+        check=_networks("allow", AllowList),
         parse=AllowList.parse,
         encode=list,
         doc="only clients from this network or address may connect (repeatable)",
@@ -201,6 +204,20 @@ OPTIONS: tuple[TunnelOption, ...] = (
         restricts=True,
         feature="allow",
         flag="allow",
+        metavar="NETWORK",
+        repeatable=True,
+    ),
+    TunnelOption(
+        "deny",
+        default=(),
+        check=_networks("deny", DenyList),
+        parse=DenyList.parse,
+        encode=list,
+        doc="clients from this network or address may not connect, allowed or not (repeatable)",
+        words="deny lists",
+        restricts=True,
+        feature="deny",
+        flag="deny",
         metavar="NETWORK",
         repeatable=True,
     ),
