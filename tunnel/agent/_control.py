@@ -425,7 +425,13 @@ class AgentControl:
             ]
         request_id = next(self._request_ids)
         self._requests[request_id] = record
+        ignored = tunnel_options.ignored_features(options, features)
+        warnings: list[Effect] = [
+            Log("warn", f"the relay does not support {what}: {spec.target} goes without")
+            for what in ignored
+        ]
         return [
+            *warnings,
             Send(
                 TunnelRequest(
                     request_id=request_id,
@@ -435,7 +441,7 @@ class AgentControl:
                     reclaim_secret=record.secret,
                     reclaim_port=record.tcp_port,
                 )
-            )
+            ),
         ]
 
     def _answered(self, message: TunnelGranted | TunnelRefusedMessage) -> list[Effect]:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tunnel import __version__
+from tunnel._rate import format_rate
 from tunnel._tunnel import Tunnel
 from tunnel.agent import _control as control
 from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
@@ -54,6 +55,8 @@ class _Forward(control.ForwardRecord):
         super().__init__(spec)
         self.tunnel: Tunnel | None = None
         self.deferred: defer.Deferred[Tunnel] | None = None
+        #: The rate limit the relay last said it enforces (octets per second), or None.
+        self.granted_rate: int | None = None
 
 
 class Agent:
@@ -341,6 +344,20 @@ class Agent:
             _close=lambda: self._close(record),
         )
         record.tunnel = tunnel
+        if grant.rate_limit is not None and (
+            record.granted_rate != grant.rate_limit or previous is None
+        ):
+            asked = record.spec.rate_limit
+            lowered = asked is not None and grant.rate_limit < asked
+            _log.info(
+                "tunnel {url}: at most {rate} each way{why}",
+                url=tunnel.url,
+                rate=format_rate(grant.rate_limit),
+                why=" (lowered to the relay's ceiling)"
+                if lowered
+                else (" (the relay's ceiling)" if asked is None else ""),
+            )
+        record.granted_rate = grant.rate_limit
         if previous is None:
             where = f"{tunnel.url}"
             if tunnel.unencrypted_port is not None:

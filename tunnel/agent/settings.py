@@ -114,6 +114,10 @@ class ForwardSpec:
     #: PEM text of the authorities whose client certificates the relay demands of public
     #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
     client_ca: str | None = field(default=None, repr=False)
+    #: At most this many octets per second in each direction, over all the tunnel's
+    #: connections (given as ``"10MB/s"``, ``"500KB/s"``, ``"8MiB/s"`` or an integer; kept
+    #: as the integer); None: no limit but the relay's. The relay enforces it.
+    rate_limit: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -144,8 +148,9 @@ class ForwardSpec:
 def parse_forward(text: str) -> ForwardSpec:
     """
     Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
-    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
-    ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
+    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), ``proxy1``
+    or ``proxy2`` (a PROXY protocol header to the target), and ``rate=RATE`` (a rate limit
+    such as ``10MB/s``), e.g. ``22:tcp:proxy2``, ``8000:rate=10MB``.
 
     @raise ValueError: not of that form.
     """
@@ -168,7 +173,7 @@ def parse_forward(text: str) -> ForwardSpec:
     else:
         raise ValueError(
             f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
-            ":proxy2"
+            ":proxy2, then :rate=RATE"
         )
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
@@ -189,6 +194,7 @@ class ForwardOptions(TypedDict, total=False):
     allow: Sequence[str]
     deny: Sequence[str]
     client_ca: str | None
+    rate_limit: str | int | None
     host: str
 
 

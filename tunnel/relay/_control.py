@@ -51,14 +51,16 @@ if TYPE_CHECKING:
 
 __all__ = ["FEATURES", "TRANSITIONS", "Input", "LinkState", "RelaySession"]
 
-#: Features this relay supports that restrict nobody (none yet), announced beside the
-#: restricting options it enforces.
+#: Features this relay supports that are not tunnel options (none yet), announced beside
+#: the options it enforces.
 _OTHER_FEATURES: tuple[str, ...] = ()
 
 #: What this relay supports beyond the first release (`RelayWelcome.features`): the
-#: feature of every restricting tunnel option (it enforces them all), then the others.
+#: feature of every tunnel option that has one (it enforces them all: the restricting ones
+#: first), then the others.
 FEATURES: tuple[str, ...] = (
     *(o.feature for o in tunnel_options.OPTIONS if o.restricts and o.feature),
+    *(o.feature for o in tunnel_options.OPTIONS if not o.restricts and o.feature),
     *_OTHER_FEATURES,
 )
 

@@ -213,6 +213,8 @@ class Relay:
         if self.registry.get(record.tunnel_id) is not record:
             return
         self.registry.remove(record.tunnel_id)
+        if record.throttle is not None:
+            record.throttle.stop()
         stopped: defer.Deferred[Any] = defer.succeed(None)
         if record.listener is not None:
             stopped = defer.maybeDeferred(record.listener.stopListening)

@@ -252,6 +252,8 @@ class TunnelRecord:
     deny: DenyList | None = None
     #: For a tunnel demanding client certificates: its own TLS server context.
     context: Any = None
+    #: Its rate limit (a `tunnel.relay._ratelimit.Throttle`), or None: no limit.
+    throttle: Any = None
     #: For raw TCP tunnels: the listening port and its `IListeningPort`.
     tcp_port: int | None = None
     listener: Any = None

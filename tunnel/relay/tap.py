@@ -11,6 +11,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tunnel._rate import parse_rate
 from tunnel.relay._certs import ensure_dev_certificates
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import TokenFile
@@ -170,6 +171,15 @@ class Options(usage.Options):
             "Close public connections idle this many seconds.",
             _positive(float),
         ],
+        [
+            "max-rate",
+            None,
+            None,
+            "Most bytes per second one tunnel may carry each way (10MB/s, 1GB/s, 8MiB/s); "
+            "tunnels without a rate limit get it, higher ones are lowered to it "
+            "(default: none).",
+            parse_rate,
+        ],
         ["keepalive-interval", None, 5.0, "Seconds between keepalive pings.", _positive(float)],
         ["keepalive-timeout", None, 15.0, "Seconds of silence that end a link.", _positive(float)],
         ["drain-grace", None, 30.0, "Seconds streams may finish after SIGTERM.", float],
@@ -289,6 +299,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         token_request_burst=options["token-request-burst"],
         port_quarantine_share=options["port-quarantine-share"],
         idle_timeout=options["idle-timeout"],
+        max_rate=options["max-rate"],
         keepalive_interval=options["keepalive-interval"],
         keepalive_timeout=options["keepalive-timeout"],
         drain_grace=options["drain-grace"],

@@ -145,6 +145,9 @@ class TunnelGranted(ControlMessage):
     tcp_port: int | None = None
     #: Proves ownership of `tunnel_id` for a later reclaim, even after a relay restart.
     secret: str = ""
+    #: The rate limit the relay enforces on the tunnel, in octets per second each way (the
+    #: one asked for, or lower: the relay's ceiling); None: none.
+    rate_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -346,6 +349,7 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "secret": (_text(MAX_SECRET), f"a string of at most {MAX_SECRET} UTF-8 octets"),
     "reason": (_text(MAX_TEXT), f"a string of at most {MAX_TEXT} UTF-8 octets"),
     "features": (_features, f"a list of at most {MAX_FEATURES} feature names"),
+    "rate_limit": (_optional(_integer(1, 10**15)), "a positive integer, or null"),
 }
 
 

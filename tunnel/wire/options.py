@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from tunnel._allow import AllowList, DenyList
 from tunnel._clientca import parse_client_cas
+from tunnel._rate import check_rate
 
 __all__ = [
     "KINDS",
@@ -33,6 +34,7 @@ __all__ = [
     "TunnelOption",
     "by_name",
     "check_values",
+    "ignored_features",
     "keyword_values",
     "keywords",
     "missing_features",
@@ -112,6 +114,8 @@ class TunnelOption:
     file: bool = False
     #: ``--forward PORT:SUFFIX`` spellings: suffix → value.
     suffixes: Mapping[str, Any] = field(default_factory=dict)
+    #: A ``--forward PORT:KEY=VALUE`` spelling: the key; the value is given to `check`.
+    suffix_key: str | None = None
     #: Suffixes of one group exclude each other; `conflict` says so (``{this}`` and
     #: ``{other}`` are the two suffixes).
     group: str | None = None
@@ -154,6 +158,14 @@ def _networks(name: str, kind: type[AllowList]) -> Callable[[Any], tuple[str, ..
     return check
 
 
+def _wire_rate(value: Any) -> int:
+    if value is None or isinstance(value, str):
+        raise ValueError(f"rate_limit is an integer number of bytes per second, not {value!r}")
+    rate = check_rate(value)
+    assert rate is not None
+    return rate
+
+
 def _client_ca(value: Any) -> str | None:
     if value is None:
         return None
@@ -192,6 +204,19 @@ OPTIONS: tuple[TunnelOption, ...] = (
         suffixes={"proxy1": 1, "proxy2": 2},
         group="proxy",
         conflict="two PROXY protocol versions",
+    ),
+    TunnelOption(
+        "rate_limit",
+        default=None,
+        check=check_rate,
+        parse=_wire_rate,
+        doc="at most this many bytes per second each way, over all the tunnel's connections "
+        "(10MB/s, 500KB/s, 1GB/s, 8MiB/s)",
+        words="rate limits",
+        feature="rate_limit",
+        flag="rate-limit",
+        metavar="RATE",
+        suffix_key="rate",
     ),
     TunnelOption(
         "allow",
@@ -341,6 +366,23 @@ def missing_features(options: Mapping[str, Any], features: Iterable[str]) -> lis
     ]
 
 
+def ignored_features(options: Mapping[str, Any], features: Iterable[str]) -> list[str]:
+    """
+    What of `options` (a request's ``options`` member) the relay would ignore, lacking
+    its feature, among the options that restrict nobody (``"rate limits (--rate-limit)"``):
+    worth a warning, not a refusal.
+    """
+    have = set(features)
+    return [
+        _describe(option)
+        for option in OPTIONS
+        if not option.restricts
+        and option.feature is not None
+        and option.name in options
+        and option.feature not in have
+    ]
+
+
 def parse_request_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """
     The relay's check of a received request's ``options``: each known member parsed to
@@ -378,7 +420,10 @@ def parse_suffixes(text: str, suffixes: Sequence[str]) -> dict[str, Any]:
             message = option.conflict.format(this=suffix, other=seen[group])
             raise ValueError(f"--forward {text!r}: {message}")
         seen[group] = suffix
-        values[option.name] = option.suffixes[suffix]
+        if option.suffix_key is not None and suffix.startswith(option.suffix_key + "="):
+            values[option.name] = suffix.split("=", 1)[1]
+        else:
+            values[option.name] = option.suffixes[suffix]
     return values
 
 
@@ -386,4 +431,12 @@ def suffix_option(suffix: str) -> TunnelOption | None:
     """
     The option that `suffix` (of a ``--forward`` value) sets, or None.
     """
-    return next((option for option in OPTIONS if suffix in option.suffixes), None)
+    key, valued, _ = suffix.partition("=")
+    return next(
+        (
+            option
+            for option in OPTIONS
+            if suffix in option.suffixes or (valued and option.suffix_key == key)
+        ),
+        None,
+    )
