@@ -118,6 +118,9 @@ class ForwardSpec:
     #: connections (given as ``"10MB/s"``, ``"500KB/s"``, ``"8MiB/s"`` or an integer; kept
     #: as the integer); None: no limit but the relay's. The relay enforces it.
     rate_limit: int | None = None
+    #: Route public TLS connections to the target by their SNI name without terminating
+    #: them: the target speaks TLS, with its own certificate for the tunnel's host name.
+    passthrough: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -148,7 +151,8 @@ class ForwardSpec:
 def parse_forward(text: str) -> ForwardSpec:
     """
     Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
-    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), ``proxy1``
+    after a colon: ``tcp`` (a raw TCP tunnel), ``h2`` or ``passthrough`` (the target terminates
+    TLS itself), or ``tls`` (the default), ``proxy1``
     or ``proxy2`` (a PROXY protocol header to the target), and ``rate=RATE`` (a rate limit
     such as ``10MB/s``), e.g. ``22:tcp:proxy2``, ``8000:rate=10MB``.
 
@@ -172,7 +176,8 @@ def parse_forward(text: str) -> ForwardSpec:
         host, port_text = parts
     else:
         raise ValueError(
-            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
+            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp, :h2 or :passthrough, then "
+            ":proxy1 or "
             ":proxy2, then :rate=RATE"
         )
     if not port_text.isdigit():
@@ -195,6 +200,7 @@ class ForwardOptions(TypedDict, total=False):
     deny: Sequence[str]
     client_ca: str | None
     rate_limit: str | int | None
+    passthrough: bool
     host: str
 
 

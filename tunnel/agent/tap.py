@@ -58,8 +58,8 @@ class Options(usage.Options):
         self["flags"] = {}
 
     def opt_forward(self, value: str) -> None:
-        """Forward PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or :proxy2, then
-        :rate=RATE (repeatable)."""
+        """Forward PORT or HOST:PORT, then :tcp, :h2 or :passthrough, then :proxy1 or
+        :proxy2, then :rate=RATE (repeatable)."""
         try:
             self["forward"].append(settings.parse_forward(value))
         except ValueError as e:

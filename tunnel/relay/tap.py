@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from tunnel._rate import parse_rate
 from tunnel.relay._certs import ensure_dev_certificates
+from tunnel.relay._issuer import DevCAIssuer
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import TokenFile
 from tunnel.relay.registry import ReclaimKey
@@ -311,4 +312,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         RelayTLS(cert, key),
         ReclaimKey.load_or_create(os.path.join(state_dir, "reclaim.key")),
     )
+    if not options["cert"]:
+        # Development mode: the local CA also signs the certificates of passthrough
+        # tunnels (an agent's CSR for its tunnel's name; the key stays with the agent).
+        relay.issuer = DevCAIssuer.from_state_dir(state_dir)
     return RelayService(reactor, relay, options["listen"], options["admin"])

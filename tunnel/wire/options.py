@@ -44,9 +44,11 @@ __all__ = [
     "suffix_option",
 ]
 
-Kind = Literal["tls", "tcp"]
-#: Every kind of tunnel.
-KINDS: frozenset[str] = frozenset({"tls", "tcp"})
+Kind = Literal["tls", "tcp", "passthrough"]
+#: Every kind of tunnel: TLS terminated at the relay (``tls``), that plus a raw TCP port
+#: (``tcp``), and TLS routed by its SNI name but terminated by the local server
+#: (``passthrough``).
+KINDS: frozenset[str] = frozenset({"tls", "tcp", "passthrough"})
 #: The PROXY protocol versions an agent can write to its target.
 PROXY_VERSIONS = (1, 2)
 
@@ -56,7 +58,7 @@ class Placement(Enum):
     Where an option goes in a ``tunnel_request``.
     """
 
-    #: It decides the request's ``kind`` member.
+    #: It decides the request's ``kind`` member (`TunnelOption.makes_kind`, when true).
     KIND = "kind"
     #: A member of the request's ``options``, under the row's name.
     OPTIONS = "options"
@@ -87,6 +89,8 @@ class TunnelOption:
     words: str = ""
     #: Where it goes in a request.
     placement: Placement = Placement.OPTIONS
+    #: For `Placement.KIND`: the kind a true value makes (the first such option wins).
+    makes_kind: str | None = None
     #: The kinds of tunnel it applies to; a value other than the default on another kind
     #: is refused with `kind_error`.
     kinds: frozenset[str] = KINDS
@@ -99,6 +103,10 @@ class TunnelOption:
     #: Whether it restricts who may connect: an agent refuses to send it to a relay whose
     #: ``welcome.features`` lack `feature`.
     restricts: bool = False
+    #: Whether an agent refuses to send it to a relay whose ``welcome.features`` lack
+    #: `feature` though it restricts nobody: that relay would serve the tunnel otherwise
+    #: than asked (a passthrough tunnel: it would decrypt it, or refuse the link).
+    required: bool = False
     #: Its name in ``welcome.features`` (the relay announces that it enforces it).
     feature: str | None = None
     #: Other Python keywords of ``forward`` for it: another API's spelling (Modal's
@@ -181,6 +189,7 @@ OPTIONS: tuple[TunnelOption, ...] = (
         check=_bool("unencrypted"),
         doc="a raw TCP port at the relay as well as the TLS name",
         placement=Placement.KIND,
+        makes_kind="tcp",
         suffixes={"tcp": True, "tls": False},
         group="kind",
     ),
@@ -190,9 +199,29 @@ OPTIONS: tuple[TunnelOption, ...] = (
         check=_bool("h2"),
         doc="advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear)",
         kinds=frozenset({"tls"}),
-        kind_error="h2 applies to TLS tunnels only, not unencrypted ones",
+        kind_error=(
+            "h2 applies to TLS tunnels only (the relay offers it in ALPN), not unencrypted or "
+            "passthrough ones"
+        ),
         aliases=("h2_enabled",),
         suffixes={"h2": True},
+        group="kind",
+    ),
+    TunnelOption(
+        "passthrough",
+        default=False,
+        check=_bool("passthrough"),
+        doc="TLS routed by its SNI name but untouched: the local server terminates it",
+        placement=Placement.KIND,
+        makes_kind="passthrough",
+        kinds=frozenset({"passthrough"}),
+        kind_error=(
+            "passthrough hands the TLS connection to the local server: not with unencrypted"
+        ),
+        words="TLS passthrough",
+        required=True,
+        feature="passthrough",
+        suffixes={"passthrough": True},
         group="kind",
     ),
     TunnelOption(
@@ -254,8 +283,8 @@ OPTIONS: tuple[TunnelOption, ...] = (
         doc="public TLS clients must show a certificate from one of these authorities",
         kinds=frozenset({"tls"}),
         kind_error=(
-            "client certificates need a TLS tunnel (its raw TCP port would let clients without "
-            "one in)"
+            "client certificates need a TLS tunnel terminated at the relay (a raw TCP port would "
+            "let clients without one in; with passthrough, the local server checks them)"
         ),
         words="client certificates",
         restricts=True,
@@ -306,8 +335,14 @@ def keyword_values(args: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _kind(unencrypted: bool) -> Kind:
-    return "tcp" if unencrypted else "tls"
+def _kind(values: Mapping[str, Any]) -> Kind:
+    """
+    The kind that `values` make: that of the first `Placement.KIND` option set, else tls.
+    """
+    for option in OPTIONS:
+        if option.placement is Placement.KIND and option.makes_kind and values.get(option.name):
+            return option.makes_kind  # type: ignore[return-value]
+    return "tls"
 
 
 def _describe(option: TunnelOption) -> str:
@@ -326,7 +361,7 @@ def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(values) - _BY_NAME.keys())
     if unknown:
         raise ValueError(f"unknown tunnel option {unknown[0]!r}")
-    kind = _kind(bool(values.get("unencrypted", False)))
+    kind = _kind(values)
     checked: dict[str, Any] = {}
     for option in OPTIONS:
         value = values.get(option.name, option.default)
@@ -341,7 +376,7 @@ def request_options(values: Mapping[str, Any]) -> tuple[Kind, dict[str, Any]]:
     The ``kind`` and ``options`` members of a request for checked `values`: every option
     placed there whose value is not its default.
     """
-    kind = _kind(bool(values.get("unencrypted", False)))
+    kind = _kind(values)
     options = {
         option.name: option.encode(values[option.name])
         for option in OPTIONS
@@ -352,17 +387,24 @@ def request_options(values: Mapping[str, Any]) -> tuple[Kind, dict[str, Any]]:
     return kind, options
 
 
-def missing_features(options: Mapping[str, Any], features: Iterable[str]) -> list[str]:
+def missing_features(
+    options: Mapping[str, Any], features: Iterable[str], kind: str = "tls"
+) -> list[str]:
     """
-    What the relay lacks of `options` (a request's ``options`` member) to enforce them, in
-    words for a message (``"allow lists (--allow)"``); empty when it lacks nothing. A relay
-    that ignored a restricting option would let everyone in.
+    What the relay lacks of a request (its `kind` and its ``options`` member) to serve it
+    as asked, in words for a message (``"allow lists (--allow)"``); empty when it lacks
+    nothing. A relay that ignored a restricting option would let everyone in; one that
+    did not know passthrough would decrypt the tunnel (or refuse the link).
     """
     have = set(features)
     return [
         _describe(option)
         for option in OPTIONS
-        if option.restricts and option.name in options and option.feature not in have
+        if (option.restricts or option.required)
+        and (
+            option.name in options or (option.makes_kind is not None and option.makes_kind == kind)
+        )
+        and option.feature not in have
     ]
 
 
