@@ -38,8 +38,10 @@ __all__ = [
     "__version__",
     "forward",
     "forward_many",
+    "make_csr",
 ]
 
+from tunnel._csr import make_csr
 from tunnel.errors import (
     AuthenticationError,
     RelayUnavailable,
@@ -99,6 +101,21 @@ def _running_reactor() -> Any:
     return reactor
 
 
+def _blocking(reactor: Any, t: Tunnel) -> Tunnel:
+    """
+    `t`, whose `Tunnel.issue_certificate` blocks this thread for its answer, as everything of
+    this API does (its Deferred is the reactor thread's).
+    """
+    from dataclasses import replace
+
+    from twisted.internet.threads import blockingCallFromThread
+
+    issue = t._issue
+    if issue is None:
+        return t
+    return replace(t, _issue=lambda csr: blockingCallFromThread(reactor, issue, csr))
+
+
 @contextmanager
 def forward(port: int, **kwargs: Unpack[ForwardArgs]) -> Iterator[Tunnel]:
     """
@@ -121,7 +138,7 @@ def forward(port: int, **kwargs: Unpack[ForwardArgs]) -> Iterator[Tunnel]:
     def start() -> defer.Deferred[Tunnel]:
         return client.forward(reactor, port, **kwargs)
 
-    t: Tunnel = blockingCallFromThread(reactor, start)  # type: ignore[arg-type]
+    t: Tunnel = _blocking(reactor, blockingCallFromThread(reactor, start))  # type: ignore[arg-type]
     try:
         yield t
     finally:
@@ -155,7 +172,8 @@ def forward_many(
     def start() -> defer.Deferred[dict[int, Tunnel]]:
         return client.forward_many(reactor, entries, **kwargs)
 
-    tunnels: dict[int, Tunnel] = blockingCallFromThread(reactor, start)
+    granted: dict[int, Tunnel] = blockingCallFromThread(reactor, start)
+    tunnels = {port: _blocking(reactor, t) for port, t in granted.items()}
     try:
         yield tunnels
     finally:

@@ -1,8 +1,9 @@
 """
-Client allow lists: which public client addresses may reach a tunnel.
+Client allow and deny lists: which public client addresses may reach a tunnel.
 
 Sans-IO and shared: the agent checks a list before asking for it, the relay parses it again
 from the request (never trusting the agent's check) and admits or refuses each connection.
+A tunnel may have both; the deny list wins.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-__all__ = ["MAX_ENTRIES", "AllowList"]
+__all__ = ["MAX_ENTRIES", "AllowList", "DenyList"]
 
 #: Networks a list may hold.
 MAX_ENTRIES = 64
@@ -26,6 +27,9 @@ class AllowList:
 
     __slots__ = ("networks",)
 
+    #: What a list is called in messages.
+    what = "an allow list"
+
     def __init__(self, networks: Iterable[_Network]) -> None:
         self.networks: tuple[_Network, ...] = tuple(networks)
 
@@ -39,11 +43,11 @@ class AllowList:
             message names the bad entry.
         """
         if isinstance(entries, str) or not isinstance(entries, list | tuple):
-            raise ValueError("an allow list is a list of networks")
+            raise ValueError(f"{cls.what} is a list of networks")
         if not entries:
-            raise ValueError("an allow list needs at least one network")
+            raise ValueError(f"{cls.what} needs at least one network")
         if len(entries) > MAX_ENTRIES:
-            raise ValueError(f"an allow list holds at most {MAX_ENTRIES} networks")
+            raise ValueError(f"{cls.what} holds at most {MAX_ENTRIES} networks")
         networks = []
         for entry in entries:
             if not isinstance(entry, str):
@@ -54,18 +58,25 @@ class AllowList:
                 raise ValueError(f"{entry!r} is not an IP network or address") from None
         return cls(networks)
 
+    def contains(self, host: str) -> bool | None:
+        """
+        Whether `host` (an IP address as the relay saw it) is in one of the networks; None
+        when it is not an IP address.
+        """
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
     def admits(self, host: str) -> bool:
         """
         Whether a client at `host` (an IP address as the relay saw it) may connect; anything
         that is not an IP address is refused.
         """
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return self.contains(host) is True
 
     def entries(self) -> list[str]:
         """
@@ -74,10 +85,25 @@ class AllowList:
         return [str(n) for n in self.networks]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, AllowList) and other.networks == self.networks
+        return type(other) is type(self) and other.networks == self.networks
 
     def __hash__(self) -> int:
         return hash(self.networks)
 
     def __repr__(self) -> str:
-        return f"AllowList({self.entries()!r})"
+        return f"{type(self).__name__}({self.entries()!r})"
+
+
+class DenyList(AllowList):
+    """
+    Networks whose clients may not connect, whatever the allow list says. IPv4 clients
+    seen as IPv4-mapped IPv6 addresses match IPv4 networks; anything that is not an IP
+    address is refused (it cannot be shown not to be listed).
+    """
+
+    __slots__ = ()
+
+    what = "a deny list"
+
+    def admits(self, host: str) -> bool:
+        return self.contains(host) is False

@@ -33,6 +33,7 @@ class Tunnel:
     _close: Callable[[], defer.Deferred[None]] | None = field(
         default=None, compare=False, repr=False
     )
+    _issue: Callable[[str | bytes], Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -62,6 +63,26 @@ class Tunnel:
                 "this tunnel has no raw TCP socket: forward the port with unencrypted=True"
             )
         return (self.unencrypted_host, self.unencrypted_port)
+
+    def issue_certificate(self, csr_pem: str | bytes) -> Any:
+        """
+        A certificate for this passthrough tunnel's host name, signed by the relay (its
+        development CA; a relay with a certificate of its own needs ACME for this), for the
+        key of `csr_pem`: a PEM certificate signing request whose only name (common name
+        and subject alternative name) is `host`. The key stays here; only the CSR travels.
+        `tunnel.make_csr` makes a key and such a CSR.
+
+        From `tunnel.client.forward` (Twisted): a Deferred firing with the PEM chain, leaf
+        first. From `tunnel.forward` (plain Python): the PEM chain (it blocks).
+
+        @raise ValueError: not a passthrough tunnel, or not a PEM CSR.
+        @raise TunnelRefused: (or the Deferred fails with it) the relay will not: it has no
+            issuer (``no_issuer``), or the CSR names something else (``bad_request``).
+        @raise RelayUnavailable: the link is down, or went down before the answer.
+        """
+        if self._issue is None:
+            raise TunnelError("this tunnel cannot ask for certificates")
+        return self._issue(csr_pem)
 
     def close(self) -> defer.Deferred[None]:
         """

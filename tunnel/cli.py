@@ -24,9 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel",
         description="Give local ports public URLs through a Tunnels relay.",
-        epilog="FORWARD is PORT or HOST:PORT, with :tcp for a raw TCP port as well, or :h2 "
-        "when the local server speaks HTTP/2 in the clear, and :proxy1 or :proxy2 to send it "
-        "a PROXY protocol header with the client's address (e.g. 22:tcp:proxy2).",
+        epilog="FORWARD is PORT or HOST:PORT, with :tcp for a raw TCP port as well, :h2 "
+        "when the local server speaks HTTP/2 in the clear, or :passthrough when it terminates "
+        "TLS itself; :proxy1 or :proxy2 to send it a PROXY protocol header with the client's "
+        "address; :rate=RATE for a rate limit (e.g. 22:tcp:proxy2, 8000:rate=10MB).",
     )
     parser.add_argument("forwards", nargs="+", metavar="FORWARD")
     parser.add_argument("--relay", help="relay HOST:PORT, or a list (default $TUNNEL_RELAY)")

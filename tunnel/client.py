@@ -137,9 +137,19 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     @param allow: only clients from these networks or addresses (``"203.0.113.0/24"``,
         ``"2001:db8::1"``) may connect, enforced by the relay: others get a TLS
         ``access_denied`` alert, or their raw TCP connection closed. Default: everyone.
+    @param deny: clients from these networks or addresses may not connect, even when
+        `allow` lists them; refused as for `allow`. Default: nobody.
     @param client_ca: path of a PEM file of certificate authorities: public TLS clients
         must present a certificate from one of them (mutual TLS), checked by the relay.
         Not with ``unencrypted=True``.
+    @param rate_limit: at most this many bytes per second in each direction, over all
+        the tunnel's connections, enforced by the relay: ``"10MB/s"``, ``"500KB/s"``,
+        ``"1GB/s"``, ``"8MiB/s"``, or an integer. Default: none but the relay's ceiling
+        (``--max-rate``), which also lowers a higher one.
+    @param passthrough: the relay routes public TLS connections by their SNI name and passes
+        the TLS bytes on untouched: the local server terminates TLS, with a certificate for
+        `Tunnel.host` (`Tunnel.issue_certificate` gets one from a development relay). Not with
+        ``unencrypted``, ``h2`` or ``client_ca`` (those need the relay to terminate TLS).
     @param host: the local host to connect to (default 127.0.0.1).
     @param relay: ``host:port`` of the relay, or several separated by commas;
         default ``TUNNEL_RELAY``.

@@ -322,3 +322,54 @@ def test_cert_and_acme_are_mutually_exclusive(procs: Procs) -> None:
     procs.procs.append(proc)
     assert proc.popen.wait(DEADLINE) != 0
     assert "--acme and --cert/--key are mutually exclusive" in proc.text()
+
+
+def test_acme_issues_passthrough_certificates(acme: AcmeWorld, procs: Procs) -> None:
+    """
+    A passthrough tunnel's certificate through the relay's ACME CA and DNS-01 hook: the
+    agent sends only a CSR; what it gets back names exactly the tunnel's host, chains to the
+    ACME server's root, and curl verifies the local server with it through the relay.
+    """
+    import re
+    import sys
+
+    from tests.e2e.test_passthrough import SCRIPT
+
+    openssl = require_tool("openssl")
+    relay = start_relay(procs, acme.relay_options())
+    root = acme.root()
+    port = free_port()
+    script = procs.dir / "passthrough_agent.py"
+    script.write_text(SCRIPT)
+    agent = procs.start(
+        "agent-api",
+        [
+            sys.executable,
+            str(script),
+            str(port),
+            f"{DOMAIN}:{relay.port}",
+            str(root),
+            str(procs.dir),
+        ],
+    )
+    host = agent.wait_log(r'READY \{"host": "([^"]+)"', timeout=120).group(1)
+    chain = (procs.dir / "chain.pem").read_text()
+    pems = re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", chain, re.S)
+    leaf = x509.load_pem_x509_certificate(pems[0].encode())
+    assert sans(leaf) == {host}
+    assert leaf.issuer.rfc4514_string().startswith("CN=Pebble Intermediate")
+    relay.wait_log(r"issuing a certificate for " + re.escape(host))
+    (procs.dir / "leaf.pem").write_text(pems[0])
+    (procs.dir / "issuer.pem").write_text("".join(pems[1:]))
+    server = procs.start(
+        "s_server",
+        [
+            *(openssl, "s_server", "-accept", f"{LOOPBACK}:{port}", "-www"),
+            *("-cert", str(procs.dir / "leaf.pem"), "-cert_chain", str(procs.dir / "issuer.pem")),
+            *("-key", str(procs.dir / "key.pem")),
+        ],
+    )
+    server.wait_log(r"ACCEPT")
+    tunnel = Endpoint(host, relay.port, None)
+    page = curl(root, relay, tunnel, "/", "--resolve", f"{host}:{relay.port}:{LOOPBACK}")
+    assert b"s_server" in page

@@ -38,6 +38,7 @@ async def test_raw_tcp_clients_outside_the_list_are_closed(
     reactor = get_reactor()
     echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     echo2 = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    echo3 = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     agent = agent_for(relay, tmp_path / "state")
     try:
         outside = await agent.forward(
@@ -53,10 +54,24 @@ async def test_raw_tcp_clients_outside_the_list_are_closed(
         admitted = await exchange(inside.unencrypted_port)
         assert admitted.received == b"hello\n"
         assert relay.relay.denied_connections == 1
+        # A deny list wins over the allow list that admits the client.
+        denied = await agent.forward(
+            ForwardSpec(
+                echo3.getHost().port,
+                unencrypted=True,
+                allow=("127.0.0.0/8",),
+                deny=("127.0.0.1",),
+            )
+        )
+        assert denied.unencrypted_port is not None
+        refused = await exchange(denied.unencrypted_port)
+        assert refused.closed and refused.received == b""
+        assert relay.relay.denied_connections == 2
     finally:
         await agent.stop()
         await echo.stopListening()
         await echo2.stopListening()
+        await echo3.stopListening()
 
 
 def relay_ca_pem(relay: RelayService) -> str:
@@ -77,6 +92,8 @@ async def test_agent_will_not_send_restrictions_to_a_relay_that_would_ignore_the
             await agent.forward(ForwardSpec(8000, allow=("10.0.0.0/8",)))
         with pytest.raises(TunnelRefused, match="does not support client certificates"):
             await agent.forward(ForwardSpec(8002, client_ca=relay_ca_pem(relay)))
+        with pytest.raises(TunnelRefused, match="does not support deny lists"):
+            await agent.forward(ForwardSpec(8003, deny=("10.0.0.0/8",)))
         assert len(relay.relay.registry) == 0
         # Without one, the same relay grants the tunnel.
         await agent.forward(ForwardSpec(8001))

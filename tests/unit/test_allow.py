@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnel._allow import MAX_ENTRIES, AllowList
+from tunnel._allow import MAX_ENTRIES, AllowList, DenyList
 
 
 def test_networks_and_single_addresses() -> None:
@@ -64,3 +64,43 @@ def test_admits_exactly_the_addresses_in_the_network(
     network: ipaddress.IPv4Network, host: ipaddress.IPv4Address
 ) -> None:
     assert AllowList.parse([str(network)]).admits(str(host)) == (host in network)
+
+
+# -- deny lists ---------------------------------------------------------------------------------
+
+
+def test_deny_lists_refuse_the_listed_and_admit_the_rest() -> None:
+    deny = DenyList.parse(["203.0.113.0/24", "2001:db8::/32"])
+    assert not deny.admits("203.0.113.9")
+    assert not deny.admits("::ffff:203.0.113.9")
+    assert not deny.admits("2001:db8::1")
+    assert deny.admits("198.51.100.1")
+    assert deny.admits("2001:db9::1")
+
+
+@pytest.mark.parametrize("host", ["", "localhost", "unix:/x"])
+def test_a_deny_list_refuses_what_is_not_an_address(host: str) -> None:
+    assert not DenyList.parse(["192.0.2.1"]).admits(host)
+
+
+def test_deny_list_messages_name_the_deny_list() -> None:
+    with pytest.raises(ValueError, match="a deny list needs at least one"):
+        DenyList.parse([])
+    with pytest.raises(ValueError, match="a deny list holds at most"):
+        DenyList.parse([f"10.0.0.{i}" for i in range(MAX_ENTRIES + 1)])
+    assert DenyList.parse(["::1"]) != AllowList.parse(["::1"])
+    assert repr(DenyList.parse(["::1"])) == "DenyList(['::1/128'])"
+
+
+@given(
+    network=st.ip_addresses(v=6).flatmap(
+        lambda a: st.integers(0, 128).map(lambda n: ipaddress.ip_network(f"{a}/{n}", False))
+    ),
+    host=st.ip_addresses(v=6),
+)
+def test_deny_refuses_exactly_the_addresses_in_the_network(
+    network: ipaddress.IPv6Network, host: ipaddress.IPv6Address
+) -> None:
+    if host.ipv4_mapped is not None:
+        return  # matched as its IPv4 address
+    assert DenyList.parse([str(network)]).admits(str(host)) == (host not in network)

@@ -21,6 +21,10 @@ def test_refusal_codes_are_the_documented_strings() -> None:
         "draining",
         "name_not_allowed",
         "unsupported",
+        # certificate_refused
+        "no_issuer",
+        "not_held",
+        "issue_failed",
     }
 
 

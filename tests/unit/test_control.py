@@ -28,6 +28,8 @@ options = st.dictionaries(
     max_size=4,
 )
 
+pem = st.from_regex(r"\A-----BEGIN [A-Z ]{1,20}-----\n[A-Za-z0-9+/=\n]{0,200}\Z")
+
 messages: st.SearchStrategy[C.ControlMessage] = st.one_of(
     st.builds(C.AgentHello, version=st.integers(0, 255), token=opt_text, agent=printable),
     st.builds(
@@ -43,7 +45,7 @@ messages: st.SearchStrategy[C.ControlMessage] = st.one_of(
     st.builds(
         C.TunnelRequest,
         request_id=ints,
-        kind=st.sampled_from(["tls", "tcp"]),
+        kind=st.sampled_from(["tls", "tcp", "passthrough"]),
         options=options,
         reclaim_id=st.none() | label,
         reclaim_secret=opt_text,
@@ -58,10 +60,14 @@ messages: st.SearchStrategy[C.ControlMessage] = st.one_of(
         tcp_host=st.none() | host,
         tcp_port=opt_port,
         secret=text,
+        rate_limit=st.none() | st.integers(1, 10**15),
     ),
     st.builds(C.TunnelRefused, request_id=ints, code=code, message=text),
     st.builds(C.TunnelClose, tunnel_id=label),
     st.builds(C.TunnelClosed, tunnel_id=label, reason=text),
+    st.builds(C.CertificateRequest, request_id=ints, tunnel_id=label, csr=pem),
+    st.builds(C.CertificateIssued, request_id=ints, chain=pem),
+    st.builds(C.CertificateRefused, request_id=ints, code=code, message=text),
 )
 
 
@@ -80,6 +86,9 @@ def test_every_message_type_covered() -> None:
         C.TunnelRefused,
         C.TunnelClose,
         C.TunnelClosed,
+        C.CertificateRequest,
+        C.CertificateIssued,
+        C.CertificateRefused,
     }
     assert {cls.TYPE for cls in types} == set(C._MESSAGES)
 
@@ -362,3 +371,16 @@ def test_fuzz_smoke_control_messages() -> None:
     report = fuzz.run(iterations=4000, seed=4321, targets=("control", "message"))
     assert report.failure_count == 0, [f.error for f in report.failures[:3]]
     assert report.per_target == {"control": 2000, "message": 2000}
+
+
+def test_pem_members_are_bounded_ascii_pem() -> None:
+    import pytest
+
+    def request(csr: str) -> bytes:
+        return C.encode_message(C.CertificateRequest(1, "abc", csr))
+
+    ok = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"
+    assert C.decode_message(request(ok)) == C.CertificateRequest(1, "abc", ok)
+    for bad in ("no pem here", "-----BEGIN X-----" + "A" * C.MAX_CSR, "-----BEGIN é-----"):
+        with pytest.raises(C.ControlError, match="csr"):
+            C.decode_message(request(bad))

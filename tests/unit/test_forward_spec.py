@@ -89,6 +89,20 @@ def test_agent_allow_option_applies_to_every_forward() -> None:
         Options().parseOptions(["--relay", "localhost:8443", "--forward", "8000", "--allow", "x"])
 
 
+def test_agent_deny_option_is_repeatable_and_split_at_commas() -> None:
+    from twisted.python import usage
+
+    from tunnel.agent.tap import Options
+
+    options = Options()
+    denies = ["--deny", "10.6.6.0/24,2001:db8::/32", "--deny", "192.0.2.1"]
+    options.parseOptions(["--relay", "localhost:8443", "--forward", "8000", *denies])
+    (spec,) = options["forward"]
+    assert spec.deny == ("10.6.6.0/24", "2001:db8::/32", "192.0.2.1") and spec.allow == ()
+    with pytest.raises(usage.UsageError, match="--deny: 'x' is not an IP network"):
+        Options().parseOptions(["--relay", "localhost:8443", "--forward", "8000", "--deny", "x"])
+
+
 def test_api_refuses_one_string_as_an_allow_list() -> None:
     from tunnel import client
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.clientcerts import make_client_pki
-from tunnel._allow import AllowList
+from tunnel._allow import AllowList, DenyList
 from tunnel.agent._proxyheader import VERSIONS
 from tunnel.agent.session import ForwardSpec
 from tunnel.wire import options
@@ -74,6 +74,8 @@ def test_request_carries_only_wire_options_that_differ_from_the_default() -> Non
         ({"proxy_protocol": 3}, "proxy_protocol must be 0"),
         ({"allow": "10.0.0.0/8"}, "not one string"),
         ({"allow": ["nope"]}, "'nope' is not an IP network"),
+        ({"deny": "10.0.0.0/8"}, "deny is a list of networks, not one string"),
+        ({"deny": ["10.0.0.0/33"]}, "'10.0.0.0/33' is not an IP network"),
         ({"client_ca": "not pem"}, "no PEM certificate"),
         ({"colour": "red"}, "unknown tunnel option 'colour'"),
     ],
@@ -92,6 +94,7 @@ def test_restricting_options_need_the_relay_feature() -> None:
         "client certificates (--client-ca)",
     ]
     assert missing_features({"h2": True}, []) == []
+    assert missing_features({"deny": ["::1"]}, ["allow", "client_ca"]) == ["deny lists (--deny)"]
 
 
 def test_suffixes() -> None:
@@ -118,6 +121,8 @@ def test_relay_parse_types_each_known_option(tmp_path: Path) -> None:
     assert parsed["allow"].admits("10.1.2.3") and not parsed["allow"].admits("192.0.2.1")
     assert len(parsed["client_ca"]) == 1
     assert "future" not in parsed  # unknown members are ignored
+    deny = parse_request_options("tcp", {"deny": ["10.0.0.0/8", "::1"]})["deny"]
+    assert isinstance(deny, DenyList) and not deny.admits("10.9.9.9") and deny.admits("::2")
     assert parse_request_options("tcp", {}) == {}
 
 

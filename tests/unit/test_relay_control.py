@@ -108,7 +108,8 @@ def test_a_hello_with_an_accepted_token_is_welcomed_with_the_tables_features() -
     (welcome,) = sent(effects)
     assert isinstance(welcome, RelayWelcome) and welcome.domain == "tunnel.localhost"
     restricting = {o.feature for o in tunnel_options.OPTIONS if o.restricts}
-    assert set(welcome.features) == set(FEATURES) == restricting == {"allow", "client_ca"}
+    assert set(welcome.features) >= restricting == {"allow", "deny", "client_ca"}
+    assert set(welcome.features) == set(FEATURES)
     assert link.session.principal.startswith("token:")
     assert relay.principal_links.count(link.session.principal) == 1
 
@@ -210,6 +211,7 @@ def test_bad_options_are_refused_with_bad_request() -> None:
     cases = [
         ("tls", {"allow": ["nope"]}, "'nope' is not an IP network"),
         ("tls", {"allow": "10.0.0.0/8"}, "is a list"),
+        ("tcp", {"deny": []}, "a deny list needs at least one network"),
         ("tls", {"client_ca": "garbage"}, "no PEM certificate"),
         ("tls", {"client_ca": 7}, "is PEM text"),
         ("tcp", {"client_ca": "any PEM"}, "need a TLS tunnel"),
@@ -227,6 +229,11 @@ def test_bad_options_are_refused_with_bad_request() -> None:
     record = relay.registry.get(answer.tunnel_id)
     assert record is not None and record.options == {"h2": True}
     assert record.allow is not None and record.allow.entries() == ["10.0.0.0/8"]
+    assert record.deny is None
+    answer = ask(link, TunnelRequest(100, "tcp", {"deny": ["10.6.6.0/24"]}))
+    record = relay.registry.get(answer.tunnel_id)
+    assert record is not None and record.deny is not None and record.options == {}
+    assert record.deny.entries() == ["10.6.6.0/24"] and record.allow is None
 
 
 def test_requests_over_the_link_rate_are_refused_then_the_link_is_calmed() -> None:

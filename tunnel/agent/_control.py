@@ -23,6 +23,7 @@ from typing import Any
 
 from tunnel.agent._effects import (
     AbortStreams,
+    CertificateAnswered,
     CloseConfirmed,
     Dial,
     Drain,
@@ -37,11 +38,15 @@ from tunnel.agent._effects import (
     Violation,
 )
 from tunnel.agent.settings import ForwardSpec
-from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelRefused
+from tunnel.errors import AuthenticationError, RelayUnavailable, TunnelError, TunnelRefused
 from tunnel.wire import options as tunnel_options
 from tunnel.wire.codes import ErrorReason, RefusalCode
 from tunnel.wire.control import (
+    MAX_CSR,
     AgentHello,
+    CertificateIssued,
+    CertificateRefused,
+    CertificateRequest,
     ControlMessage,
     ErrorMessage,
     RelayWelcome,
@@ -54,9 +59,11 @@ from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
 from tunnel.wire.errors import LocalProtocolError
 
 __all__ = [
+    "CERTIFICATES",
     "TRANSITIONS",
     "AbortStreams",
     "AgentControl",
+    "CertificateAnswered",
     "CloseConfirmed",
     "Dial",
     "Drain",
@@ -106,6 +113,7 @@ class Input(Enum):
     DIAL_FAILED = "dial_failed"  # a connection attempt failed
     WELCOME = "welcome"
     ANSWER = "answer"  # tunnel_granted or tunnel_refused
+    CERTIFICATE = "certificate"  # certificate_issued or certificate_refused
     TUNNEL_CLOSED = "tunnel_closed"
     ERROR = "error"  # the relay's error message
     TOKEN_REFUSED = "token_refused"  # an error message with code `unauthorized`
@@ -129,6 +137,9 @@ TRANSITIONS: dict[tuple[SessionState, Input], SessionState] = {
     (S.HELLO_SENT, In.DRAIN): S.DRAINING,
     (S.HELLO_SENT, In.LINK_LOST): S.CONNECTING,  # a failed handshake: an attempt failed
     (S.WELCOMED, In.ANSWER): S.WELCOMED,
+    (S.WELCOMED, In.CERTIFICATE): S.WELCOMED,
+    (S.DRAINING, In.CERTIFICATE): S.DRAINING,
+    (S.ENDING, In.CERTIFICATE): S.ENDING,
     (S.WELCOMED, In.TUNNEL_CLOSED): S.WELCOMED,
     (S.WELCOMED, In.ERROR): S.ENDING,
     (S.WELCOMED, In.TOKEN_REFUSED): S.REFUSED,  # a token revoked
@@ -150,7 +161,17 @@ TRANSITIONS: dict[tuple[SessionState, Input], SessionState] = {
 }
 
 #: Inputs that come from the relay (the others come from the adapter).
-_REMOTE = {In.WELCOME, In.ANSWER, In.TUNNEL_CLOSED, In.ERROR, In.TOKEN_REFUSED, In.DRAIN}
+_REMOTE = {
+    In.WELCOME,
+    In.ANSWER,
+    In.CERTIFICATE,
+    In.TUNNEL_CLOSED,
+    In.ERROR,
+    In.TOKEN_REFUSED,
+    In.DRAIN,
+}
+#: The feature of a relay that answers ``certificate_request``.
+CERTIFICATES = "certificates"
 #: States with a link the relay welcomed.
 _LINKED = {SessionState.WELCOMED, SessionState.DRAINING}
 
@@ -212,6 +233,8 @@ class AgentControl:
         self.relay_index = 0
         self.last_error: str | None = None
         self._requests: dict[int, ForwardRecord] = {}
+        #: Certificate requests waiting for an answer: request id → the adapter's waiter.
+        self._certificates: dict[int, Any] = {}
         self._request_ids = itertools.count(1)
         self._closing: set[str] = set()
 
@@ -286,6 +309,47 @@ class AgentControl:
             AbortStreams(record.tunnel_id),
         ]
 
+    def issue_certificate(self, record: ForwardRecord, csr: str, waiter: Any) -> list[Effect]:
+        """
+        Ask the relay to sign `csr` (PEM) for `record`'s tunnel; a `CertificateAnswered`
+        with `waiter` follows (at once when it cannot be asked).
+
+        @raise ValueError: the forward is not a passthrough one, or `csr` is not PEM text
+            of at most `MAX_CSR` octets.
+        """
+        if not record.spec.passthrough:
+            raise ValueError("certificates are issued for passthrough tunnels only")
+        if len(csr) > MAX_CSR or not csr.isascii() or "-----BEGIN " not in csr:
+            raise ValueError(f"the CSR is not PEM text of at most {MAX_CSR} octets")
+        error: Exception | None = None
+        if record.closed:
+            error = TunnelError("the tunnel is closed")
+        elif not self.link_usable or record.tunnel_id is None:
+            error = RelayUnavailable("the link to the relay is not up: try again once it is")
+        elif self.welcome is None or CERTIFICATES not in self.welcome.features:
+            error = TunnelRefused(RefusalCode.NO_ISSUER, "the relay issues no certificates")
+        if error is not None:
+            return [CertificateAnswered(waiter, None, error)]
+        assert record.tunnel_id is not None
+        request_id = next(self._request_ids)
+        self._certificates[request_id] = waiter
+        return [Send(CertificateRequest(request_id, record.tunnel_id, csr))]
+
+    def _certificate_answered(
+        self, message: CertificateIssued | CertificateRefused
+    ) -> list[Effect]:
+        self._move(Input.CERTIFICATE)
+        waiter = self._certificates.pop(message.request_id, None)
+        if waiter is None:
+            return []
+        if isinstance(message, CertificateIssued):
+            return [CertificateAnswered(waiter, message.chain)]
+        return [CertificateAnswered(waiter, None, TunnelRefused(message.code, message.message))]
+
+    def _certificates_lost(self, why: str) -> list[Effect]:
+        waiting, self._certificates = self._certificates, {}
+        return [CertificateAnswered(w, None, RelayUnavailable(why)) for w in waiting.values()]
+
     def closing(self, tunnel_id: str) -> bool:
         """
         Whether a close of `tunnel_id` awaits the relay's confirmation.
@@ -307,6 +371,7 @@ class AgentControl:
             effects += self._fail(record, RelayUnavailable("the agent is stopping"))
         self._move(Input.STOP)
         self._requests.clear()
+        effects += self._certificates_lost("the agent is stopping")
         return [*effects, StopDialing()]
 
     def tick(self, now: float) -> list[Effect]:
@@ -375,6 +440,7 @@ class AgentControl:
         effects: list[Effect] = [CloseConfirmed(t) for t in sorted(self._closing)]
         self._closing.clear()
         self._requests.clear()
+        effects += self._certificates_lost(f"the link to the relay was lost: {reason}")
         if previous is SessionState.HELLO_SENT:
             effects += self._attempt_failed(reason)
         elif previous is SessionState.WELCOMED and self.forwards:
@@ -410,7 +476,7 @@ class AgentControl:
         kind, options = tunnel_options.request_options(spec.option_values())
         # An older relay would ignore a restricting option and let everyone in: refuse.
         features = self.welcome.features if self.welcome is not None else []
-        missing = tunnel_options.missing_features(options, features)
+        missing = tunnel_options.missing_features(options, features, kind)
         if missing:
             what = " and ".join(missing)
             return [
@@ -425,7 +491,13 @@ class AgentControl:
             ]
         request_id = next(self._request_ids)
         self._requests[request_id] = record
+        ignored = tunnel_options.ignored_features(options, features)
+        warnings: list[Effect] = [
+            Log("warn", f"the relay does not support {what}: {spec.target} goes without")
+            for what in ignored
+        ]
         return [
+            *warnings,
             Send(
                 TunnelRequest(
                     request_id=request_id,
@@ -435,7 +507,7 @@ class AgentControl:
                     reclaim_secret=record.secret,
                     reclaim_port=record.tcp_port,
                 )
-            )
+            ),
         ]
 
     def _answered(self, message: TunnelGranted | TunnelRefusedMessage) -> list[Effect]:
@@ -545,6 +617,8 @@ _DISPATCH: dict[type, Callable[[AgentControl, Any], list[Effect]]] = {
     RelayWelcome: AgentControl._welcomed,
     TunnelGranted: AgentControl._answered,
     TunnelRefusedMessage: AgentControl._answered,
+    CertificateIssued: AgentControl._certificate_answered,
+    CertificateRefused: AgentControl._certificate_answered,
     TunnelClosed: AgentControl._closed_by_relay,
     ErrorMessage: AgentControl._error,
 }

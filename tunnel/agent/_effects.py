@@ -6,7 +6,7 @@ class each, carried out by `tunnel.agent.session.Agent`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunnel.wire.control import ControlMessage, RelayWelcome, TunnelGranted
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AbortStreams",
+    "CertificateAnswered",
     "CloseConfirmed",
     "Dial",
     "Drain",
@@ -97,6 +98,17 @@ class AbortStreams(Effect):
     """
 
     tunnel_id: str
+
+
+@dataclass(frozen=True)
+class CertificateAnswered(Effect):
+    """
+    A certificate asked for with `waiter` came (`chain`, PEM) or will not (`error`).
+    """
+
+    waiter: Any
+    chain: str | None
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)

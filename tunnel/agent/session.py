@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tunnel import __version__
+from tunnel._rate import format_rate
 from tunnel._tunnel import Tunnel
 from tunnel.agent import _control as control
 from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
@@ -54,6 +55,8 @@ class _Forward(control.ForwardRecord):
         super().__init__(spec)
         self.tunnel: Tunnel | None = None
         self.deferred: defer.Deferred[Tunnel] | None = None
+        #: The rate limit the relay last said it enforces (octets per second), or None.
+        self.granted_rate: int | None = None
 
 
 class Agent:
@@ -219,6 +222,24 @@ class Agent:
         """
         self.control.check_forward(spec)
 
+    def issue_certificate(self, record: _Forward, csr: str | bytes) -> defer.Deferred[str]:
+        """
+        Have the relay sign `csr` (a PEM CSR naming the tunnel's host only) for `record`'s
+        passthrough tunnel.
+
+        @raise ValueError: not a passthrough forward, or not a PEM CSR.
+        @return: fires with the PEM chain; fails with `TunnelRefused` (the relay's reason)
+            or `RelayUnavailable` (no link, or it was lost before the answer).
+        """
+        if isinstance(csr, bytes):
+            try:
+                csr = csr.decode("ascii")
+            except UnicodeDecodeError:
+                raise ValueError("the CSR is not PEM text") from None
+        d: defer.Deferred[str] = defer.Deferred()
+        self._apply(self.control.issue_certificate(record, csr, d))
+        return d
+
     def _close(self, record: _Forward) -> defer.Deferred[None]:
         if record.closed:
             return defer.succeed(None)
@@ -301,6 +322,13 @@ class Agent:
                     for stream in list(self.link.streams.values()):
                         if stream.tunnel_id == effect.tunnel_id:
                             stream.abortConnection(ErrorCode.CANCEL)
+            elif isinstance(effect, control.CertificateAnswered):
+                waiter: defer.Deferred[str] = effect.waiter
+                if effect.error is not None:
+                    waiter.errback(Failure(effect.error))
+                else:
+                    assert effect.chain is not None
+                    waiter.callback(effect.chain)
             elif isinstance(effect, control.CloseConfirmed):
                 self._close_confirmed(effect.tunnel_id)
             elif isinstance(effect, control.Drain):
@@ -339,8 +367,23 @@ class Agent:
             unencrypted_host=grant.tcp_host,
             unencrypted_port=grant.tcp_port,
             _close=lambda: self._close(record),
+            _issue=lambda csr: self.issue_certificate(record, csr),
         )
         record.tunnel = tunnel
+        if grant.rate_limit is not None and (
+            record.granted_rate != grant.rate_limit or previous is None
+        ):
+            asked = record.spec.rate_limit
+            lowered = asked is not None and grant.rate_limit < asked
+            _log.info(
+                "tunnel {url}: at most {rate} each way{why}",
+                url=tunnel.url,
+                rate=format_rate(grant.rate_limit),
+                why=" (lowered to the relay's ceiling)"
+                if lowered
+                else (" (the relay's ceiling)" if asked is None else ""),
+            )
+        record.granted_rate = grant.rate_limit
         if previous is None:
             where = f"{tunnel.url}"
             if tunnel.unencrypted_port is not None:

@@ -108,9 +108,19 @@ class ForwardSpec:
     #: Only clients from these networks (``"203.0.113.0/24"``, ``"2001:db8::/32"``, single
     #: addresses) may connect; empty: everyone. The relay enforces it.
     allow: tuple[str, ...] = ()
+    #: Clients from these networks may not connect, whether `allow` lists them or not;
+    #: empty: nobody refused. The relay enforces it.
+    deny: tuple[str, ...] = ()
     #: PEM text of the authorities whose client certificates the relay demands of public
     #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
     client_ca: str | None = field(default=None, repr=False)
+    #: At most this many octets per second in each direction, over all the tunnel's
+    #: connections (given as ``"10MB/s"``, ``"500KB/s"``, ``"8MiB/s"`` or an integer; kept
+    #: as the integer); None: no limit but the relay's. The relay enforces it.
+    rate_limit: int | None = None
+    #: Route public TLS connections to the target by their SNI name without terminating
+    #: them: the target speaks TLS, with its own certificate for the tunnel's host name.
+    passthrough: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -141,8 +151,10 @@ class ForwardSpec:
 def parse_forward(text: str) -> ForwardSpec:
     """
     Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
-    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
-    ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
+    after a colon: ``tcp`` (a raw TCP tunnel), ``h2`` or ``passthrough`` (the target terminates
+    TLS itself), or ``tls`` (the default), ``proxy1``
+    or ``proxy2`` (a PROXY protocol header to the target), and ``rate=RATE`` (a rate limit
+    such as ``10MB/s``), e.g. ``22:tcp:proxy2``, ``8000:rate=10MB``.
 
     @raise ValueError: not of that form.
     """
@@ -164,8 +176,9 @@ def parse_forward(text: str) -> ForwardSpec:
         host, port_text = parts
     else:
         raise ValueError(
-            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
-            ":proxy2"
+            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp, :h2 or :passthrough, then "
+            ":proxy1 or "
+            ":proxy2, then :rate=RATE"
         )
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
@@ -184,7 +197,10 @@ class ForwardOptions(TypedDict, total=False):
     h2_enabled: bool
     proxy_protocol: int
     allow: Sequence[str]
+    deny: Sequence[str]
     client_ca: str | None
+    rate_limit: str | int | None
+    passthrough: bool
     host: str
 
 

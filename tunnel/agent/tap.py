@@ -29,8 +29,8 @@ class Options(usage.Options):
     """
 
     synopsis = (
-        "--relay HOST:PORT --forward PORT[:tcp] [--forward ...] [--allow NETWORK] [--token T] "
-        "[--ca CA]"
+        "--relay HOST:PORT --forward PORT[:tcp] [--forward ...] [--allow NETWORK] "
+        "[--deny NETWORK] [--token T] [--ca CA]"
     )
     longdesc = (
         "The agent of Tunnels: dials out to a relay over TLS and forwards public "
@@ -58,7 +58,8 @@ class Options(usage.Options):
         self["flags"] = {}
 
     def opt_forward(self, value: str) -> None:
-        """Forward PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or :proxy2 (repeatable)."""
+        """Forward PORT or HOST:PORT, then :tcp, :h2 or :passthrough, then :proxy1 or
+        :proxy2, then :rate=RATE (repeatable)."""
         try:
             self["forward"].append(settings.parse_forward(value))
         except ValueError as e:

@@ -32,7 +32,9 @@ import re
 import shlex
 import subprocess
 import threading
+import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +63,7 @@ from tunnel.relay._certificate import (
 from tunnel.relay._certs import _atomic_write
 
 __all__ = [
+    "AcmeCSRIssuer",
     "AcmeError",
     "AcmeIssuer",
     "AcmeService",
@@ -600,3 +603,76 @@ class AcmeService(service.Service):
             still=still,
         )
         self._schedule(delay)
+
+
+#: Certificate orders an `AcmeCSRIssuer` runs at once; more are refused until one ends.
+MAX_ACME_ORDERS = 2
+#: Chains an `AcmeCSRIssuer` keeps, to answer a repeated request without a new order.
+ACME_CACHE_SIZE = 256
+
+
+class AcmeCSRIssuer:
+    """
+    A relay with ``--acme``'s issuer: the agent's CSR goes to the relay's ACME CA, proved
+    through the relay's DNS-01 hook (so end-to-end TLS needs no DNS access by the user), for
+    the tunnel's host only.
+
+    CAs limit certificates per domain (Let's Encrypt: 50 a week), so a chain issued for the
+    same host and key is handed out again while two thirds of its validity remain, and at
+    most `MAX_ACME_ORDERS` orders run at once.
+    """
+
+    def __init__(
+        self,
+        order: Callable[[bytes, list[str]], defer.Deferred[str]],
+        clock: Callable[[], float] = time.time,
+        max_orders: int = MAX_ACME_ORDERS,
+    ) -> None:
+        """
+        @param order: obtains a chain for a PEM CSR whose names must be among the list
+            (`tunnel.relay._acme.issue_in_thread` bound to the relay's `AcmeIssuer`).
+        """
+        self._order = order
+        self._clock = clock
+        self.max_orders = max_orders
+        self._running = 0
+        self._cache: OrderedDict[tuple[str, bytes], str] = OrderedDict()
+
+    def issue(self, csr: x509.CertificateSigningRequest, host: str) -> defer.Deferred[str]:
+        spki = csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        key = (host, spki)
+        chain = self._cache.get(key)
+        if chain is not None and self._fresh(chain):
+            self._cache.move_to_end(key)
+            return defer.succeed(chain)
+        if self._running >= self.max_orders:
+            return defer.fail(
+                RuntimeError("the relay's CA is busy with other certificate orders: ask again")
+            )
+        self._running += 1
+        d = self._order(csr.public_bytes(serialization.Encoding.PEM), [host])
+
+        def done(chain: str) -> str:
+            self._cache[key] = chain
+            self._cache.move_to_end(key)
+            while len(self._cache) > ACME_CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return chain
+
+        def ended(result: Any) -> Any:
+            self._running -= 1
+            return result
+
+        return d.addCallback(done).addBoth(ended)
+
+    def _fresh(self, chain: str) -> bool:
+        """Whether the chain's leaf still has two thirds of its validity."""
+        try:
+            leaf = x509.load_pem_x509_certificate(chain.encode("ascii"))
+        except ValueError:
+            return False
+        start = leaf.not_valid_before_utc.timestamp()
+        end = leaf.not_valid_after_utc.timestamp()
+        return self._clock() < start + (end - start) / 3

@@ -28,7 +28,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from tunnel import __version__
-from tunnel.relay import _grant
+from tunnel.relay import _grant, _issuer
 from tunnel.relay._effects import AcceptPeer, Effect, GoAway, Send, log
 from tunnel.relay._shares import TokenBucket
 from tunnel.relay.config import RATE_STRIKES
@@ -37,6 +37,7 @@ from tunnel.wire import options as tunnel_options
 from tunnel.wire.codes import ErrorReason
 from tunnel.wire.control import (
     AgentHello,
+    CertificateRequest,
     ControlMessage,
     ErrorMessage,
     RelayWelcome,
@@ -51,14 +52,18 @@ if TYPE_CHECKING:
 
 __all__ = ["FEATURES", "TRANSITIONS", "Input", "LinkState", "RelaySession"]
 
-#: Features this relay supports that restrict nobody (none yet), announced beside the
-#: restricting options it enforces.
+#: Features this relay supports that are not tunnel options (none yet), announced beside
+#: the options it enforces.
 _OTHER_FEATURES: tuple[str, ...] = ()
+#: Announced by a relay with a certificate issuer: it answers ``certificate_request``.
+CERTIFICATES = "certificates"
 
 #: What this relay supports beyond the first release (`RelayWelcome.features`): the
-#: feature of every restricting tunnel option (it enforces them all), then the others.
+#: feature of every tunnel option that has one (it enforces them all: the restricting ones
+#: first), then the others.
 FEATURES: tuple[str, ...] = (
     *(o.feature for o in tunnel_options.OPTIONS if o.restricts and o.feature),
+    *(o.feature for o in tunnel_options.OPTIONS if not o.restricts and o.feature),
     *_OTHER_FEATURES,
 )
 
@@ -88,6 +93,7 @@ class Input(Enum):
     HELLO = "hello"  # a hello, accepted (or a later one, ignored)
     HELLO_REFUSED = "hello_refused"  # a hello with a wrong token, or one link too many
     REQUEST = "request"  # tunnel_request
+    CERTIFICATE = "certificate"  # certificate_request
     CLOSE = "close"  # tunnel_close
     OTHER = "other"  # a known message the agent does not send (ignored once accepted)
     BAD_MESSAGE = "bad_message"  # a control message that does not decode
@@ -111,6 +117,7 @@ TRANSITIONS: dict[tuple[LinkState, Input], LinkState] = {
     (S.AWAITING_HELLO, In.DRAIN): S.AWAITING_HELLO,
     (S.ACCEPTED, In.HELLO): S.ACCEPTED,  # a second hello is ignored
     (S.ACCEPTED, In.REQUEST): S.ACCEPTED,
+    (S.ACCEPTED, In.CERTIFICATE): S.ACCEPTED,
     (S.ACCEPTED, In.CLOSE): S.ACCEPTED,
     (S.ACCEPTED, In.OTHER): S.ACCEPTED,
     (S.ACCEPTED, In.BAD_MESSAGE): S.ENDING,
@@ -120,6 +127,7 @@ TRANSITIONS: dict[tuple[LinkState, Input], LinkState] = {
     (S.ACCEPTED, In.DRAIN): S.DRAINING,
     (S.DRAINING, In.HELLO): S.DRAINING,
     (S.DRAINING, In.REQUEST): S.DRAINING,  # refused: draining
+    (S.DRAINING, In.CERTIFICATE): S.DRAINING,  # its tunnels live on until the link ends
     (S.DRAINING, In.CLOSE): S.DRAINING,
     (S.DRAINING, In.OTHER): S.DRAINING,
     (S.DRAINING, In.BAD_MESSAGE): S.ENDING,
@@ -135,7 +143,7 @@ TRANSITIONS: dict[tuple[LinkState, Input], LinkState] = {
 }
 
 #: Inputs that come from the agent (the others come from the adapter or the relay).
-_REMOTE = {In.HELLO, In.REQUEST, In.CLOSE, In.OTHER}
+_REMOTE = {In.HELLO, In.REQUEST, In.CERTIFICATE, In.CLOSE, In.OTHER}
 #: States in which requests are answered.
 _ANSWERING = {S.ACCEPTED, S.DRAINING}
 
@@ -404,7 +412,7 @@ class RelaySession:
                     keepalive_interval=config.keepalive_interval,
                     keepalive_timeout=config.keepalive_timeout,
                     relay=f"tunnels/{__version__}",
-                    features=list(FEATURES),
+                    features=[*FEATURES, *([CERTIFICATES] if relay.issuer else [])],
                 )
             ),
         ]
@@ -413,6 +421,11 @@ class RelaySession:
         if self._move(Input.REQUEST) not in _ANSWERING:
             return []
         return _grant.requested(self, request)
+
+    def _certificate(self, request: CertificateRequest) -> list[Effect]:
+        if self._move(Input.CERTIFICATE) not in _ANSWERING:
+            return []
+        return _issuer.requested(self, request)
 
     def await_probe(self, request: TunnelRequest, existing: TunnelRecord) -> int:
         """
@@ -467,5 +480,6 @@ def _refusal(reason: ErrorReason, message: str, code: int) -> list[Effect]:
 _DISPATCH: dict[type, Callable[[RelaySession, Any], list[Effect]]] = {
     AgentHello: RelaySession._hello,
     TunnelRequest: RelaySession._requested,
+    CertificateRequest: RelaySession._certificate,
     TunnelClose: RelaySession._closed,
 }

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tunnel._rate import format_rate
 from tunnel.relay._effects import Effect, GoAway, ProbeHolder, Send, log
+from tunnel.relay._ratelimit import Throttle
 from tunnel.relay.config import RECLAIM_PROBE_TIMEOUT
 from tunnel.relay.registry import TunnelRecord, valid_tunnel_id
 from tunnel.wire import options as tunnel_options
@@ -23,7 +25,7 @@ from tunnel.wire.errors import ErrorCode
 if TYPE_CHECKING:
     from tunnel.relay._control import RelaySession
 
-__all__ = ["decide_reclaim", "grant", "reclaim_held", "requested"]
+__all__ = ["decide_reclaim", "effective_rate", "grant", "reclaim_held", "requested"]
 
 
 def requested(session: RelaySession, request: TunnelRequest) -> list[Effect]:
@@ -122,16 +124,30 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
     try:
         options = tunnel_options.parse_request_options(kind, request.options)
         allow = options.pop("allow", None)
+        deny = options.pop("deny", None)
+        rate = effective_rate(options.pop("rate_limit", None), config.max_rate)
         cas = options.pop("client_ca", None)
         context = relay.client_context(options, cas) if cas is not None else None
     except ValueError as e:
         return refuse(RefusalCode.BAD_REQUEST, str(e))
-    record = TunnelRecord(tunnel_id, kind, session.owner, options, allow, context=context)
+    record = TunnelRecord(
+        tunnel_id,
+        kind,
+        session.owner,
+        options,
+        allow,
+        deny=deny,
+        context=context,
+        throttle=Throttle(rate, relay.reactor) if rate is not None else None,
+    )
     if kind == "tcp" and not relay.listen_tcp(record, request.reclaim_port):
         return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
     relay.registry.add(record)
-    restrictions = (f", clients from {', '.join(allow.entries())} only" if allow else "") + (
-        ", client certificates required" if context is not None else ""
+    restrictions = (
+        (f", clients from {', '.join(allow.entries())} only" if allow else "")
+        + (f", none from {', '.join(deny.entries())}" if deny else "")
+        + (", client certificates required" if context is not None else "")
+        + (f", at most {format_rate(rate)} each way" if rate is not None else "")
     )
     return [
         log(
@@ -212,6 +228,15 @@ def decide_reclaim(
     return effects + grant(session, request)
 
 
+def effective_rate(asked: int | None, ceiling: int | None) -> int | None:
+    """
+    The rate limit a tunnel gets: the one it `asked` for, lowered to the relay's
+    `ceiling`; the ceiling when it asked for none; None when there is neither.
+    """
+    limits = [r for r in (asked, ceiling) if r is not None]
+    return min(limits) if limits else None
+
+
 def granted(session: RelaySession, request: TunnelRequest, record: TunnelRecord) -> TunnelGranted:
     relay = session.relay
     return TunnelGranted(
@@ -222,4 +247,5 @@ def granted(session: RelaySession, request: TunnelRequest, record: TunnelRecord)
         tcp_host=relay.domain if record.kind == "tcp" else None,
         tcp_port=record.tcp_port,
         secret=relay.reclaim_key.secret(record.kind, record.tunnel_id, session.reclaim_owner),
+        rate_limit=record.throttle.rate if record.throttle is not None else None,
     )

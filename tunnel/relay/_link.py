@@ -17,11 +17,20 @@ from twisted.python.failure import Failure
 from tunnel.link import LinkProtocol, Stream
 from tunnel.relay._control import LinkState, RelaySession
 from tunnel.relay._effects import AcceptPeer, Effect, GoAway, Log, ProbeHolder, Send
+from tunnel.relay._issuer import IssueCertificate
 from tunnel.relay._ratelog import shorten
 from tunnel.relay._shares import TokenBucket
 from tunnel.relay._sni import source_of
 from tunnel.wire import ErrorCode
-from tunnel.wire.control import ControlError, ControlMessage, decode_message, encode_message
+from tunnel.wire.codes import RefusalCode
+from tunnel.wire.control import (
+    CertificateIssued,
+    CertificateRefused,
+    ControlError,
+    ControlMessage,
+    decode_message,
+    encode_message,
+)
 
 if TYPE_CHECKING:
     from tunnel.relay._state import Relay
@@ -155,6 +164,8 @@ class RelayLink(LinkProtocol):
                 self.acceptPeer()
             elif isinstance(effect, ProbeHolder):
                 self._probe(effect)
+            elif isinstance(effect, IssueCertificate):
+                self._issue(effect)
             elif isinstance(effect, Log):
                 self._log(effect)
 
@@ -170,6 +181,23 @@ class RelayLink(LinkProtocol):
         d.addCallback(answered).addErrback(
             lambda f: _log.failure("error answering a tunnel request", f)
         )
+
+    def _issue(self, effect: IssueCertificate) -> None:
+        issuer = self.relay.issuer
+        assert issuer is not None
+
+        def issued(chain: str) -> None:
+            if not self._lost:
+                self.send(CertificateIssued(effect.request_id, chain))
+
+        def failed(reason: Failure) -> None:
+            _log.failure("cannot issue a certificate for {host}", reason, host=effect.host)
+            if not self._lost:
+                message = shorten(str(reason.value) or "the issuer failed")
+                self.send(CertificateRefused(effect.request_id, RefusalCode.ISSUE_FAILED, message))
+
+        d: defer.Deferred[Any] = defer.maybeDeferred(issuer.issue, effect.csr, effect.host)
+        d.addCallbacks(issued, failed)
 
     def _log(self, effect: Log) -> None:
         fields = dict(effect.fields)

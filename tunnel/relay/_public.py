@@ -2,8 +2,8 @@
 The relay's public data path: a public client's connection (TLS-terminated or raw TCP)
 joined to one stream of the owning agent's link.
 
-`_PublicFactory` admits the clients a tunnel's allow list admits; `PublicProtocol` opens the
-stream (once any TLS handshake has completed) and is its producer; `_Activity` is the
+`_PublicFactory` admits the clients a tunnel's deny and allow lists admit; `PublicProtocol`
+opens the stream (once any TLS handshake has completed) and is its producer; `_Activity` is the
 stream's side, counting traffic for the idle timeout.
 """
 
@@ -19,8 +19,16 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnel.link import SpliceProtocol, StreamResetError, half_close, set_nodelay, write_now
+from tunnel.link import (
+    SpliceProtocol,
+    Stream,
+    StreamResetError,
+    half_close,
+    set_nodelay,
+    write_now,
+)
 from tunnel.relay._peerwatch import set_keepalive, socket_of
+from tunnel.relay._ratelimit import Throttle
 from tunnel.relay._sni import AccessDenied
 from tunnel.wire import ErrorCode
 
@@ -57,7 +65,12 @@ class PublicProtocol(SpliceProtocol):
         self._counted = False
         self._idle: Any = None
         self._tls = False
-        self._paused = False
+        #: Why the transport is paused: "stream" (the agent has no credit left), "rate"
+        #: (the tunnel's upload is over its rate limit). Read again once none is left.
+        self._holds: set[str] = set()
+        #: The tunnel's rate limit (`Throttle`), and the stream's gate for downloads.
+        self._throttle: Throttle | None = None
+        self._download: _StreamGate | None = None
         #: What arrived before the stream opened, and whether the client's input ended.
         self._early: list[bytes] = []
         self._early_size = 0
@@ -88,8 +101,12 @@ class PublicProtocol(SpliceProtocol):
         self._counted = True
         self.relay.public_connections.add(self)
         self.other = stream
+        record = self.relay.registry.get(self.tunnel_id)
+        self._throttle = record.throttle if record is not None else None
         stream.registerProducer(self, True)
-        stream.attach(_Activity(self, transport))
+        if self._throttle is not None:
+            self._download = _StreamGate(stream, self._throttle)
+        stream.attach(_Activity(self, transport, self._download))
         if self.relay.config.idle_timeout:
             self._touch()
         early, self._early = self._early, []
@@ -101,16 +118,34 @@ class PublicProtocol(SpliceProtocol):
     # -- IPushProducer, for the stream: it pauses us when the agent has no credit left -----
 
     def pauseProducing(self) -> None:
-        self._paused = True
-        if self.transport is not None:
+        self._hold("stream")
+
+    def resumeProducing(self) -> None:
+        self._release("stream")
+
+    # -- the tunnel's upload rate limit (`Gate`) ----------------------------------------------
+
+    def throttled(self) -> None:
+        self._hold("rate")
+
+    def unthrottled(self) -> None:
+        self._release("rate")
+
+    def _hold(self, reason: str) -> None:
+        first = not self._holds
+        self._holds.add(reason)
+        if first and self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
             self.relay.paused_watch.add(self)
 
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self.relay.paused_watch.discard(self)
-        if self.transport is not None:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+    def _release(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds:
+            self.relay.paused_watch.discard(self)
+            if self.transport is not None:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
         self.relay.paused_watch.discard(self)
@@ -158,6 +193,8 @@ class PublicProtocol(SpliceProtocol):
             return
         self._touch()
         write_now(self.other, data)
+        if self._throttle is not None:
+            self._throttle.up.sent(self, len(data))
 
     def readConnectionLost(self) -> None:
         if self.other is None:
@@ -185,6 +222,10 @@ class PublicProtocol(SpliceProtocol):
         self.lost = True
         self._early = []
         self.relay.paused_watch.discard(self)
+        if self._throttle is not None:
+            self._throttle.up.forget(self)
+            if self._download is not None:
+                self._throttle.down.forget(self._download)
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         if not self._counted:
@@ -202,17 +243,30 @@ _TARGET_UNREACHABLE = frozenset({ErrorCode.CONNECT_FAILED, ErrorCode.CONNECT_TIM
 
 class _Activity(SpliceProtocol):
     """
-    The stream's side of a public connection: forwards to the public transport and counts
-    as activity for the idle timeout.
+    The stream's side of a public connection: forwards to the public transport, counts as
+    activity for the idle timeout, and charges the tunnel's download rate limit (through
+    `gate`, if it has one).
     """
 
-    def __init__(self, public: PublicProtocol, transport: Any) -> None:
+    def __init__(self, public: PublicProtocol, transport: Any, gate: _StreamGate | None) -> None:
         super().__init__(transport)
         self.public = public
+        self.gate = gate
+
+    def connectionMade(self) -> None:
+        if self.gate is None:
+            super().connectionMade()
+            return
+        set_nodelay(self.transport)
+        # The public transport pauses the gate, which pauses the stream for that reason too.
+        self.other.registerProducer(self.gate, True)
 
     def dataReceived(self, data: bytes) -> None:
         self.public._touch()
         write_now(self.other, data)
+        gate = self.gate
+        if gate is not None:
+            gate.throttle.down.sent(gate, len(data))
 
     def closeOther(self, reason: Failure) -> None:
         if reason.check(StreamResetError) and reason.value.code in _TARGET_UNREACHABLE:  # type: ignore[union-attr]
@@ -221,10 +275,53 @@ class _Activity(SpliceProtocol):
             super().closeOther(reason)
 
 
+@implementer(IPushProducer)
+class _StreamGate:
+    """
+    The producer registered on a rate-limited tunnel's public transport in place of its
+    stream: the stream is paused while the public client cannot take more *or* the
+    tunnel's download is over its rate (a paused stream returns no credit, so the agent
+    stops sending), and resumes when neither holds.
+    """
+
+    def __init__(self, stream: Stream, throttle: Throttle) -> None:
+        self.stream = stream
+        self.throttle = throttle
+        self._holds: set[str] = set()
+
+    def pauseProducing(self) -> None:
+        self._hold("client")
+
+    def resumeProducing(self) -> None:
+        self._release("client")
+
+    def stopProducing(self) -> None:
+        self.stream.stopProducing()
+
+    def throttled(self) -> None:
+        self._hold("rate")
+
+    def unthrottled(self) -> None:
+        self._release("rate")
+
+    def _hold(self, reason: str) -> None:
+        first = not self._holds
+        self._holds.add(reason)
+        if first:
+            self.stream.pauseProducing()
+
+    def _release(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds:
+            self.stream.resumeProducing()
+
+
 class _PublicFactory(Factory):
     """
     Builds the protocols of public connections to one tunnel (TLS-terminated or raw TCP),
-    for the clients its allow list admits.
+    for the clients its deny and allow lists admit.
     """
 
     noisy = False
@@ -236,14 +333,19 @@ class _PublicFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
-        @raise AccessDenied: a TLS client the allow list refuses (it gets an
+        @raise AccessDenied: a TLS client the deny or allow list refuses (it gets an
             ``access_denied`` alert). A raw TCP one gets None: its connection is closed.
         """
         record = self.relay.registry.get(self.tunnel_id)
-        allow = record.allow if record is not None else None
-        if allow is not None and not allow.admits(getattr(addr, "host", "")):
+        host = getattr(addr, "host", "")
+        why = None
+        if record is not None and record.deny is not None and not record.deny.admits(host):
+            why = "is on the deny list"
+        elif record is not None and record.allow is not None and not record.allow.admits(host):
+            why = "is not on the allow list"
+        if why is not None:
             self.relay.denied_connections += 1
             if self.tls:
-                raise AccessDenied(f"{getattr(addr, 'host', '?')} is not on the allow list")
+                raise AccessDenied(f"{host or '?'} {why}")
             return None
         return PublicProtocol(self.relay, self.tunnel_id)

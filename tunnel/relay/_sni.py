@@ -6,7 +6,8 @@ flight.  The router maps the `ClientHello` to a `Route` (TLS context + protocol 
 None.  With a route, a `TLSMemoryBIOProtocol` using the route's context is attached to the
 TCP transport and replays the buffered bytes; the route's protocol sees only plaintext.
 Without one, the client gets a fatal ``unrecognized_name`` alert; garbage gets
-``decode_error`` (or, if it is not TLS at all, a plain abort).
+``decode_error`` (or, if it is not TLS at all, a plain abort).  A *passthrough* route does no
+TLS at all: its protocol gets the TCP transport itself and the buffered bytes, untouched.
 
 Bounds: the ClientHello size; the time from accept until the whole ClientHello has arrived
 (``client_hello_timeout``, short: real clients send it at once) and until the end of the TLS
@@ -73,8 +74,8 @@ _log = Logger()
 class Route:
     """Where a public TLS connection goes once its ClientHello is known."""
 
-    context: SSL.Context
-    """The server TLS context to terminate the connection with."""
+    context: SSL.Context | None
+    """The server TLS context to terminate the connection with (None for `passthrough`)."""
     factory: IProtocolFactory
     """Builds the protocol that receives the decrypted bytes (its transport is the TLS layer,
     so ``transport.negotiatedProtocol`` tells it the ALPN result)."""
@@ -82,6 +83,10 @@ class Route:
     """The relay answers the connection itself (it is not handed to an agent link or a
     tunnel): it stays under the handshake deadline, counted against the pending-handshake
     limits, until it closes."""
+    passthrough: bool = False
+    """The relay does not terminate the connection: the factory's protocol gets the TCP
+    transport itself and every byte from the client's first (the buffered ClientHello
+    included), untouched. It is no longer a pending handshake of the relay's."""
 
 
 Router = Callable[[ClientHello], Route | None]
@@ -193,6 +198,7 @@ def _abortTransport(transport: object) -> None:
 # Connection states.
 _READING_HELLO = "reading-hello"
 _TLS = "tls"
+_PASSTHROUGH = "passthrough"
 _CLOSING = "closing"
 
 
@@ -214,6 +220,8 @@ class _SNIDispatchProtocol(protocol.Protocol):
         self._local = False
         self._source: str | None = None
         self._tls: _RoutedTLS | None = None
+        #: The protocol a passthrough route handed the connection to.
+        self._passed: IProtocol | None = None
         self._server_name: str | None = None
 
     # -- connection setup ------------------------------------------------------------------
@@ -283,6 +291,11 @@ class _SNIDispatchProtocol(protocol.Protocol):
     # -- reading the ClientHello -----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._state == _PASSTHROUGH:
+            # Only reached when the transport's protocol could not be swapped.
+            assert self._passed is not None
+            self._passed.dataReceived(data)
+            return
         if self._state == _TLS:
             # Only reached when the transport's protocol could not be swapped.
             assert self._tls is not None
@@ -350,6 +363,9 @@ class _SNIDispatchProtocol(protocol.Protocol):
             self._refuseLog("route factory refused the connection")
             self._refuse(ALERT_INTERNAL_ERROR)
             return
+        if route.passthrough or route.context is None:
+            self._passThrough(inner)
+            return
         self._local = route.local
         watch = _HandshakeWatch(self, inner)
         tls = _RoutedTLS(self.factory._tlsFactory, watch, route.context)
@@ -367,6 +383,28 @@ class _SNIDispatchProtocol(protocol.Protocol):
         tlsp.makeConnection(transport)
         if data and tls.connected and not tls.disconnecting:
             tlsp.dataReceived(data)
+
+    def _passThrough(self, inner: IProtocol) -> None:
+        """
+        Hand the TCP connection to `inner` as it is, then the bytes buffered so far (the
+        ClientHello): the relay does no TLS on it, so its slot and deadline end here.
+        """
+        self._release()
+        self._state = _PASSTHROUGH
+        self._passed = inner
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        transport = self.transport
+        assert transport is not None
+        if getattr(transport, "protocol", None) is self:
+            transport.protocol = inner  # type: ignore[attr-defined]
+        inner.makeConnection(transport)
+        if (
+            data
+            and getattr(transport, "connected", True)
+            and not getattr(transport, "disconnecting", False)
+        ):
+            inner.dataReceived(data)
 
     # -- refusing --------------------------------------------------------------------------
 
@@ -410,6 +448,9 @@ class _SNIDispatchProtocol(protocol.Protocol):
     # -- teardown --------------------------------------------------------------------------
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        passed, self._passed = self._passed, None
+        if passed is not None and self._state == _PASSTHROUGH:
+            passed.connectionLost(reason)
         tls, self._tls = self._tls, None
         if tls is not None:
             # Not swapped: the TLS layer (and through it the watch) learns of it from us,

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from tunnel.link import Stream
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._info import info_factory
+from tunnel.relay._issuer import CertificateIssuer
 from tunnel.relay._link import RelayLink
 from tunnel.relay._peerwatch import PausedWatch
 from tunnel.relay._public import _PublicFactory
@@ -79,7 +80,7 @@ class Relay:
         self._public_sources: dict[Protocol, tuple[TunnelRecord, str]] = {}
         #: Paused public connections, checked for clients that went away.
         self.paused_watch = PausedWatch(reactor)
-        #: Public connections refused by a tunnel's allow list, since start.
+        #: Public connections refused by a tunnel's deny or allow list, since start.
         self.denied_connections = 0
         #: Refusals since start by reason (one `/status` key each, see `REFUSALS`).
         self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
@@ -87,6 +88,9 @@ class Relay:
         #: lines and a summary, not a disk.
         self.ratelog = RateLog(_log, reactor)
         self.draining = False
+        #: Signs certificates for passthrough tunnels (`_issuer.CertificateIssuer`): the
+        #: development CA's, or None (a relay with its own certificate and no ACME).
+        self.issuer: CertificateIssuer | None = None
         self.domain = config.domain.lower().rstrip(".")
         self._suffix = "." + self.domain
         self.link_factory = Factory.forProtocol(lambda: RelayLink(self))
@@ -99,8 +103,9 @@ class Relay:
         """
         Where a public TLS connection goes: the agent-link endpoint for ``<domain>`` with the
         link's ALPN, a small page for ``<domain>`` otherwise, a live tunnel for
-        ``<id>.<domain>``, and nowhere (an ``unrecognized_name`` alert) for anything else.
-        An unknown id and an offline one are refused alike.
+        ``<id>.<domain>`` (handed on untouched for a passthrough tunnel), and nowhere (an
+        ``unrecognized_name`` alert) for anything else. An unknown id and an offline one are
+        refused alike.
         """
         name = hello.server_name
         if self.draining:
@@ -116,6 +121,9 @@ class Relay:
         record = self.registry.get(tunnel_id)
         if record is None:
             return None
+        if record.kind == "passthrough":
+            # Not terminated here: the ClientHello and all that follows go to the agent.
+            return Route(None, _PublicFactory(self, tunnel_id, tls=True), passthrough=True)
         context = record.context or self.tls.context_for(self._alpn(record.options))
         return Route(context, _PublicFactory(self, tunnel_id, tls=True))
 
@@ -213,6 +221,8 @@ class Relay:
         if self.registry.get(record.tunnel_id) is not record:
             return
         self.registry.remove(record.tunnel_id)
+        if record.throttle is not None:
+            record.throttle.stop()
         stopped: defer.Deferred[Any] = defer.succeed(None)
         if record.listener is not None:
             stopped = defer.maybeDeferred(record.listener.stopListening)

@@ -90,6 +90,9 @@ class RelayConfig:
     token_request_burst: int = 1024
     #: The fraction of the TCP range one principal may have in quarantine.
     port_quarantine_share: float = 0.1
+    #: The most octets per second a tunnel may carry in each direction (a tunnel without a
+    #: rate limit of its own gets it; a higher one is lowered to it); None: no ceiling.
+    max_rate: int | None = None
     #: Seconds a public connection may go without traffic in either direction; None = never.
     idle_timeout: float | None = None
     #: Keepalive of agent links.

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunnel._allow import AllowList
+from tunnel._allow import AllowList, DenyList
 
 __all__ = [
     "ID_ALPHABET",
@@ -248,8 +248,12 @@ class TunnelRecord:
     options: dict[str, Any] = field(default_factory=dict)
     #: The clients that may connect; None: everyone.
     allow: AllowList | None = None
+    #: The clients that may not connect (it wins over `allow`); None: nobody refused.
+    deny: DenyList | None = None
     #: For a tunnel demanding client certificates: its own TLS server context.
     context: Any = None
+    #: Its rate limit (a `tunnel.relay._ratelimit.Throttle`), or None: no limit.
+    throttle: Any = None
     #: For raw TCP tunnels: the listening port and its `IListeningPort`.
     tcp_port: int | None = None
     listener: Any = None

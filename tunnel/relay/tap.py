@@ -13,8 +13,10 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tunnel._rate import parse_rate
 from tunnel.relay._acme import (
     CHECK_INTERVAL,
+    AcmeCSRIssuer,
     AcmeIssuer,
     AcmeService,
     AcmeStore,
@@ -25,6 +27,7 @@ from tunnel.relay._acme import (
 from tunnel.relay._certificate import CertificateRefused
 from tunnel.relay._certs import ensure_dev_certificates
 from tunnel.relay._certwatch import CertificateWatch, put_in_service
+from tunnel.relay._issuer import DevCAIssuer
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import TokenFile
 from tunnel.relay.registry import ReclaimKey
@@ -223,6 +226,15 @@ class Options(usage.Options):
             "Close public connections idle this many seconds.",
             _positive(float),
         ],
+        [
+            "max-rate",
+            None,
+            None,
+            "Most bytes per second one tunnel may carry each way (10MB/s, 1GB/s, 8MiB/s); "
+            "tunnels without a rate limit get it, higher ones are lowered to it "
+            "(default: none).",
+            parse_rate,
+        ],
         ["keepalive-interval", None, 5.0, "Seconds between keepalive pings.", _positive(float)],
         ["keepalive-timeout", None, 15.0, "Seconds of silence that end a link.", _positive(float)],
         ["drain-grace", None, 30.0, "Seconds streams may finish after SIGTERM.", float],
@@ -375,6 +387,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         token_request_burst=options["token-request-burst"],
         port_quarantine_share=options["port-quarantine-share"],
         idle_timeout=options["idle-timeout"],
+        max_rate=options["max-rate"],
         keepalive_interval=options["keepalive-interval"],
         keepalive_timeout=options["keepalive-timeout"],
         drain_grace=options["drain-grace"],
@@ -405,6 +418,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         issuer = AcmeIssuer(
             store, DNSHook(options["acme-dns-hook"]), options["acme-email"], options["acme-ca"]
         )
+        # Passthrough tunnels' certificates come from the same CA, through the same hook.
+        relay.issuer = AcmeCSRIssuer(
+            lambda csr, names: issue_in_thread(reactor, issuer, csr, names)
+        )
         certificates = AcmeService(
             reactor,
             domain,
@@ -413,6 +430,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
             lambda pair: put_in_service(relay, pair),
             RenewalPolicy(options["acme-renew-before"], options["acme-check-interval"]),
         )
+    else:
+        # Development mode: the local CA also signs the certificates of passthrough
+        # tunnels (an agent's CSR for its tunnel's name; the key stays with the agent).
+        relay.issuer = DevCAIssuer.from_state_dir(state_dir)
     if certificates is not None:
         # Started before the public listener (children start first), stopped after it.
         certificates.setServiceParent(relay_service)

@@ -49,6 +49,13 @@ class RefusalCode(StrEnum):
     DRAINING = "draining"
     #: Reserved: a tunnel name the token does not allow.
     NAME_NOT_ALLOWED = "name_not_allowed"
+    #: ``certificate_refused``: the relay has no certificate issuer (it runs with a
+    #: certificate of its own and no ACME).
+    NO_ISSUER = "no_issuer"
+    #: ``certificate_refused``: the tunnel is not a passthrough tunnel held by this link.
+    NOT_HELD = "not_held"
+    #: ``certificate_refused``: the issuer failed (an ACME order that did not complete).
+    ISSUE_FAILED = "issue_failed"
     #: Never on the wire: the agent's own refusal to send a restricting option to a relay
     #: whose ``welcome.features`` lack it (which would let everyone in).
     UNSUPPORTED = "unsupported"

@@ -18,6 +18,9 @@ from typing import Any, ClassVar, Literal
 
 __all__ = [
     "AgentHello",
+    "CertificateIssued",
+    "CertificateRefused",
+    "CertificateRequest",
     "ControlError",
     "ControlMessage",
     "ErrorMessage",
@@ -35,7 +38,7 @@ __all__ = [
 #: Largest control message accepted, in octets (it also has to fit one frame).
 MAX_CONTROL_SIZE = 16 * 1024
 
-TunnelKind = Literal["tls", "tcp"]
+TunnelKind = Literal["tls", "tcp", "passthrough"]
 
 
 class ControlError(ValueError):
@@ -114,7 +117,8 @@ class TunnelRequest(ControlMessage):
     TYPE: ClassVar[str] = "tunnel_request"
     #: Chosen by the agent; the answer carries it back.
     request_id: int
-    #: ``"tls"`` (TLS terminated at the relay, routed by SNI) or ``"tcp"`` (a raw port).
+    #: ``"tls"`` (TLS terminated at the relay, routed by SNI), ``"tcp"`` (a raw port too) or
+    #: ``"passthrough"`` (routed by SNI, the TLS bytes passed on untouched).
     kind: TunnelKind
     #: Extensible options, such as ``{"h2": true}`` or ``{"allow": ["203.0.113.0/24"]}``;
     #: unknown ones are ignored (an agent checks `RelayWelcome.features` before relying on
@@ -145,6 +149,9 @@ class TunnelGranted(ControlMessage):
     tcp_port: int | None = None
     #: Proves ownership of `tunnel_id` for a later reclaim, even after a relay restart.
     secret: str = ""
+    #: The rate limit the relay enforces on the tunnel, in octets per second each way (the
+    #: one asked for, or lower: the relay's ceiling); None: none.
+    rate_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,48 @@ class TunnelClosed(ControlMessage):
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class CertificateRequest(ControlMessage):
+    """
+    The agent asks the relay to sign a certificate for one of its passthrough tunnels' host
+    name (the key stays with the agent: only its CSR travels).
+    """
+
+    TYPE: ClassVar[str] = "certificate_request"
+    #: Chosen by the agent, unique on the link (with the tunnel requests'); echoed back.
+    request_id: int
+    #: The tunnel whose host name the certificate is for.
+    tunnel_id: str
+    #: A PEM certificate signing request whose only name is the tunnel's host name.
+    csr: str
+
+
+@dataclass(frozen=True)
+class CertificateIssued(ControlMessage):
+    """
+    The relay signed the certificate of a `CertificateRequest`.
+    """
+
+    TYPE: ClassVar[str] = "certificate_issued"
+    request_id: int
+    #: PEM: the certificate, then the certificates of its issuers up to (and with) the
+    #: authority clients trust.
+    chain: str
+
+
+@dataclass(frozen=True)
+class CertificateRefused(ControlMessage):
+    """
+    The relay will not sign the certificate of a `CertificateRequest`.
+    """
+
+    TYPE: ClassVar[str] = "certificate_refused"
+    request_id: int
+    #: ``"no_issuer"``, ``"not_held"``, ``"bad_request"``, ``"limit"``, ``"issue_failed"``.
+    code: str
+    message: str
+
+
 _MESSAGES: dict[str, type[ControlMessage]] = {
     cls.TYPE: cls
     for cls in (
@@ -192,6 +241,9 @@ _MESSAGES: dict[str, type[ControlMessage]] = {
         TunnelRefused,
         TunnelClose,
         TunnelClosed,
+        CertificateRequest,
+        CertificateIssued,
+        CertificateRefused,
     )
 }
 
@@ -215,6 +267,9 @@ MAX_FEATURES = 64
 MAX_OPTIONS = 64
 MAX_OPTION_DEPTH = 4
 MAX_OPTION_ITEMS = 1024
+#: A certificate signing request, and a certificate chain, in PEM.
+MAX_CSR = 8192
+MAX_CHAIN = 12288
 #: Request ids are chosen by the agent; JSON integers beyond 2^53 lose precision elsewhere.
 MAX_REQUEST_ID = (1 << 53) - 1
 
@@ -306,6 +361,15 @@ def _options(value: Any) -> bool:
     return isinstance(value, dict) and len(value) <= MAX_OPTIONS and _json_tree(value, 0)
 
 
+def _pem(limit: int) -> Callable[[Any], bool]:
+    return lambda value: (
+        isinstance(value, str)
+        and len(value) <= limit
+        and value.isascii()
+        and "-----BEGIN " in value
+    )
+
+
 _PORT = _integer(0, 65535)
 _ID = _pattern(_LABEL)
 
@@ -326,7 +390,10 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "code": (_pattern(_CODE), f"a code of at most {MAX_CODE} letters, digits, '_.-'"),
     "message": (_text(MAX_TEXT), f"a string of at most {MAX_TEXT} UTF-8 octets"),
     "request_id": (_integer(0, MAX_REQUEST_ID), "an integer in 0-2^53"),
-    "kind": (lambda value: value in ("tls", "tcp"), '"tls" or "tcp"'),
+    "kind": (
+        lambda value: value in ("tls", "tcp", "passthrough"),
+        '"tls", "tcp" or "passthrough"',
+    ),
     "options": (
         _options,
         f"an object of at most {MAX_OPTIONS} options, strings in UTF-8, "
@@ -346,6 +413,9 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "secret": (_text(MAX_SECRET), f"a string of at most {MAX_SECRET} UTF-8 octets"),
     "reason": (_text(MAX_TEXT), f"a string of at most {MAX_TEXT} UTF-8 octets"),
     "features": (_features, f"a list of at most {MAX_FEATURES} feature names"),
+    "rate_limit": (_optional(_integer(1, 10**15)), "a positive integer, or null"),
+    "csr": (_pem(MAX_CSR), f"PEM text of at most {MAX_CSR} octets"),
+    "chain": (_pem(MAX_CHAIN), f"PEM text of at most {MAX_CHAIN} octets"),
 }
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
-from tunnel._allow import AllowList
+from tunnel._allow import AllowList, DenyList
 from tunnel._clientca import parse_client_cas
+from tunnel._rate import check_rate
 
 __all__ = [
     "KINDS",
@@ -33,6 +34,7 @@ __all__ = [
     "TunnelOption",
     "by_name",
     "check_values",
+    "ignored_features",
     "keyword_values",
     "keywords",
     "missing_features",
@@ -42,9 +44,11 @@ __all__ = [
     "suffix_option",
 ]
 
-Kind = Literal["tls", "tcp"]
-#: Every kind of tunnel.
-KINDS: frozenset[str] = frozenset({"tls", "tcp"})
+Kind = Literal["tls", "tcp", "passthrough"]
+#: Every kind of tunnel: TLS terminated at the relay (``tls``), that plus a raw TCP port
+#: (``tcp``), and TLS routed by its SNI name but terminated by the local server
+#: (``passthrough``).
+KINDS: frozenset[str] = frozenset({"tls", "tcp", "passthrough"})
 #: The PROXY protocol versions an agent can write to its target.
 PROXY_VERSIONS = (1, 2)
 
@@ -54,7 +58,7 @@ class Placement(Enum):
     Where an option goes in a ``tunnel_request``.
     """
 
-    #: It decides the request's ``kind`` member.
+    #: It decides the request's ``kind`` member (`TunnelOption.makes_kind`, when true).
     KIND = "kind"
     #: A member of the request's ``options``, under the row's name.
     OPTIONS = "options"
@@ -85,6 +89,8 @@ class TunnelOption:
     words: str = ""
     #: Where it goes in a request.
     placement: Placement = Placement.OPTIONS
+    #: For `Placement.KIND`: the kind a true value makes (the first such option wins).
+    makes_kind: str | None = None
     #: The kinds of tunnel it applies to; a value other than the default on another kind
     #: is refused with `kind_error`.
     kinds: frozenset[str] = KINDS
@@ -97,6 +103,10 @@ class TunnelOption:
     #: Whether it restricts who may connect: an agent refuses to send it to a relay whose
     #: ``welcome.features`` lack `feature`.
     restricts: bool = False
+    #: Whether an agent refuses to send it to a relay whose ``welcome.features`` lack
+    #: `feature` though it restricts nobody: that relay would serve the tunnel otherwise
+    #: than asked (a passthrough tunnel: it would decrypt it, or refuse the link).
+    required: bool = False
     #: Its name in ``welcome.features`` (the relay announces that it enforces it).
     feature: str | None = None
     #: Other Python keywords of ``forward`` for it: another API's spelling (Modal's
@@ -112,6 +122,8 @@ class TunnelOption:
     file: bool = False
     #: ``--forward PORT:SUFFIX`` spellings: suffix → value.
     suffixes: Mapping[str, Any] = field(default_factory=dict)
+    #: A ``--forward PORT:KEY=VALUE`` spelling: the key; the value is given to `check`.
+    suffix_key: str | None = None
     #: Suffixes of one group exclude each other; `conflict` says so (``{this}`` and
     #: ``{other}`` are the two suffixes).
     group: str | None = None
@@ -141,14 +153,25 @@ def _proxy_protocol(value: Any) -> int:
     return int(value)
 
 
-def _allow(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        raise ValueError(f"allow is a list of networks, not one string: [{value!r}]")
-    if not value:
-        return ()
-    entries = tuple(value) if isinstance(value, list | tuple) else value
-    AllowList.parse(entries)  # names a bad entry
-    return tuple(entries)
+def _networks(name: str, kind: type[AllowList]) -> Callable[[Any], tuple[str, ...]]:
+    def check(value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            raise ValueError(f"{name} is a list of networks, not one string: [{value!r}]")
+        if not value:
+            return ()
+        entries = tuple(value) if isinstance(value, list | tuple) else value
+        kind.parse(entries)  # names a bad entry
+        return tuple(entries)
+
+    return check
+
+
+def _wire_rate(value: Any) -> int:
+    if value is None or isinstance(value, str):
+        raise ValueError(f"rate_limit is an integer number of bytes per second, not {value!r}")
+    rate = check_rate(value)
+    assert rate is not None
+    return rate
 
 
 def _client_ca(value: Any) -> str | None:
@@ -166,6 +189,7 @@ OPTIONS: tuple[TunnelOption, ...] = (
         check=_bool("unencrypted"),
         doc="a raw TCP port at the relay as well as the TLS name",
         placement=Placement.KIND,
+        makes_kind="tcp",
         suffixes={"tcp": True, "tls": False},
         group="kind",
     ),
@@ -175,9 +199,29 @@ OPTIONS: tuple[TunnelOption, ...] = (
         check=_bool("h2"),
         doc="advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear)",
         kinds=frozenset({"tls"}),
-        kind_error="h2 applies to TLS tunnels only, not unencrypted ones",
+        kind_error=(
+            "h2 applies to TLS tunnels only (the relay offers it in ALPN), not unencrypted or "
+            "passthrough ones"
+        ),
         aliases=("h2_enabled",),
         suffixes={"h2": True},
+        group="kind",
+    ),
+    TunnelOption(
+        "passthrough",
+        default=False,
+        check=_bool("passthrough"),
+        doc="TLS routed by its SNI name but untouched: the local server terminates it",
+        placement=Placement.KIND,
+        makes_kind="passthrough",
+        kinds=frozenset({"passthrough"}),
+        kind_error=(
+            "passthrough hands the TLS connection to the local server: not with unencrypted"
+        ),
+        words="TLS passthrough",
+        required=True,
+        feature="passthrough",
+        suffixes={"passthrough": True},
         group="kind",
     ),
     TunnelOption(
@@ -191,9 +235,22 @@ OPTIONS: tuple[TunnelOption, ...] = (
         conflict="two PROXY protocol versions",
     ),
     TunnelOption(
+        "rate_limit",
+        default=None,
+        check=check_rate,
+        parse=_wire_rate,
+        doc="at most this many bytes per second each way, over all the tunnel's connections "
+        "(10MB/s, 500KB/s, 1GB/s, 8MiB/s)",
+        words="rate limits",
+        feature="rate_limit",
+        flag="rate-limit",
+        metavar="RATE",
+        suffix_key="rate",
+    ),
+    TunnelOption(
         "allow",
         default=(),
-        check=_allow,
+        check=_networks("allow", AllowList),
         parse=AllowList.parse,
         encode=list,
         doc="only clients from this network or address may connect (repeatable)",
@@ -205,6 +262,20 @@ OPTIONS: tuple[TunnelOption, ...] = (
         repeatable=True,
     ),
     TunnelOption(
+        "deny",
+        default=(),
+        check=_networks("deny", DenyList),
+        parse=DenyList.parse,
+        encode=list,
+        doc="clients from this network or address may not connect, allowed or not (repeatable)",
+        words="deny lists",
+        restricts=True,
+        feature="deny",
+        flag="deny",
+        metavar="NETWORK",
+        repeatable=True,
+    ),
+    TunnelOption(
         "client_ca",
         default=None,
         check=_client_ca,
@@ -212,8 +283,8 @@ OPTIONS: tuple[TunnelOption, ...] = (
         doc="public TLS clients must show a certificate from one of these authorities",
         kinds=frozenset({"tls"}),
         kind_error=(
-            "client certificates need a TLS tunnel (its raw TCP port would let clients without "
-            "one in)"
+            "client certificates need a TLS tunnel terminated at the relay (a raw TCP port would "
+            "let clients without one in; with passthrough, the local server checks them)"
         ),
         words="client certificates",
         restricts=True,
@@ -264,8 +335,14 @@ def keyword_values(args: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _kind(unencrypted: bool) -> Kind:
-    return "tcp" if unencrypted else "tls"
+def _kind(values: Mapping[str, Any]) -> Kind:
+    """
+    The kind that `values` make: that of the first `Placement.KIND` option set, else tls.
+    """
+    for option in OPTIONS:
+        if option.placement is Placement.KIND and option.makes_kind and values.get(option.name):
+            return option.makes_kind  # type: ignore[return-value]
+    return "tls"
 
 
 def _describe(option: TunnelOption) -> str:
@@ -284,7 +361,7 @@ def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(values) - _BY_NAME.keys())
     if unknown:
         raise ValueError(f"unknown tunnel option {unknown[0]!r}")
-    kind = _kind(bool(values.get("unencrypted", False)))
+    kind = _kind(values)
     checked: dict[str, Any] = {}
     for option in OPTIONS:
         value = values.get(option.name, option.default)
@@ -299,7 +376,7 @@ def request_options(values: Mapping[str, Any]) -> tuple[Kind, dict[str, Any]]:
     The ``kind`` and ``options`` members of a request for checked `values`: every option
     placed there whose value is not its default.
     """
-    kind = _kind(bool(values.get("unencrypted", False)))
+    kind = _kind(values)
     options = {
         option.name: option.encode(values[option.name])
         for option in OPTIONS
@@ -310,17 +387,41 @@ def request_options(values: Mapping[str, Any]) -> tuple[Kind, dict[str, Any]]:
     return kind, options
 
 
-def missing_features(options: Mapping[str, Any], features: Iterable[str]) -> list[str]:
+def missing_features(
+    options: Mapping[str, Any], features: Iterable[str], kind: str = "tls"
+) -> list[str]:
     """
-    What the relay lacks of `options` (a request's ``options`` member) to enforce them, in
-    words for a message (``"allow lists (--allow)"``); empty when it lacks nothing. A relay
-    that ignored a restricting option would let everyone in.
+    What the relay lacks of a request (its `kind` and its ``options`` member) to serve it
+    as asked, in words for a message (``"allow lists (--allow)"``); empty when it lacks
+    nothing. A relay that ignored a restricting option would let everyone in; one that
+    did not know passthrough would decrypt the tunnel (or refuse the link).
     """
     have = set(features)
     return [
         _describe(option)
         for option in OPTIONS
-        if option.restricts and option.name in options and option.feature not in have
+        if (option.restricts or option.required)
+        and (
+            option.name in options or (option.makes_kind is not None and option.makes_kind == kind)
+        )
+        and option.feature not in have
+    ]
+
+
+def ignored_features(options: Mapping[str, Any], features: Iterable[str]) -> list[str]:
+    """
+    What of `options` (a request's ``options`` member) the relay would ignore, lacking
+    its feature, among the options that restrict nobody (``"rate limits (--rate-limit)"``):
+    worth a warning, not a refusal.
+    """
+    have = set(features)
+    return [
+        _describe(option)
+        for option in OPTIONS
+        if not option.restricts
+        and option.feature is not None
+        and option.name in options
+        and option.feature not in have
     ]
 
 
@@ -361,7 +462,10 @@ def parse_suffixes(text: str, suffixes: Sequence[str]) -> dict[str, Any]:
             message = option.conflict.format(this=suffix, other=seen[group])
             raise ValueError(f"--forward {text!r}: {message}")
         seen[group] = suffix
-        values[option.name] = option.suffixes[suffix]
+        if option.suffix_key is not None and suffix.startswith(option.suffix_key + "="):
+            values[option.name] = suffix.split("=", 1)[1]
+        else:
+            values[option.name] = option.suffixes[suffix]
     return values
 
 
@@ -369,4 +473,12 @@ def suffix_option(suffix: str) -> TunnelOption | None:
     """
     The option that `suffix` (of a ``--forward`` value) sets, or None.
     """
-    return next((option for option in OPTIONS if suffix in option.suffixes), None)
+    key, valued, _ = suffix.partition("=")
+    return next(
+        (
+            option
+            for option in OPTIONS
+            if suffix in option.suffixes or (valued and option.suffix_key == key)
+        ),
+        None,
+    )
