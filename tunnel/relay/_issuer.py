@@ -7,9 +7,10 @@ agent: only the CSR comes, and the chain goes back.
 `CertificateIssuer` is the seam: anything that turns a checked CSR into a PEM chain,
 synchronously or through a Deferred. `DevCAIssuer` is the development relay's (its local CA,
 in the state directory); `tunnel.relay._acme.AcmeCSRIssuer` (DNS-01 through the relay's
-hook) implements the same method. `check_csr` is the one check of what an agent sent, whichever issuer signs; the
-decision on one ``certificate_request`` (`requested`) is sans-IO, for the link's control
-core: the adapter carries out the `IssueCertificate` effect it returns.
+hook) implements the same method. `check_csr` is the one check of what an agent sent,
+whichever issuer signs; the decision on one ``certificate_request`` (`requested`) is
+sans-IO, for the link's control core: the adapter carries out the `IssueCertificate` effect
+it returns.
 """
 
 from __future__ import annotations
