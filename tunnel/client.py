@@ -17,7 +17,7 @@ CA, so a second `forward` costs one round trip on a link that is already up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Unpack
 
 from twisted.internet import defer
@@ -234,9 +234,17 @@ def shutdown(reactor: Any) -> defer.Deferred[None]:
     """
     Close every tunnel and link made with `reactor`.
     """
+    return _shutdown_where(reactor, lambda ca: True)
+
+
+def _shutdown_where(reactor: Any, trusts: Callable[[str | None], bool]) -> defer.Deferred[None]:
+    """
+    Close the tunnels and links made with `reactor` by agents whose CA setting `trusts`
+    accepts (`tunnel.testing` closes those of one test relay so).
+    """
     stops = []
     for key, agent in list(_agents.items()):
-        if key[0] == id(reactor):
+        if key[0] == id(reactor) and trusts(key[3]):
             del _agents[key]
             stops.append(agent.stop())
     d: defer.Deferred[Any] = defer.gatherResults(stops, consumeErrors=True)

@@ -80,25 +80,31 @@ class RelayService(service.MultiService):
         self._token_watch: LoopingCall | None = None
         #: Called on SIGHUP, before the tokens file is checked (the certificate's reload).
         self.reload_hooks: list[Callable[[], None]] = []
+        #: Running inside another program (`tunnel.testing.local_relay`) rather than as the
+        #: process: nothing process-wide (no SIGHUP handler, no collector settings, no
+        #: reactor stop when the port cannot be had).
+        self.embedded = False
 
     def startService(self) -> None:
         super().startService()
-        # Memory freed under churn goes back to the system every 30 s (see `_memory`); the
-        # start-up objects are frozen out of the collector's scans.
-        gc.freeze()
-        self._collector = LoopingCall(_memory.collect)
-        self._collector.clock = self.reactor
-        self._collector.start(_memory.INTERVAL, now=False)
+        if not self.embedded:
+            # Memory freed under churn goes back to the system every 30 s (see `_memory`);
+            # the start-up objects are frozen out of the collector's scans.
+            gc.freeze()
+            self._collector = LoopingCall(_memory.collect)
+            self._collector.clock = self.reactor
+            self._collector.start(_memory.INTERVAL, now=False)
         if self.relay.config.tokens_file is not None:
             # Token changes (added, revoked) apply within TOKENS_CHECK_INTERVAL, or at once on
             # SIGHUP; no restart.
             self._token_watch = LoopingCall(self.relay.reload_tokens)
             self._token_watch.clock = self.reactor
             self._token_watch.start(TOKENS_CHECK_INTERVAL, now=False)
-        # SIGHUP means "reload" to operators; by default it would end the process.
-        signal.signal(
-            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._sighup)
-        )
+        if not self.embedded:
+            # SIGHUP means "reload" to operators; by default it would end the process.
+            signal.signal(
+                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._sighup)
+            )
         if self.admin:
 
             def admin_listening(port: Any) -> None:
@@ -127,7 +133,8 @@ class RelayService(service.MultiService):
 
         def failed(reason: Failure) -> None:
             _log.failure("cannot listen on the public port", reason)
-            self.reactor.stop()
+            if not self.embedded:
+                self.reactor.stop()
 
         d.addCallbacks(listening, failed)
 
