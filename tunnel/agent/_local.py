@@ -206,5 +206,10 @@ class _StreamSide(SpliceProtocol):
                 why = f"the link to the relay ended ({describe(link.terminated[0])})"
             elif state == ConnectionState.RESET and link is not None and link._lost:
                 by, why = Side.AGENT, "the link to the relay was lost"
+            elif by == Side.CLIENT and self.connection.half_closed_by == Side.TARGET:
+                # The target had said all it had to say: a TLS client that then closes its
+                # socket without a close_notify (most do) reaches us as a reset, but the
+                # exchange was complete.
+                state, why = ConnectionState.CLOSED, None
             self.events.ended(self.connection, state, by, why)
         super().connectionLost(reason)
