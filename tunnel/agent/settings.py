@@ -137,20 +137,29 @@ class ForwardSpec:
         return f"{host}:{self.port}"
 
 
-def parse_forward(text: str) -> ForwardSpec:
+def parse_forward(text: str, *, label: str | None = None) -> ForwardSpec:
     """
     Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
     after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
     ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
 
-    @raise ValueError: not of that form.
+    @param label: how the value is named in messages, as the user wrote it; default
+        ``--forward '<text>'`` (the ``tunnel`` command passes ``'<text>'``).
+    @raise ValueError: not of that form; the message starts with `label`.
     """
+    try:
+        return _parse_forward(text)
+    except ValueError as e:
+        raise ValueError(f"{label or f'--forward {text!r}'}: {e}") from None
+
+
+def _parse_forward(text: str) -> ForwardSpec:
     host = "127.0.0.1"
     rest = text
     if text.startswith("["):
         inside, sep, rest = text[1:].partition("]")
         if not sep or not inside or not rest.startswith(":"):
-            raise ValueError(f"--forward {text!r}: write an IPv6 target as [ADDRESS]:PORT")
+            raise ValueError("write an IPv6 target as [ADDRESS]:PORT")
         host, rest = inside, rest[1:]
     parts = rest.split(":")
     suffixes = []
@@ -162,12 +171,9 @@ def parse_forward(text: str) -> ForwardSpec:
     elif len(parts) == 2 and not text.startswith("["):
         host, port_text = parts
     else:
-        raise ValueError(
-            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or "
-            ":proxy2"
-        )
+        raise ValueError("expected PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or :proxy2")
     if not port_text.isdigit():
-        raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
+        raise ValueError(f"{port_text!r} is not a port")
     return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
 
 
