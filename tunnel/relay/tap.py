@@ -11,6 +11,8 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tunnel import __version__
+from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format
 from tunnel.relay._certs import ensure_dev_certificates
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import TokenFile
@@ -57,9 +59,9 @@ class Options(usage.Options):
 
     synopsis = "--domain DOMAIN [--listen tcp:443] [--cert C --key K] [options]"
     longdesc = (
-        "The public relay of Tunnels: terminates TLS for *.DOMAIN and dispatches each "
-        "connection by SNI to the agent that owns the tunnel; raw TCP ports for unencrypted "
-        "tunnels. Without --cert it runs in development mode with its own local CA."
+        f"The public relay of Tunnels {__version__}: terminates TLS for *.DOMAIN and "
+        "dispatches each connection by SNI to the agent that owns the tunnel; raw TCP ports "
+        "for unencrypted tunnels. Without --cert it runs in development mode with its own local CA."
     )
 
     optParameters = [
@@ -69,7 +71,7 @@ class Options(usage.Options):
         ["cert", None, None, "PEM certificate chain for DOMAIN and *.DOMAIN."],
         ["key", None, None, "PEM private key of --cert."],
         ["tcp-ports", None, "20000-29999", "Range of raw TCP tunnel ports, LOW-HIGH."],
-        ["tcp-interface", None, "", "Address raw TCP ports bind to (default: all)."],
+        ["tcp-interface", None, None, "Address raw TCP ports bind to (default: all)."],
         ["tokens", None, None, "File of accepted agent tokens, one per line."],
         ["state-dir", None, None, "Directory for keys and development certificates."],
         ["handshake-timeout", None, 10.0, "Seconds a TLS handshake may take.", _positive(float)],
@@ -181,9 +183,11 @@ class Options(usage.Options):
             "MiB a stream's receive window may auto-tune up to.",
             _positive(int),
         ],
+        LOG_FORMAT_OPTION,
     ]
 
     def postOptions(self) -> None:
+        apply_log_format(self)
         if bool(self["cert"]) != bool(self["key"]):
             raise usage.UsageError("--cert and --key go together")
         try:
@@ -270,7 +274,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         domain=domain,
         public_port=public_port,
         tcp_ports=options["tcp-ports"],
-        tcp_interface=options["tcp-interface"],
+        tcp_interface=options["tcp-interface"] or "",
         tokens=tokens,
         tokens_file=tokens_file,
         handshake_timeout=options["handshake-timeout"],
