@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "HISTORY",
+    "RECENT",
     "Connection",
     "ConnectionState",
     "Event",
@@ -30,6 +31,8 @@ __all__ = [
 
 #: Connections kept for the inspector (the open ones and the last closed ones).
 HISTORY = 500
+#: Other events kept for the inspector.
+RECENT = 50
 
 
 class ConnectionState:
@@ -173,6 +176,8 @@ class EventLog:
         self._ended_to_client = 0
         #: Targets whose refusal was told, until a connection to them works again.
         self._refusing: set[str] = set()
+        #: The last agent events other than connections' (time, event), for the page.
+        self.recent: deque[tuple[float, Event]] = deque(maxlen=RECENT)
 
     # -- observers ---------------------------------------------------------------------------
 
@@ -180,6 +185,8 @@ class EventLog:
         """
         Tell every observer of `event` (one failing observer does not stop the others).
         """
+        if event.connection is None or event.kind == "target_refused":
+            self.recent.append((self.clock(), event))
         for observer in list(self.observers):
             try:
                 observer(event)

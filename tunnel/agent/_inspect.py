@@ -117,6 +117,11 @@ def snapshot(agent: Agent) -> dict[str, Any]:
         "tunnels": tunnels(agent),
         "connections": [c.as_json() for c in events.connections()],
         "counters": events.counters(),
+        "events": [
+            {**event.as_json(), "time": round(at, 3)}
+            for at, event in events.recent
+            if event.connection is None
+        ],
     }
 
 
@@ -213,9 +218,16 @@ class EventStream(Resource):
 
     def _observe(self, event: Event) -> None:
         if event.connection is not None:
-            self._broadcast(_message("connection", event.as_json()))
+            value = {
+                **event.as_json(),
+                "time": round(self.agent.reactor.seconds(), 3),
+                "counters": self.agent.events.counters(),
+            }
+            self._broadcast(_message("connection", value))
             return
-        self._broadcast(_message("log", event.as_json()))
+        self._broadcast(
+            _message("log", {**event.as_json(), "time": round(self.agent.reactor.seconds(), 3)})
+        )
         self._broadcast(
             _message("tunnels", {"link": _link(self.agent), "tunnels": tunnels(self.agent)})
         )

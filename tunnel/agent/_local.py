@@ -101,7 +101,9 @@ class LocalFactory(ClientFactory):
                 (info.client_host, info.client_port),
                 (info.server_host, info.server_port),
             )
-        return _LocalProtocol(self.stream, header, self.events, self.connection)
+        return _LocalProtocol(
+            self.stream, header, self.events, self.connection, not self.spec.unencrypted
+        )
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         timed_out = reason.check(error.TimeoutError, error.UserError) is not None
@@ -131,12 +133,14 @@ class _LocalProtocol(SpliceProtocol):
         header: bytes = b"",
         events: EventLog | None = None,
         connection: Connection | None = None,
+        tls: bool = True,
     ) -> None:
         super().__init__(stream)
         #: Written to the target before anything from the stream (a PROXY header).
         self.header = header
         self.events = events
         self.connection = connection
+        self.tls = tls
 
     def connectionMade(self) -> None:
         stream: Stream = self.other
@@ -153,7 +157,7 @@ class _LocalProtocol(SpliceProtocol):
         super().connectionMade()
         if self.events is not None and self.connection is not None:
             self.events.connected(self.connection)
-            stream.attach(_StreamSide(transport, self.events, self.connection))
+            stream.attach(_StreamSide(transport, self.events, self.connection, self.tls))
         else:
             stream.attach(SpliceProtocol(transport))
 
@@ -183,10 +187,12 @@ class _StreamSide(SpliceProtocol):
     The stream's side of the splice: what the public client sends, to the target.
     """
 
-    def __init__(self, other: Any, events: EventLog, connection: Connection) -> None:
+    def __init__(self, other: Any, events: EventLog, connection: Connection, tls: bool) -> None:
         super().__init__(other)
         self.events = events
         self.connection = connection
+        #: The public client speaks TLS to the relay (not a raw TCP tunnel).
+        self.tls = tls
 
     def dataReceived(self, data: bytes) -> None:
         self.connection.from_client += len(data)
@@ -206,10 +212,10 @@ class _StreamSide(SpliceProtocol):
                 why = f"the link to the relay ended ({describe(link.terminated[0])})"
             elif state == ConnectionState.RESET and link is not None and link._lost:
                 by, why = Side.AGENT, "the link to the relay was lost"
-            elif by == Side.CLIENT and self.connection.half_closed_by == Side.TARGET:
-                # The target had said all it had to say: a TLS client that then closes its
-                # socket without a close_notify (most do) reaches us as a reset, but the
-                # exchange was complete.
-                state, why = ConnectionState.CLOSED, None
+            elif state == ConnectionState.RESET and by == Side.CLIENT and self.tls:
+                # Most TLS clients (curl, browsers) close their socket without a close_notify,
+                # which reaches the agent as a reset, as a TCP reset does: the relay cannot
+                # tell them apart. Most are a normal end, so say closed, and say how.
+                state, why = ConnectionState.CLOSED, "the client closed abruptly"
             self.events.ended(self.connection, state, by, why)
         super().connectionLost(reason)
