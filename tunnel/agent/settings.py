@@ -173,7 +173,7 @@ def _parse_forward(text: str) -> ForwardSpec:
     else:
         raise ValueError("expected PORT or HOST:PORT, then :tcp or :h2, then :proxy1 or :proxy2")
     if not port_text.isdigit():
-        raise ValueError(f"{port_text!r} is not a port")
+        raise ValueError("not a port" if port_text == text else f"{port_text!r} is not a port")
     return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
 
 
