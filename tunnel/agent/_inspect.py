@@ -117,11 +117,7 @@ def snapshot(agent: Agent) -> dict[str, Any]:
         "tunnels": tunnels(agent),
         "connections": [c.as_json() for c in events.connections()],
         "counters": events.counters(),
-        "events": [
-            {**event.as_json(), "time": round(at, 3)}
-            for at, event in events.recent
-            if event.connection is None
-        ],
+        "events": [{**event.as_json(), "time": round(at, 3)} for at, event in events.recent],
     }
 
 
