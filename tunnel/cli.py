@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not relay:
         parser.error("give --relay HOST:PORT or set TUNNEL_RELAY")
 
-    from twisted.internet import defer, error, reactor
+    from twisted.internet import defer, reactor
 
     from tunnel import _console, client
     from tunnel.errors import TunnelError
@@ -128,15 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A token refused (or revoked) while running: retrying cannot help.
         agent.on_refused.append(lambda reason: fatal(f"{reason}; check --token / TUNNEL_TOKEN"))
         if args.inspect is not None:
-            from tunnel.agent._inspect import listen
-            from tunnel.agent.admin import admin_site
+            from tunnel.agent._inspect import inspect
 
             try:
-                _, url = listen(reactor, admin_site(agent), args.inspect or None)
-            except (error.CannotListenError, ValueError) as e:
-                fatal(f"cannot serve the inspector: {e}")
+                url = inspect(agent, args.inspect or True)
+            except ValueError as e:
+                fatal(str(e))
                 return
-            console.say(_console.inspector_line(url))
+            console.say(_console.inspector_line(url or ""))
         try:
             for spec in specs:
                 t = await agent.forward(spec)

@@ -141,3 +141,47 @@ def test_inspector_addresses(text: str | None, address: tuple[str, int | None]) 
 def test_bad_inspector_addresses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forward_with_inspect_serves_the_page(relay: RelayService, tmp_path: Path) -> None:
+    import urllib.request
+
+    from twisted.internet import threads
+
+    from tunnel import client
+
+    reactor = get_reactor()
+    echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    port = _free_port()
+    try:
+        t = await client.forward(
+            reactor,
+            echo.getHost().port,
+            relay=f"localhost:{relay.port.getHost().port}",
+            ca=str(tmp_path / "state" / "ca.pem"),
+            inspect=f"127.0.0.1:{port}",
+        )
+        assert t.inspector_url == f"http://127.0.0.1:{port}/"
+
+        def get(path: str) -> bytes:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return bytes(r.read())
+
+        page = await threads.deferToThread(get, "/")
+        assert b"Tunnels inspector" in page
+        document = json.loads(await threads.deferToThread(get, "/connections"))
+        assert [x["url"] for x in document["tunnels"]] == [t.url]
+    finally:
+        await client.shutdown(reactor)
+        await echo.stopListening()
+    # The page stopped with the agent.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_forward_refuses_a_bad_inspector_address_at_once() -> None:
+    from tunnel import client
+
+    with pytest.raises(ValueError, match="inspector address"):
+        client.forward(get_reactor(), 8000, relay="localhost:1", inspect="a:b:c")

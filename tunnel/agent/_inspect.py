@@ -331,3 +331,26 @@ def inspector_children(agent: Agent) -> dict[bytes, Resource]:
         b"events": EventStream(agent),
         b"connections": JSONResource(lambda: snapshot(agent)),
     }
+
+
+def inspect(agent: Agent, address: bool | str | None) -> str | None:
+    """
+    Serve `agent`'s inspector (its admin site) at `address` (True: the default), once per
+    agent; it stops listening when the agent stops.
+
+    @return: the page's URL, or None for a false `address`.
+    @raise ValueError: a malformed address, or one that cannot be listened on.
+    """
+    if not address:
+        return None
+    if agent.inspector_url is not None:
+        return agent.inspector_url
+    from tunnel.agent.admin import admin_site
+
+    try:
+        port, url = listen(agent.reactor, admin_site(agent), None if address is True else address)
+    except error.CannotListenError as e:
+        raise ValueError(f"cannot serve the inspector: {e}") from None
+    agent.inspector_url = url
+    agent.on_stop.append(port.stopListening)
+    return url

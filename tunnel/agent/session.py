@@ -130,6 +130,10 @@ class Agent:
         self.events = EventLog(reactor.seconds)
         #: After a reconnect: the forwards not granted again yet (then one line says so).
         self._regranting: list[_Forward] | None = None
+        #: The URL of the inspector page serving this agent, if one does (`_inspect.inspect`).
+        self.inspector_url: str | None = None
+        #: Called when the agent stops (the inspector stops listening).
+        self.on_stop: list[Callable[[], object]] = []
 
     # -- the core's state, as the admin page and tests read it -------------------------------
 
@@ -193,6 +197,9 @@ class Agent:
         link; stop reconnecting. Fires once the link is closed (within about a second).
         """
         link = self.link
+        for stopped_too in self.on_stop:
+            stopped_too()
+        self.on_stop.clear()
         self._apply(self.control.stop(), stopping=True)
         closing: defer.Deferred[Any] = defer.succeed(None)
         if link is not None and link.transport is not None:
@@ -358,6 +365,7 @@ class Agent:
             port=grant.port,
             unencrypted_host=grant.tcp_host,
             unencrypted_port=grant.tcp_port,
+            inspector_url=self.inspector_url,
             _close=lambda: self._close(record),
         )
         record.tunnel = tunnel

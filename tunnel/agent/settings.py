@@ -25,6 +25,7 @@ __all__ = [
     "ForwardArgs",
     "ForwardOptions",
     "ForwardSpec",
+    "InspectArgs",
     "RelayAddress",
     "add_flags",
     "connection_settings",
@@ -203,7 +204,16 @@ class ConnectionArgs(TypedDict, total=False):
     proxy: str | None
 
 
-class ForwardArgs(ForwardOptions, ConnectionArgs, total=False):
+class InspectArgs(TypedDict, total=False):
+    """
+    The keyword argument of ``forward`` that serves the agent's inspector page: True for
+    127.0.0.1:4040 (or the next free port), or ``"[HOST:]PORT"``; see `Tunnel.inspector_url`.
+    """
+
+    inspect: bool | str | None
+
+
+class ForwardArgs(ForwardOptions, ConnectionArgs, InspectArgs, total=False):
     """
     Every keyword argument of `tunnel.forward` and `tunnel.client.forward`.
     """
