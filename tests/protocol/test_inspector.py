@@ -176,8 +176,8 @@ async def test_forward_with_inspect_serves_the_page(relay: RelayService, tmp_pat
         await client.shutdown(reactor)
         await echo.stopListening()
     # The page stopped with the agent.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
 
 
 def test_forward_refuses_a_bad_inspector_address_at_once() -> None:

@@ -132,7 +132,8 @@ class Agent:
         self._regranting: list[_Forward] | None = None
         #: The URL of the inspector page serving this agent, if one does (`_inspect.inspect`).
         self.inspector_url: str | None = None
-        #: Called when the agent stops (the inspector stops listening).
+        #: Called when the agent stops (the inspector stops listening); `stop` waits for
+        #: the Deferreds they return.
         self.on_stop: list[Callable[[], object]] = []
 
     # -- the core's state, as the admin page and tests read it -------------------------------
@@ -197,17 +198,14 @@ class Agent:
         link; stop reconnecting. Fires once the link is closed (within about a second).
         """
         link = self.link
-        for stopped_too in self.on_stop:
-            stopped_too()
+        waits: list[defer.Deferred[Any]] = [defer.maybeDeferred(f) for f in self.on_stop]
         self.on_stop.clear()
         self._apply(self.control.stop(), stopping=True)
-        closing: defer.Deferred[Any] = defer.succeed(None)
         if link is not None and link.transport is not None:
-            closing = link.close("agent stopping")
-        if not self._service.running:
-            return closing
-        stopped = defer.maybeDeferred(self._service.stopService)
-        d: defer.Deferred[Any] = defer.gatherResults([closing, stopped], consumeErrors=True)
+            waits.append(link.close("agent stopping"))
+        if self._service.running:
+            waits.append(defer.maybeDeferred(self._service.stopService))
+        d: defer.Deferred[Any] = defer.gatherResults(waits, consumeErrors=True)
         return d.addBoth(lambda _: None)
 
     # -- the API -----------------------------------------------------------------------------
