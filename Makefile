@@ -10,7 +10,8 @@ SRC    := tunnel tests bench twisted examples
 # Debian packages for the command-line clients the tests drive: command -> package.
 # pebble: Let's Encrypt's test ACME server (pebble and pebble-challtestsrv in /usr/bin).
 DEB_TOOLS := curl:curl openssl:openssl nc:netcat-openbsd socat:socat nghttpd:nghttp2-server \
-             ssh:openssh-client sshd:openssh-server pebble:pebble pebble-challtestsrv:pebble
+             ssh:openssh-client sshd:openssh-server pebble:pebble pebble-challtestsrv:pebble \
+             chromium:chromium
 
 .PHONY: all venv deps lint types test fuzz bench profile soak demo clean plugins
 
@@ -20,13 +21,18 @@ venv: $(STAMP)
 
 # A plain PEP 660 editable install hides twisted/plugins from Twisted's plugin discovery (it
 # scans sys.path directories for twisted/plugins/), so use the "compat" mode, which puts the
-# project root on sys.path through a .pth file.
+# project root on sys.path through a .pth file. setuptools warns on every install that the
+# mode is transitional (and, for any editable install, about folders named like packages):
+# known, and not the user's to act on, so the install runs with warnings off.
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64"
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	@test -x $(PY) || { echo "venv: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "venv: installing pip and setuptools"
+	@$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=77"
+	@echo "venv: installing tunnels (editable) and its test tools; a minute the first time"
+	@PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	@$(MAKE) --no-print-directory plugins
 	@touch $@
+	@echo "venv: ready; . $(VENV)/bin/activate for tunnel and twistd tunnelrelay/tunnelagent"
 
 # Regenerate Twisted's plugin cache (dropin.cache) so `twistd --help` lists our plugins.
 plugins:

@@ -73,3 +73,24 @@ def test_demo_reuses_its_ca(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         texts.append(ca.read_text())
     assert texts[0] == texts[1]
+
+
+def test_demo_relay_does_not_warn_about_its_ports(tmp_path: Path) -> None:
+    """The demo's raw TCP range is below the ephemeral range its relay would warn about."""
+    from tunnel.demo import tcp_port_range
+
+    for seed in (0, 1, 4242, 65535):
+        low, high = tcp_port_range(seed)
+        assert high - low == 99 and low >= 1024 and high < 32768
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel.demo", "--once", "--state-dir", str(tmp_path / "s")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    relay_log = (tmp_path / "s" / "relay.log").read_text()
+    assert "overlaps the ephemeral port range" not in relay_log, relay_log

@@ -30,6 +30,8 @@ class Tunnel:
     #: For ``unencrypted=True`` tunnels: the raw TCP host and port; else None.
     unencrypted_host: str | None = None
     unencrypted_port: int | None = None
+    #: The agent's inspector page (``forward(..., inspect=True)``), or None.
+    inspector_url: str | None = field(default=None, compare=False)
     _close: Callable[[], defer.Deferred[None]] | None = field(
         default=None, compare=False, repr=False
     )

@@ -23,6 +23,7 @@ from typing import Any, Unpack
 from twisted.internet import defer
 
 from tunnel._tunnel import Tunnel
+from tunnel.agent import _inspect
 from tunnel.agent._httpconnect import ProxyAddress
 from tunnel.agent.session import Agent
 from tunnel.agent.settings import (
@@ -158,6 +159,9 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
         system's trust store.
     @param proxy: ``http://[user:password@]host:port`` of an HTTP proxy to reach the relay
         through (``CONNECT``); default ``TUNNEL_PROXY``, else none.
+    @param inspect: serve the agent's inspector page (its tunnels, live connections): True
+        for 127.0.0.1:4040 or the next free port, or ``"[HOST:]PORT"``; the URL is
+        `Tunnel.inspector_url`.
     @raise ValueError: at once, before any I/O, for a bad argument or a port already forwarded.
     @return: a Deferred firing with the `Tunnel`, or failing with `RelayUnavailable`,
         `AuthenticationError` or `TunnelRefused` (never hanging: the relay must answer within
@@ -168,6 +172,7 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     agent = agent_for(
         reactor, kwargs.get("relay"), kwargs.get("token"), kwargs.get("ca"), kwargs.get("proxy")
     )
+    _inspect.inspect(agent, kwargs.get("inspect"))
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)
     return result

@@ -47,6 +47,24 @@ class DemoError(Exception):
     """
 
 
+def tcp_port_range(seed: int, size: int = 100) -> tuple[int, int]:
+    """
+    `size` raw TCP ports for the demo's relay, picked by `seed`, below the kernel's
+    ephemeral range: the relay warns about a range that overlaps it (a port an outgoing
+    connection holds cannot be listened on).
+    """
+    first_ephemeral = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    bottom = 20000 if first_ephemeral > 20000 + 2 * size else 1024
+    span = max(first_ephemeral - size - bottom, 1)
+    low = bottom + (seed * 7919) % span
+    return low, low + size - 1
+
+
 def _fresh_log(state: str, name: str) -> Path:
     """The log file `name` in the demo's directory, emptied: each run starts a new one."""
     path = Path(state) / name
@@ -156,12 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         web_port = int(web.wait_log(r"port (\d+)", READY_TIMEOUT).group(1))
 
         # The relay: started on free ports, ready when its admin endpoint says so.
-        relay_port = _free_port()
-        tcp_low = 30000 + (relay_port * 7919) % 9900
         relay = RelayProcess.start(
             _fresh_log(state, "relay.log"),
             state_dir=Path(relay_state),
-            tcp_ports=(tcp_low, tcp_low + 99),
+            tcp_ports=tcp_port_range(_free_port()),
             extra=["--drain-grace", "2"],
             new_session=True,
             attempts=3,

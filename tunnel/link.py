@@ -461,7 +461,10 @@ class LinkProtocol(Protocol):
         self._lost = True
         self._cancel_timers()
         try:
-            events = self.mux.connection_lost(str(reason.value)) if hasattr(self, "mux") else []
+            clean = reason.check(error.ConnectionDone) is not None
+            events = (
+                self.mux.connection_lost(str(reason.value), clean) if hasattr(self, "mux") else []
+            )
             self._dispatch(events)
             for stream in list(self.streams.values()):
                 stream._reset(ErrorCode.CANCEL, "link lost")
@@ -546,7 +549,7 @@ class LinkProtocol(Protocol):
         self._lost_waiters.append(done)
         self._dispatch(self.mux.go_away(ErrorCode.NO_ERROR, message))
         self.flush()
-        self.transport.loseConnection()
+        self._lose_transport()
         if self._abort_call is None:
             self._abort_call = self.reactor.callLater(timeout, self._abort)
         return done
@@ -619,7 +622,7 @@ class LinkProtocol(Protocol):
                 self._closing = True
                 # A TLS loseConnection can wait forever for the peer's close_notify, so
                 # abort if it has not finished soon.
-                transport.loseConnection()
+                self._lose_transport()
                 self._abort_call = self.reactor.callLater(1.0, self._abort)
             return
         if self._paused:
@@ -645,6 +648,22 @@ class LinkProtocol(Protocol):
         self._abort()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _lose_transport(self) -> None:
+        """
+        Close the transport after what is written. The link stops being its producer first:
+        a TLS transport does not start its close (close_notify) while a producer is
+        registered, so the close would wait for the abort timer, and the peer would see a
+        connection lost "in a non-clean fashion" instead of a clean close.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        transport.loseConnection()
 
     def _abort(self) -> None:
         self._abort_call = None

@@ -818,10 +818,10 @@ def test_reconnect_storm(grp: Group) -> Any:
     moved: list[str] = []
 
     def observer(event: dict[str, Any]) -> None:
-        fmt = event.get("log_format")
-        if fmt == "tunnel {url} is back":
+        kind = event.get("event_type")
+        if kind == "tunnel_back":
             back.setdefault(event["url"], time.monotonic())
-        elif fmt == "tunnel {old} came back as {new}":
+        elif kind == "tunnel_moved":
             moved.append(event["old"])
 
     globalLogPublisher.addObserver(observer)

@@ -36,7 +36,7 @@ def test_forward_syntax(text: str, spec: ForwardSpec) -> None:
         ("", "not a port"),
         ("http", "not a port"),
         ("tcp", "not a port"),
-        ("a:b:8000", "is not PORT or HOST:PORT"),
+        ("a:b:8000", "expected PORT or HOST:PORT"),
         ("8000:tcp:h2", "tcp and h2 together"),
         ("8000:proxy1:proxy2", "two PROXY protocol versions"),
         ("8000:proxy3", "not a port"),
@@ -45,8 +45,8 @@ def test_forward_syntax(text: str, spec: ForwardSpec) -> None:
         ("[::1]8000", "as \\[ADDRESS\\]:PORT"),
         ("[::1", "as \\[ADDRESS\\]:PORT"),
         ("[]:80", "as \\[ADDRESS\\]:PORT"),
-        ("[::1]:a:80", "is not PORT or HOST:PORT"),
-        ("::1:8000", "is not PORT or HOST:PORT"),
+        ("[::1]:a:80", "expected PORT or HOST:PORT"),
+        ("::1:8000", "expected PORT or HOST:PORT"),
     ],
 )
 def test_bad_forwards_say_why(text: str, message: str) -> None:

@@ -31,7 +31,7 @@ def test_forward_keywords_are_the_options_the_target_and_the_connection() -> Non
     assert set(ConnectionArgs.__annotations__) == set(settings.ENVIRONMENT)
     assert set(ForwardArgs.__annotations__) == set(ForwardOptions.__annotations__) | set(
         ConnectionArgs.__annotations__
-    )
+    ) | {"inspect"}
     # Both APIs take them through the one TypedDict.
     for api in (client.forward, tunnel.forward):
         kwargs = inspect.signature(api).parameters["kwargs"]

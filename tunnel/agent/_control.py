@@ -299,7 +299,15 @@ class AgentControl:
         record.closed = True
         if record in self.forwards:
             self.forwards.remove(record)
-        effects: list[Effect] = [Log("info", f"tunnel {_url(record)} closed")]
+        effects: list[Effect] = [
+            Log(
+                "info",
+                f"tunnel {_url(record)} closed",
+                "tunnel_closed",
+                detail=True,
+                tunnel_id=record.tunnel_id,
+            )
+        ]
         if self.state not in _LINKED or record.tunnel_id is None:
             return effects
         self._closing.add(record.tunnel_id)
@@ -428,7 +436,11 @@ class AgentControl:
             return []
         self.relay_index += 1
         return [
-            Log("info", f"relay is draining ({message}); reconnecting once streams finish"),
+            Log(
+                "info",
+                f"relay is draining ({message}); reconnecting once streams finish",
+                "relay_draining",
+            ),
             Drain(),
         ]
 
@@ -444,7 +456,7 @@ class AgentControl:
         if previous is SessionState.HELLO_SENT:
             effects += self._attempt_failed(reason)
         elif previous is SessionState.WELCOMED and self.forwards:
-            effects.append(Log("warn", "link to relay lost; reconnecting"))
+            effects.append(Log("warn", "link to relay lost; reconnecting", "link_lost"))
         return effects
 
     def received(self, message: ControlMessage) -> list[Effect]:
@@ -483,6 +495,7 @@ class AgentControl:
                 Log(
                     "error",
                     f"the relay does not support {what}; not opening {spec.target} to everyone",
+                    "tunnel_failed",
                 ),
                 *self._fail(
                     record,
@@ -524,6 +537,8 @@ class AgentControl:
                         "warn",
                         f"the relay no longer knows tunnel {record.tunnel_id}; "
                         "asking for a new one",
+                        "tunnel_lost",
+                        tunnel_id=record.tunnel_id,
                     )
                 ]
                 record.tunnel_id = record.secret = None
@@ -549,7 +564,12 @@ class AgentControl:
         for record in list(self.forwards):
             if record.tunnel_id == message.tunnel_id:
                 effects.append(
-                    Log("warn", f"relay closed tunnel {message.tunnel_id}: {message.reason}")
+                    Log(
+                        "warn",
+                        f"relay closed tunnel {message.tunnel_id}: {message.reason}",
+                        "tunnel_closed_by_relay",
+                        tunnel_id=message.tunnel_id,
+                    )
                 )
                 record.closed = True
                 self.forwards.remove(record)
@@ -569,8 +589,18 @@ class AgentControl:
         self, reason: str, error_type: type[Exception] = RelayUnavailable
     ) -> list[Effect]:
         self.last_error = reason
-        effects: list[Effect] = [Log("warn", f"relay {self.describe_relays()}: {reason}")]
-        if error_type is AuthenticationError:
+        refused = error_type is AuthenticationError
+        effects: list[Effect] = [
+            Log(
+                "warn",
+                f"relay {self.describe_relays()}: {reason}",
+                "token_refused" if refused else "retrying",
+                # Each failed attempt of a reconnect; the first connection's failure ends
+                # the callers' waits, and they say why.
+                detail=not refused,
+            )
+        ]
+        if refused:
             return effects + self._refused(reason)
         if self.fail_fast:
             for record in list(self.forwards):
@@ -586,7 +616,14 @@ class AgentControl:
         effects: list[Effect] = []
         for record in list(self.forwards):
             if not record.waiting and record.granted is not None:
-                effects.append(Log("error", f"tunnel {_url(record)} closed: {reason}"))
+                effects.append(
+                    Log(
+                        "error",
+                        f"tunnel {_url(record)} closed: {reason}",
+                        "tunnel_closed",
+                        tunnel_id=record.tunnel_id,
+                    )
+                )
             effects += self._fail(record, AuthenticationError(reason))
         self._requests.clear()
         return [*effects, StopDialing(), StopRetrying(reason)]

@@ -98,6 +98,11 @@ class FailoverEndpoint:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
+    def __repr__(self) -> str:
+        # ClientService logs the endpoint ("Scheduling retry 2 to connect ..."): say which.
+        agent = self.agent
+        return f"relay {agent.relays[agent._relay_index % len(agent.relays)]}"
+
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         agent = self.agent
         relay = agent.relays[agent._relay_index % len(agent.relays)]

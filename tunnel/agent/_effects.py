@@ -148,8 +148,14 @@ class Violation(Effect):
 @dataclass(frozen=True)
 class Log(Effect):
     """
-    Something worth a log line.
+    Something worth a log line, and worth telling whoever watches the agent (the `tunnel`
+    command, the inspector): `kind` names what happened (`tunnel.agent._events.Event`).
     """
 
     level: str  # "info", "warn", "error"
     text: str
+    kind: str = "log"
+    #: Only worth showing when asked for more (each failed attempt, each closed tunnel).
+    detail: bool = False
+    #: The tunnel it is about, if one.
+    tunnel_id: str | None = None

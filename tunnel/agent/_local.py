@@ -1,6 +1,10 @@
 """
 The local data path: for each stream the relay opens, a connection to the forward's local
 target (with a PROXY protocol header first if asked), spliced to the stream both ways.
+
+Each connection has its `Connection` record (`_events.py`): the two splice protocols add
+the octets they pass on to it (one integer addition per read, nothing else), and say when
+their side finished sending or ended, and why.
 """
 
 from __future__ import annotations
@@ -13,15 +17,56 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tunnel.agent._dial import describe_failure
+from tunnel.agent._events import Connection, ConnectionState, EventLog, Side
 from tunnel.agent._proxyheader import proxy_header
 from tunnel.agent.settings import ForwardSpec
-from tunnel.link import SpliceProtocol, Stream
+from tunnel.link import SpliceProtocol, Stream, StreamResetError, write_now
 from tunnel.wire import ErrorCode
 from tunnel.wire.control import StreamInfo
+from tunnel.wire.errors import describe
 
-__all__ = ["LocalFactory"]
+__all__ = ["LocalFactory", "refusal", "stream_end"]
 
 _log = Logger()
+
+#: Why the relay resets a stream, by code, for people (the relay resets with CANCEL when
+#: the public client reset its connection or went away).
+_RELAY_RESETS: dict[int, tuple[str, str]] = {
+    ErrorCode.CANCEL: (Side.CLIENT, "reset by the client"),
+    ErrorCode.IDLE_TIMEOUT: (Side.RELAY, "idle timeout at the relay"),
+    ErrorCode.SHUTDOWN: (Side.RELAY, "the relay is shutting down"),
+    ErrorCode.ENHANCE_YOUR_CALM: (Side.RELAY, "a limit of the relay"),
+    ErrorCode.REFUSED_STREAM: (Side.RELAY, "refused by the relay (a limit)"),
+}
+
+
+def refusal(target: str, reason: Failure, timeout: float) -> str:
+    """
+    Why a connection to the local `target` failed, for people.
+    """
+    if reason.check(error.ConnectionRefusedError):
+        return f"nothing is listening on {target}"
+    if reason.check(error.TimeoutError, error.UserError):
+        return f"{target} did not accept the connection within {timeout:g} s"
+    return f"cannot connect to {target}: {describe_failure(reason)}"
+
+
+def stream_end(reason: Failure) -> tuple[str, str, str | None]:
+    """
+    How a connection ended, from its stream's end `reason`: (state, by, why).
+    """
+    if reason.check(error.ConnectionDone):
+        return ConnectionState.CLOSED, Side.CLIENT, None
+    value = reason.value
+    if isinstance(value, StreamResetError):
+        remote = "by the peer" in str(value)
+        if not remote:
+            return ConnectionState.RESET, Side.AGENT, f"reset by the agent ({describe(value.code)})"
+        by, why = _RELAY_RESETS.get(
+            value.code, (Side.RELAY, f"reset by the relay ({describe(value.code)})")
+        )
+        return ConnectionState.RESET, by, why
+    return ConnectionState.RESET, Side.AGENT, describe_failure(reason)
 
 
 class LocalFactory(ClientFactory):
@@ -31,10 +76,21 @@ class LocalFactory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, stream: Stream, spec: ForwardSpec, info: StreamInfo) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        spec: ForwardSpec,
+        info: StreamInfo,
+        events: EventLog | None = None,
+        connection: Connection | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         self.stream = stream
         self.spec = spec
         self.info = info
+        self.events = events
+        self.connection = connection
+        self.timeout = timeout
 
     def buildProtocol(self, addr: Any) -> Protocol:
         header = b""
@@ -45,7 +101,9 @@ class LocalFactory(ClientFactory):
                 (info.client_host, info.client_port),
                 (info.server_host, info.server_port),
             )
-        return _LocalProtocol(self.stream, header)
+        return _LocalProtocol(
+            self.stream, header, self.events, self.connection, not self.spec.unencrypted
+        )
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         timed_out = reason.check(error.TimeoutError, error.UserError) is not None
@@ -54,7 +112,13 @@ class LocalFactory(ClientFactory):
             "cannot connect to {target}: {reason}",
             target=self.spec.target,
             reason=describe_failure(reason),
+            event_type="target_refused",
+            tunnel_id=self.info.tunnel_id,
+            client=f"{self.info.client_host}:{self.info.client_port}",
         )
+        if self.events is not None and self.connection is not None:
+            why = refusal(self.spec.target, reason, self.timeout)
+            self.events.ended(self.connection, ConnectionState.FAILED, Side.TARGET, why)
         self.stream.abortConnection(code)
 
 
@@ -63,19 +127,95 @@ class _LocalProtocol(SpliceProtocol):
     The local target's connection, joined to its stream.
     """
 
-    def __init__(self, stream: Stream, header: bytes = b"") -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        header: bytes = b"",
+        events: EventLog | None = None,
+        connection: Connection | None = None,
+        tls: bool = True,
+    ) -> None:
         super().__init__(stream)
         #: Written to the target before anything from the stream (a PROXY header).
         self.header = header
+        self.events = events
+        self.connection = connection
+        self.tls = tls
 
     def connectionMade(self) -> None:
         stream: Stream = self.other
         transport = self.transport
         assert transport is not None
         if stream._closed:
+            if self.events is not None and self.connection is not None:
+                why = "the client left before the target answered"
+                self.events.ended(self.connection, ConnectionState.RESET, Side.CLIENT, why)
             transport.abortConnection()  # type: ignore[attr-defined]
             return
         if self.header:
             transport.write(self.header)
         super().connectionMade()
-        stream.attach(SpliceProtocol(transport))
+        if self.events is not None and self.connection is not None:
+            self.events.connected(self.connection)
+            stream.attach(_StreamSide(transport, self.events, self.connection, self.tls))
+        else:
+            stream.attach(SpliceProtocol(transport))
+
+    def dataReceived(self, data: bytes) -> None:
+        connection = self.connection
+        if connection is not None:
+            connection.to_client += len(data)
+        write_now(self.other, data)
+
+    def readConnectionLost(self) -> None:
+        if self.events is not None and self.connection is not None:
+            self.events.half_closed(self.connection, Side.TARGET)
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        events, connection = self.events, self.connection
+        if events is not None and connection is not None and not connection.ended_already:
+            if reason.check(error.ConnectionDone):
+                events.ended(connection, ConnectionState.CLOSED, Side.TARGET)
+            else:
+                events.ended(connection, ConnectionState.RESET, Side.TARGET, "reset by the target")
+        super().connectionLost(reason)
+
+
+class _StreamSide(SpliceProtocol):
+    """
+    The stream's side of the splice: what the public client sends, to the target.
+    """
+
+    def __init__(self, other: Any, events: EventLog, connection: Connection, tls: bool) -> None:
+        super().__init__(other)
+        self.events = events
+        self.connection = connection
+        #: The public client speaks TLS to the relay (not a raw TCP tunnel).
+        self.tls = tls
+
+    def dataReceived(self, data: bytes) -> None:
+        self.connection.from_client += len(data)
+        write_now(self.other, data)
+
+    def readConnectionLost(self) -> None:
+        self.events.half_closed(self.connection, Side.CLIENT)
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        if not self.connection.ended_already:
+            state, by, why = stream_end(reason)
+            link = getattr(self.transport, "link", None)
+            if state == ConnectionState.RESET and link is not None and link.terminated:
+                # The whole link ended (every stream with it), not this connection alone.
+                by = Side.RELAY if link.terminated[2] else Side.AGENT
+                why = f"the link to the relay ended ({describe(link.terminated[0])})"
+            elif state == ConnectionState.RESET and link is not None and link._lost:
+                by, why = Side.AGENT, "the link to the relay was lost"
+            elif state == ConnectionState.RESET and by == Side.CLIENT and self.tls:
+                # Most TLS clients (curl, browsers) close their socket without a close_notify,
+                # which reaches the agent as a reset, as a TCP reset does: the relay cannot
+                # tell them apart. Most are a normal end, so say closed, and say how.
+                state, why = ConnectionState.CLOSED, "the client closed abruptly"
+            self.events.ended(self.connection, state, by, why)
+        super().connectionLost(reason)

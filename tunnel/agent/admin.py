@@ -1,7 +1,9 @@
 """
-The agent's admin endpoint (``--admin tcp:9091:interface=127.0.0.1``): Prometheus metrics at
-``/metrics``, a JSON summary at ``/status``, and ``/ready`` for readiness probes (200 once the
-link is up and every tunnel is granted, 503 otherwise). Bind it to loopback.
+The agent's admin endpoint (``--admin tcp:9091:interface=127.0.0.1``): the inspector page at
+``/`` (its tunnels and a live table of connections, from ``/events``; see `_inspect`),
+Prometheus metrics at ``/metrics``, a JSON summary at ``/status``, and ``/ready`` for
+readiness probes (200 once the link is up and every tunnel is granted, 503 otherwise).
+Bind it to loopback.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from twisted.web.server import Site
 
 from tunnel._admin import JSONResource, ReadyResource, gauges
 from tunnel._admin import admin_site as _site
+from tunnel.agent._inspect import inspector_children
 from tunnel.agent.session import Agent
 
 __all__ = ["admin_site", "agent_status"]
@@ -77,6 +80,7 @@ def admin_site(agent: Agent) -> Site:
     return _site(
         gauges("tunnels_agent", values),
         {
+            **inspector_children(agent),
             b"status": JSONResource(lambda: agent_status(agent)),
             b"ready": ReadyResource(lambda: agent_ready(agent)),
         },

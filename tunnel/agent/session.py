@@ -25,6 +25,7 @@ from tunnel._rate import format_rate
 from tunnel._tunnel import Tunnel
 from tunnel.agent import _control as control
 from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
+from tunnel.agent._events import EventLog
 from tunnel.agent._httpconnect import ProxyAddress
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory
@@ -112,11 +113,14 @@ class Agent:
         self._trust = trust_root(ca)
         factory = Factory.forProtocol(lambda: AgentLink(self))
         factory.noisy = False
+        policy = retry_policy or backoffPolicy(
+            initialDelay=0.1, maxDelay=10.0, factor=2.0, jitter=random.random
+        )
         self._service = ClientService(
             FailoverEndpoint(self),
             factory,
-            retryPolicy=retry_policy
-            or backoffPolicy(initialDelay=0.1, maxDelay=10.0, factor=2.0, jitter=random.random),
+            # Tenths of a second: ClientService logs the delay ("in 2.6 seconds").
+            retryPolicy=lambda attempt: round(policy(attempt), 1),
             clock=reactor,
         )
         self._ranked = False
@@ -125,6 +129,15 @@ class Agent:
         self.on_refused: list[Callable[[str], object]] = []
         #: Links the relay accepted (the first one, then one per reconnect).
         self.links_made = 0
+        #: What happened, for the `tunnel` command and the inspector; the connections.
+        self.events = EventLog(reactor.seconds)
+        #: After a reconnect: the forwards not granted again yet (then one line says so).
+        self._regranting: list[_Forward] | None = None
+        #: The URL of the inspector page serving this agent, if one does (`_inspect.inspect`).
+        self.inspector_url: str | None = None
+        #: Called when the agent stops (the inspector stops listening); `stop` waits for
+        #: the Deferreds they return.
+        self.on_stop: list[Callable[[], object]] = []
 
     # -- the core's state, as the admin page and tests read it -------------------------------
 
@@ -188,14 +201,14 @@ class Agent:
         link; stop reconnecting. Fires once the link is closed (within about a second).
         """
         link = self.link
+        waits: list[defer.Deferred[Any]] = [defer.maybeDeferred(f) for f in self.on_stop]
+        self.on_stop.clear()
         self._apply(self.control.stop(), stopping=True)
-        closing: defer.Deferred[Any] = defer.succeed(None)
         if link is not None and link.transport is not None:
-            closing = link.close("agent stopping")
-        if not self._service.running:
-            return closing
-        stopped = defer.maybeDeferred(self._service.stopService)
-        d: defer.Deferred[Any] = defer.gatherResults([closing, stopped], consumeErrors=True)
+            waits.append(link.close("agent stopping"))
+        if self._service.running:
+            waits.append(defer.maybeDeferred(self._service.stopService))
+        d: defer.Deferred[Any] = defer.gatherResults(waits, consumeErrors=True)
         return d.addBoth(lambda _: None)
 
     # -- the API -----------------------------------------------------------------------------
@@ -309,6 +322,12 @@ class Agent:
                 self.links_made += 1
                 link.keepalive_interval = effect.welcome.keepalive_interval
                 link.keepalive_timeout = effect.welcome.keepalive_timeout
+                relay = self._relay_names() if len(self.relays) == 1 else self._current_relay()
+                if self.links_made == 1:
+                    self._say("link_up", f"connected to relay {relay}", detail=True, relay=relay)
+                else:
+                    self._say("link_up", f"reconnected to relay {relay}", detail=True, relay=relay)
+                    self._regranting = [f for f in self.forwards if f.tunnel is not None]
             elif isinstance(effect, control.Granted):
                 self._granted(effect)
             elif isinstance(effect, control.Failed):
@@ -338,12 +357,26 @@ class Agent:
                 for observer in list(self.on_refused):
                     observer(effect.reason)
             elif isinstance(effect, control.Violation):
-                _log.warn("relay broke the protocol: {why}", why=effect.message)
+                self._say("protocol_error", f"relay broke the protocol: {effect.message}", "warn")
                 if link is not None:
                     link.goAway(ErrorCode.PROTOCOL_ERROR, effect.message)
             elif isinstance(effect, control.Log):
-                getattr(_log, effect.level)("{text}", text=effect.text)
+                fields = {} if effect.tunnel_id is None else {"tunnel_id": effect.tunnel_id}
+                self._say(effect.kind, effect.text, effect.level, detail=effect.detail, **fields)
         self._schedule()
+
+    def _say(
+        self, kind: str, text: str, level: str = "info", *, detail: bool = False, **fields: Any
+    ) -> None:
+        """
+        Log `text` (with `kind` as ``event_type`` and `fields`, for structured logs) and tell
+        the event log's observers.
+        """
+        getattr(_log, level)("{text}", text=text, event_type=kind, **fields)
+        self.events.say(kind, text, level, detail=detail, **fields)
+
+    def _current_relay(self) -> str:
+        return str(self.relays[self._relay_index % len(self.relays)])
 
     def _schedule(self) -> None:
         deadline = self.control.next_deadline()
@@ -366,6 +399,7 @@ class Agent:
             port=grant.port,
             unencrypted_host=grant.tcp_host,
             unencrypted_port=grant.tcp_port,
+            inspector_url=self.inspector_url,
             _close=lambda: self._close(record),
             _issue=lambda csr: self.issue_certificate(record, csr),
         )
@@ -384,15 +418,35 @@ class Agent:
                 else (" (the relay's ceiling)" if asked is None else ""),
             )
         record.granted_rate = grant.rate_limit
+        fields: dict[str, Any] = {
+            "tunnel_id": grant.tunnel_id,
+            "url": tunnel.url,
+            "target": record.spec.target,
+        }
         if previous is None:
             where = f"{tunnel.url}"
             if tunnel.unencrypted_port is not None:
                 where += f" tcp://{tunnel.unencrypted_host}:{tunnel.unencrypted_port}"
-            _log.info("tunnel ready: {where} -> {target}", where=where, target=record.spec.target)
+            self._say("tunnel_ready", f"tunnel ready: {where} -> {record.spec.target}", **fields)
         elif previous != tunnel:
-            _log.warn("tunnel {old} came back as {new}", old=previous.url, new=tunnel.url)
+            where = tunnel.url
+            if tunnel.unencrypted_port is not None:
+                where += f" tcp://{tunnel.unencrypted_host}:{tunnel.unencrypted_port}"
+            self._say(
+                "tunnel_moved",
+                f"tunnel {previous.url} came back as {where}",
+                "warn",
+                old=previous.url,
+                **fields,
+            )
         else:
-            _log.info("tunnel {url} is back", url=tunnel.url)
+            self._say("tunnel_back", f"tunnel {tunnel.url} is back", detail=True, **fields)
+        regranting = self._regranting
+        if regranting is not None and record in regranting:
+            regranting.remove(record)
+            if not regranting:
+                self._regranting = None
+                self._say("link_back", "reconnected to the relay: tunnels back")
         waiting, record.deferred = record.deferred, None
         if waiting is not None:
             waiting.callback(tunnel)
@@ -411,9 +465,14 @@ class Agent:
             return
         stream.tunnel_id = info.tunnel_id
         spec = record.spec
+        connection = self.events.opened(
+            info.tunnel_id, spec.target, info.client_host, info.client_port
+        )
         self.reactor.connectTCP(
             spec.host,
             spec.port,
-            LocalFactory(stream, spec, info),
+            LocalFactory(
+                stream, spec, info, self.events, connection, timeout=self.local_connect_timeout
+            ),
             timeout=self.local_connect_timeout,
         )

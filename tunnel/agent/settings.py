@@ -25,6 +25,7 @@ __all__ = [
     "ForwardArgs",
     "ForwardOptions",
     "ForwardSpec",
+    "InspectArgs",
     "RelayAddress",
     "add_flags",
     "connection_settings",
@@ -148,7 +149,7 @@ class ForwardSpec:
         return f"{host}:{self.port}"
 
 
-def parse_forward(text: str) -> ForwardSpec:
+def parse_forward(text: str, *, label: str | None = None) -> ForwardSpec:
     """
     Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
     after a colon: ``tcp`` (a raw TCP tunnel), ``h2`` or ``passthrough`` (the target terminates
@@ -156,14 +157,23 @@ def parse_forward(text: str) -> ForwardSpec:
     or ``proxy2`` (a PROXY protocol header to the target), and ``rate=RATE`` (a rate limit
     such as ``10MB/s``), e.g. ``22:tcp:proxy2``, ``8000:rate=10MB``.
 
-    @raise ValueError: not of that form.
+    @param label: how the value is named in messages, as the user wrote it; default
+        ``--forward '<text>'`` (the ``tunnel`` command passes ``'<text>'``).
+    @raise ValueError: not of that form; the message starts with `label`.
     """
+    try:
+        return _parse_forward(text)
+    except ValueError as e:
+        raise ValueError(f"{label or f'--forward {text!r}'}: {e}") from None
+
+
+def _parse_forward(text: str) -> ForwardSpec:
     host = "127.0.0.1"
     rest = text
     if text.startswith("["):
         inside, sep, rest = text[1:].partition("]")
         if not sep or not inside or not rest.startswith(":"):
-            raise ValueError(f"--forward {text!r}: write an IPv6 target as [ADDRESS]:PORT")
+            raise ValueError("write an IPv6 target as [ADDRESS]:PORT")
         host, rest = inside, rest[1:]
     parts = rest.split(":")
     suffixes = []
@@ -176,12 +186,11 @@ def parse_forward(text: str) -> ForwardSpec:
         host, port_text = parts
     else:
         raise ValueError(
-            f"--forward {text!r} is not PORT or HOST:PORT, then :tcp, :h2 or :passthrough, then "
-            ":proxy1 or "
+            "expected PORT or HOST:PORT, then :tcp, :h2 or :passthrough, then :proxy1 or "
             ":proxy2, then :rate=RATE"
         )
     if not port_text.isdigit():
-        raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
+        raise ValueError("not a port" if port_text == text else f"{port_text!r} is not a port")
     return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
 
 
@@ -216,7 +225,16 @@ class ConnectionArgs(TypedDict, total=False):
     proxy: str | None
 
 
-class ForwardArgs(ForwardOptions, ConnectionArgs, total=False):
+class InspectArgs(TypedDict, total=False):
+    """
+    The keyword argument of ``forward`` that serves the agent's inspector page: True for
+    127.0.0.1:4040 (or the next free port), or ``"[HOST:]PORT"``; see `Tunnel.inspector_url`.
+    """
+
+    inspect: bool | str | None
+
+
+class ForwardArgs(ForwardOptions, ConnectionArgs, InspectArgs, total=False):
     """
     Every keyword argument of `tunnel.forward` and `tunnel.client.forward`.
     """

@@ -12,6 +12,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from tunnel import __version__
+from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format, exit_status
 from tunnel.agent import settings
 from tunnel.agent.session import Agent, ForwardSpec
 from tunnel.errors import AuthenticationError
@@ -33,8 +35,9 @@ class Options(usage.Options):
         "[--deny NETWORK] [--token T] [--ca CA]"
     )
     longdesc = (
-        "The agent of Tunnels: dials out to a relay over TLS and forwards public "
-        "connections of each tunnel to a local port."
+        f"The agent of Tunnels {__version__}: dials out to a relay over TLS and forwards "
+        "public connections of each tunnel to a local port. --admin also serves the "
+        "inspector page (its tunnels and a live table of connections) at /."
     )
     optParameters = [
         ["relay", None, None, "Relay HOST:PORT, or a comma-separated list (TUNNEL_RELAY)."],
@@ -45,10 +48,12 @@ class Options(usage.Options):
             "admin",
             None,
             None,
-            "Endpoint for /metrics, /status and /ready (e.g. tcp:9091:interface=127.0.0.1).",
+            "Endpoint for the inspector page at /, /metrics, /status and /ready "
+            "(e.g. tcp:9091:interface=127.0.0.1).",
         ],
         ["max-streams", None, 16384, "Public connections the relay may open at once.", int],
         ["max-window", None, 16, "MiB a stream's receive window may auto-tune up to.", int],
+        LOG_FORMAT_OPTION,
     ]
 
     def __init__(self) -> None:
@@ -66,6 +71,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
     def postOptions(self) -> None:
+        apply_log_format(self)
         try:
             connection = settings.connection_settings(
                 self["relay"],
@@ -113,9 +119,13 @@ class AgentService(service.Service):
     The agent as a Twisted service: asks for every forward, retrying until granted.
     """
 
-    def __init__(self, agent: Agent, forwards: list[ForwardSpec]) -> None:
+    def __init__(
+        self, agent: Agent, forwards: list[ForwardSpec], exit_on_refusal: bool = False
+    ) -> None:
         self.agent = agent
         self.forwards = forwards
+        #: Under twistd: leave with status 1 once stopped for a refused token.
+        self.exit_on_refusal = exit_on_refusal
 
     def startService(self) -> None:
         super().startService()
@@ -127,8 +137,12 @@ class AgentService(service.Service):
         # A refused (or revoked) token is not fixed by retrying.
         if not self.running:
             return
-        _log.error("{why}; stopping: check --token / TUNNEL_TOKEN", why=reason)
+        _log.error(
+            "{why}; stopping: check --token / TUNNEL_TOKEN", why=reason, event_type="token_refused"
+        )
         self.running = False
+        if self.exit_on_refusal:
+            exit_status(1)
         self.agent.reactor.stop()
 
     def _ask(self, spec: ForwardSpec) -> None:
@@ -169,7 +183,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
             max_streams=options["max-streams"], max_window=options["max-window"] * 1024 * 1024
         ),
     )
-    agent_service = AgentService(agent, options["forward"])
+    # Options parsed by twistd have it as parent; only then is this process the daemon's own.
+    agent_service = AgentService(
+        agent, options["forward"], exit_on_refusal=getattr(options, "parent", None) is not None
+    )
     if not options["admin"]:
         return agent_service
     from twisted.application.internet import StreamServerEndpointService

@@ -13,6 +13,8 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tunnel import __version__
+from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format
 from tunnel._rate import parse_rate
 from tunnel.relay._acme import (
     CHECK_INTERVAL,
@@ -76,9 +78,10 @@ class Options(usage.Options):
         "[options]"
     )
     longdesc = (
-        "The public relay of Tunnels: terminates TLS for *.DOMAIN and dispatches each "
-        "connection by SNI to the agent that owns the tunnel; raw TCP ports for unencrypted "
-        "tunnels. Without --cert or --acme it runs in development mode with its own local CA."
+        f"The public relay of Tunnels {__version__}: terminates TLS for *.DOMAIN and "
+        "dispatches each connection by SNI to the agent that owns the tunnel; raw TCP ports "
+        "for unencrypted tunnels. Without --cert or --acme it runs in development mode with "
+        "its own local CA."
     )
 
     optParameters = [
@@ -125,7 +128,7 @@ class Options(usage.Options):
             _positive(float),
         ],
         ["tcp-ports", None, "20000-29999", "Range of raw TCP tunnel ports, LOW-HIGH."],
-        ["tcp-interface", None, "", "Address raw TCP ports bind to (default: all)."],
+        ["tcp-interface", None, None, "Address raw TCP ports bind to (default: all)."],
         ["tokens", None, None, "File of accepted agent tokens, one per line."],
         ["state-dir", None, None, "Directory for keys and development certificates."],
         ["handshake-timeout", None, 10.0, "Seconds a TLS handshake may take.", _positive(float)],
@@ -246,9 +249,11 @@ class Options(usage.Options):
             "MiB a stream's receive window may auto-tune up to.",
             _positive(int),
         ],
+        LOG_FORMAT_OPTION,
     ]
 
     def postOptions(self) -> None:
+        apply_log_format(self)
         if bool(self["cert"]) != bool(self["key"]):
             raise usage.UsageError("--cert and --key go together")
         self._check_acme()
@@ -368,7 +373,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         domain=domain,
         public_port=public_port,
         tcp_ports=options["tcp-ports"],
-        tcp_interface=options["tcp-interface"],
+        tcp_interface=options["tcp-interface"] or "",
         tokens=tokens,
         tokens_file=tokens_file,
         handshake_timeout=options["handshake-timeout"],

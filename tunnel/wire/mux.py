@@ -575,14 +575,18 @@ class Multiplexer:
         self._terminate(code, message, remote=False, events=events, send_goaway=True)
         return events
 
-    def connection_lost(self, message: str = "connection lost") -> list[Event]:
+    def connection_lost(self, message: str = "connection lost", clean: bool = False) -> list[Event]:
         """
         The transport is gone: reset every stream and end the link without sending anything.
+
+        @param clean: the transport closed cleanly (the peer closed it on purpose): the link
+            ends with NO_ERROR rather than CANCEL.
         """
         if self.state is LinkState.CLOSED:
             return []
         events: list[Event] = []
-        self._terminate(ErrorCode.CANCEL, message, remote=True, events=events, send_goaway=False)
+        code = ErrorCode.NO_ERROR if clean else ErrorCode.CANCEL
+        self._terminate(code, message, remote=True, events=events, send_goaway=False)
         return events
 
     # -- output --------------------------------------------------------------------------

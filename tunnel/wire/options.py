@@ -446,8 +446,8 @@ def parse_request_options(kind: str, options: Mapping[str, Any]) -> dict[str, An
 
 def parse_suffixes(text: str, suffixes: Sequence[str]) -> dict[str, Any]:
     """
-    Option values from the suffixes of a ``--forward`` value (`text`, for messages), read
-    from the last one back, as they are peeled off the target.
+    Option values from the suffixes of a ``--forward`` value (`text`), read from the last
+    one back, as they are peeled off the target.
 
     @raise ValueError: an unknown suffix, or two of one group.
     """
@@ -456,11 +456,11 @@ def parse_suffixes(text: str, suffixes: Sequence[str]) -> dict[str, Any]:
     for suffix in suffixes:
         option = suffix_option(suffix)
         if option is None:
-            raise ValueError(f"--forward {text!r}: unknown option {suffix!r}")
+            raise ValueError(f"unknown option {suffix!r}")
         group = option.group or option.name
         if group in seen:
             message = option.conflict.format(this=suffix, other=seen[group])
-            raise ValueError(f"--forward {text!r}: {message}")
+            raise ValueError(message)
         seen[group] = suffix
         if option.suffix_key is not None and suffix.startswith(option.suffix_key + "="):
             values[option.name] = suffix.split("=", 1)[1]
