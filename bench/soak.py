@@ -617,6 +617,10 @@ class Soak:
             ok = yield threads.deferToThread(wait_for_quiet, idle, 20.0)
             if not ok:
                 self.stats.error("teardown", "the relay did not return to idle in 20 s")
+            # The sockets of the last connections (the /status polls above among them) close
+            # a moment after their peers do: the descriptors are compared once they settled.
+            baseline = self.idle_start["fds"]
+            yield threads.deferToThread(wait_for_quiet, lambda: self.relay.fds() <= baseline, 5.0)
             self.idle_end = yield threads.deferToThread(self.sample, "idle-end")
 
         return go()

@@ -295,7 +295,7 @@ def main(argv: Sequence[str]) -> int:
         parser.error(str(e))
     args = parser.parse_args(before)
     try:
-        specs = [settings.parse_forward(f) for f in args.forwards]
+        specs = [settings.parse_forward(f, label=repr(f)) for f in args.forwards]
         flags = {option.name: getattr(args, option.name) for option in OPTIONS if option.flag}
         specs = settings.with_flags(specs, settings.flag_values(flags))
         settings.forward_specs(specs, {})  # one tunnel per port: TUNNEL_URL_<PORT> is one name

@@ -154,7 +154,7 @@ def test_jupyter_example_runs_code_on_a_kernel_through_the_tunnel(
         procs,
         relay,
         "jupyter.py",
-        ["--port", str(lab_port), "--token", token, "--root-dir", str(tmp_path)],
+        ["--port", str(lab_port), f"--token={token}", "--root-dir", str(tmp_path)],
         JUPYTER_RUNTIME_DIR=str(home / "runtime"),
         JUPYTER_CONFIG_DIR=str(home / "config"),
         IPYTHONDIR=str(home / "ipython"),

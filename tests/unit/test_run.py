@@ -101,7 +101,7 @@ def test_find_executable(tmp_path: Path) -> None:
     [
         (["run", "8000", "ls"], "give the command after --"),
         (["run", "8000", "--"], "no command after --"),
-        (["run", "eighty", "--", "ls"], "is not a port"),
+        (["run", "eighty", "--", "ls"], "'eighty': not a port"),
         (["run", "8000", "8000:tcp", "--", "ls"], "port 8000 is given twice"),
         (["run", "--", "ls"], "required: FORWARD"),
     ],
