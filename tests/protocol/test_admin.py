@@ -30,6 +30,8 @@ async def test_status_and_metrics(relay: RelayService) -> None:
     content_type, body = render(site, b"metrics")
     assert content_type.startswith(b"text/plain")
     text = body.decode()
-    for key in status:
-        assert f"tunnels_relay_{key} " in text, key
+    for key, value in status.items():
+        if isinstance(value, int):
+            assert f"tunnels_relay_{key} " in text, key
+    assert status["pools"] == {} and status["named_tunnels"] == 0
     assert "process_resident_memory_bytes" in text

@@ -58,6 +58,7 @@ class Link:
     principal = property(lambda self: self.session.principal)
     authenticated = property(lambda self: self.session.authenticated)
     token = property(lambda self: self.session.token)
+    peer_name = property(lambda self: self.session.peer_name)
 
     def send(self, message: Any) -> None:
         self.sent.append(message)
@@ -107,8 +108,8 @@ def test_a_hello_with_an_accepted_token_is_welcomed_with_the_tables_features() -
     assert any(isinstance(e, AcceptPeer) for e in effects)
     (welcome,) = sent(effects)
     assert isinstance(welcome, RelayWelcome) and welcome.domain == "tunnel.localhost"
-    restricting = {o.feature for o in tunnel_options.OPTIONS if o.restricts}
-    assert set(welcome.features) == set(FEATURES) == restricting == {"allow", "client_ca"}
+    featured = {o.feature for o in tunnel_options.OPTIONS if o.feature}
+    assert set(welcome.features) == set(FEATURES) == featured == {"allow", "client_ca", "name"}
     assert link.session.principal.startswith("token:")
     assert relay.principal_links.count(link.session.principal) == 1
 

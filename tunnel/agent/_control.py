@@ -417,14 +417,17 @@ class AgentControl:
             ]
         request_id = next(self._request_ids)
         self._requests[request_id] = record
+        # A name is its own identity (the token's permission is what counts): no reclaim
+        # secret; its raw TCP port is asked back as a hint.
+        named = spec.name is not None
         return [
             Send(
                 TunnelRequest(
                     request_id=request_id,
                     kind=kind,
                     options=options,
-                    reclaim_id=record.tunnel_id,
-                    reclaim_secret=record.secret,
+                    reclaim_id=None if named else record.tunnel_id,
+                    reclaim_secret=None if named else record.secret,
                     reclaim_port=record.tcp_port,
                 )
             )

@@ -110,6 +110,9 @@ class ForwardSpec:
     #: PEM text of the authorities whose client certificates the relay demands of public
     #: TLS clients (mutual TLS); None: no client certificate needed. TLS tunnels only.
     client_ca: str | None = field(default=None, repr=False)
+    #: A kept name (``https://<name>.<domain>``) instead of a random id; None: a random id.
+    #: Agents asking for the same name together form a pool that serves it.
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -136,16 +139,33 @@ class ForwardSpec:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def spec(self) -> str:
+        """
+        The target as a ``--forward`` value's start: ``NAME=host:port`` for a named tunnel.
+        """
+        return f"{self.name}={self.target}" if self.name else self.target
+
 
 def parse_forward(text: str) -> ForwardSpec:
     """
-    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
-    after a colon: ``tcp`` (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and
-    ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target), e.g. ``22:tcp:proxy2``.
+    Parse a ``--forward`` value: optionally ``NAME=`` (a kept name instead of a random id),
+    then ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each after a colon: ``tcp``
+    (a raw TCP tunnel) or ``h2`` (or ``tls``, the default), and ``proxy1`` or ``proxy2`` (a
+    PROXY protocol header to the target), e.g. ``22:tcp:proxy2``, ``web=8000:h2``.
 
-    @raise ValueError: not of that form.
+    @raise ValueError: not of that form, or a bad name.
     """
     host = "127.0.0.1"
+    prefixed: dict[str, Any] = {}
+    before, sep, after = text.partition("=")
+    if sep:
+        option = tunnel_options.prefix_option()
+        try:
+            prefixed[option.name] = option.check(before)
+        except ValueError as e:
+            raise ValueError(f"--forward {text!r}: {e}") from None
+        text = after
     rest = text
     if text.startswith("["):
         inside, sep, rest = text[1:].partition("]")
@@ -168,7 +188,7 @@ def parse_forward(text: str) -> ForwardSpec:
         )
     if not port_text.isdigit():
         raise ValueError(f"--forward {text!r}: {port_text!r} is not a port")
-    return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
+    return ForwardSpec(int(port_text), host or "127.0.0.1", **prefixed, **values)
 
 
 class ForwardOptions(TypedDict, total=False):
@@ -178,6 +198,7 @@ class ForwardOptions(TypedDict, total=False):
     """
 
     unencrypted: bool
+    name: str | None
     h2: bool
     proxy_protocol: int
     allow: Sequence[str]

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from tunnel._allow import AllowList
 from tunnel._clientca import parse_client_cas
+from tunnel.wire.names import check_name
 
 __all__ = [
     "KINDS",
@@ -35,6 +36,7 @@ __all__ = [
     "missing_features",
     "parse_request_options",
     "parse_suffixes",
+    "prefix_option",
     "request_options",
     "suffix_option",
 ]
@@ -91,10 +93,12 @@ class TunnelOption:
     parse: Callable[[Any], Any] | None = None
     #: The checked value → JSON for the wire.
     encode: Callable[[Any], Any] = _identity
-    #: Whether it restricts who may connect: an agent refuses to send it to a relay whose
-    #: ``welcome.features`` lack `feature`.
+    #: Whether it restricts who may connect (the relay checks that every member of a pool
+    #: has the same restrictions).
     restricts: bool = False
-    #: Its name in ``welcome.features`` (the relay announces that it enforces it).
+    #: Its name in ``welcome.features``: the relay announces that it acts on it, and an
+    #: agent refuses to send it to a relay whose features lack it (a relay that ignored a
+    #: restriction would let everyone in; one that ignored a name would give a random id).
     feature: str | None = None
     #: The flag of ``tunnel`` and ``twistd tunnelagent`` (without ``--``), applied to every
     #: forward; None: none.
@@ -104,6 +108,8 @@ class TunnelOption:
     repeatable: bool = False
     #: The Python keyword and the flag name a file (read as ASCII) whose text is the value.
     file: bool = False
+    #: Spelled ``VALUE=`` before the target of a ``--forward`` value (``web=8000``).
+    prefix: bool = False
     #: ``--forward PORT:SUFFIX`` spellings: suffix → value.
     suffixes: Mapping[str, Any] = field(default_factory=dict)
     #: Suffixes of one group exclude each other; `conflict` says so (``{this}`` and
@@ -162,6 +168,16 @@ OPTIONS: tuple[TunnelOption, ...] = (
         placement=Placement.KIND,
         suffixes={"tcp": True, "tls": False},
         group="kind",
+    ),
+    TunnelOption(
+        "name",
+        default=None,
+        check=check_name,
+        doc="a kept name, https://NAME.<domain>, instead of a random id (the token must allow it)",
+        words="tunnel names",
+        feature="name",
+        prefix=True,
+        metavar="NAME",
     ),
     TunnelOption(
         "h2",
@@ -277,15 +293,16 @@ def request_options(values: Mapping[str, Any]) -> tuple[Kind, dict[str, Any]]:
 
 def missing_features(options: Mapping[str, Any], features: Iterable[str]) -> list[str]:
     """
-    What the relay lacks of `options` (a request's ``options`` member) to enforce them, in
+    What the relay lacks of `options` (a request's ``options`` member) to act on them, in
     words for a message (``"allow lists (--allow)"``); empty when it lacks nothing. A relay
-    that ignored a restricting option would let everyone in.
+    that ignored a restricting option would let everyone in; one that ignored a name would
+    hand out a random id.
     """
     have = set(features)
     return [
         _describe(option)
         for option in OPTIONS
-        if option.restricts and option.name in options and option.feature not in have
+        if option.feature is not None and option.name in options and option.feature not in have
     ]
 
 
@@ -335,3 +352,10 @@ def suffix_option(suffix: str) -> TunnelOption | None:
     The option that `suffix` (of a ``--forward`` value) sets, or None.
     """
     return next((option for option in OPTIONS if suffix in option.suffixes), None)
+
+
+def prefix_option() -> TunnelOption:
+    """
+    The option spelled ``VALUE=`` before the target of a ``--forward`` value (the name).
+    """
+    return next(option for option in OPTIONS if option.prefix)
