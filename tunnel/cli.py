@@ -3,7 +3,9 @@ The ``tunnel`` command: forward local ports from a terminal, like ``ngrok http 8
 
     tunnel 8000                    # https://<id>.<domain> -> 127.0.0.1:8000
     tunnel 8000 22:tcp             # and a raw TCP port for 22
+    tunnel web=8000                # https://web.<domain>: a kept name (the token allows it)
     tunnel --relay relay.example.com:443 --token T 8000
+    tunnel token keygen DIR / tunnel token issue --key K --subject S   # signed tokens
 
 Prints one line per tunnel and runs until interrupted. The relay, token and CA come from the
 options or from ``TUNNEL_RELAY``, ``TUNNEL_TOKEN`` and ``TUNNEL_CA``. Exit status: 0 after an
@@ -23,9 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel",
         description="Give local ports public URLs through a Tunnels relay.",
-        epilog="FORWARD is PORT or HOST:PORT, with :tcp for a raw TCP port as well, or :h2 "
-        "when the local server speaks HTTP/2 in the clear, and :proxy1 or :proxy2 to send it "
-        "a PROXY protocol header with the client's address (e.g. 22:tcp:proxy2).",
+        epilog="FORWARD is [NAME=]PORT or [NAME=]HOST:PORT (NAME: a kept name, "
+        "https://NAME.<domain>, if the token allows it), with :tcp for a raw TCP port as "
+        "well, or :h2 when the local server speaks HTTP/2 in the clear, and :proxy1 or :proxy2 "
+        "to send it a PROXY protocol header with the client's address (e.g. 22:tcp:proxy2, "
+        "web=8000:h2). See also: tunnel token --help.",
     )
     parser.add_argument("forwards", nargs="+", metavar="FORWARD")
     parser.add_argument("--relay", help="relay HOST:PORT, or a list (default $TUNNEL_RELAY)")
@@ -55,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the command; returns the exit status.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["token"]:
+        from tunnel import _token_cli
+
+        return _token_cli.main(argv[1:])
     from tunnel.agent import settings
     from tunnel.wire.options import OPTIONS
 
