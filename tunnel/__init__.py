@@ -8,7 +8,9 @@ Plain Python (the reactor runs in a background thread; nothing to set up)::
         print(t.url)          # https://<id>.<domain>[:port]
         print(t.tls_socket)   # (host, port)
 
-With ``unencrypted=True`` the tunnel also has a raw TCP port: ``t.tcp_socket``.
+With ``unencrypted=True`` the tunnel also has a raw TCP port: ``t.tcp_socket``. With
+``name="web"`` its URL is ``https://web.<domain>``, kept across reconnects (if the token
+allows the name).
 In Twisted code, use `tunnel.client.forward`, which returns a Deferred.
 
 Where the relay is comes from the arguments or from ``TUNNEL_RELAY``, ``TUNNEL_TOKEN`` and
