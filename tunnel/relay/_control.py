@@ -298,9 +298,10 @@ class RelaySession:
         return [
             log(
                 "warn",
-                "token of agent {peer} no longer accepted ({why}); closing its link",
+                "token of agent {peer} {what}; closing its link{why}",
                 peer=self.peer_name,
-                why=why,
+                what="expired" if expired else "revoked",
+                why="" if expired or why == "revoked" else f" ({why})",
             ),
             *_refusal(
                 ErrorReason.UNAUTHORIZED,
@@ -358,10 +359,10 @@ class RelaySession:
             return [
                 log(
                     "warn",
-                    "refused agent {peer}: {why}",
+                    "refused agent {peer}: wrong token{why}",
                     key="wrong-token",
                     peer=self.peer_name,
-                    why=permit,
+                    why="" if permit == "wrong token" else f" ({permit})",
                 ),
                 *_refusal(
                     ErrorReason.UNAUTHORIZED,
