@@ -51,10 +51,9 @@ class Options(usage.Options):
         [
             "drain-grace",
             None,
-            0.0,
+            10.0,
             "Seconds connections in flight may finish on SIGTERM, after a GOAWAY that sends "
-            "new ones to the other agents serving the same names (e.g. 10, for pools); "
-            "0: close at once.",
+            "new ones to the other agents serving the same names; 0: close at once.",
             float,
         ],
         ["max-window", None, 16, "MiB a stream's receive window may auto-tune up to.", int],
