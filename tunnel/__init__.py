@@ -8,8 +8,9 @@ Plain Python (the reactor runs in a background thread; nothing to set up)::
         print(t.url)          # https://<id>.<domain>[:port]
         print(t.tls_socket)   # (host, port)
 
-With ``unencrypted=True`` the tunnel also has a raw TCP port: ``t.tcp_socket``.
-Several ports at once (Modal's ``Sandbox.tunnels()``)::
+With ``unencrypted=True`` the tunnel also has a raw TCP port: ``t.tcp_socket``. With
+``name="web"`` its URL is ``https://web.<domain>``, kept across reconnects (if the token
+allows the name). Several ports at once (Modal's ``Sandbox.tunnels()``)::
 
     with tunnel.forward_many([8000, "22:tcp"]) as tunnels:
         print(tunnels[8000].url, tunnels[22].tcp_socket)

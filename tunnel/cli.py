@@ -3,8 +3,10 @@ The ``tunnel`` command: forward local ports from a terminal, like ``ngrok http 8
 
     tunnel 8000                    # https://<id>.<domain> -> 127.0.0.1:8000
     tunnel 8000 22:tcp             # and a raw TCP port for 22
+    tunnel web=8000                # https://web.<domain>: a kept name (the token allows it)
     tunnel --relay relay.example.com:443 --token T 8000
     tunnel run 8000 -- CMD ARGS    # CMD gets TUNNEL_URL_8000; see tunnel._run
+    tunnel token keygen DIR / tunnel token issue --key K --subject S   # signed tokens
 
 Prints one line per tunnel on stdout and runs until interrupted; what happens meanwhile (the
 link lost and back, a target that refuses connections, ...) goes to stderr (``-q``: nothing,
@@ -28,10 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel",
         description="Give local ports public URLs through a Tunnels relay.",
-        epilog="FORWARD is PORT or HOST:PORT, with :tcp for a raw TCP port as well, :h2 "
-        "when the local server speaks HTTP/2 in the clear, or :passthrough when it terminates "
-        "TLS itself; :proxy1 or :proxy2 to send it a PROXY protocol header with the client's "
-        "address; :rate=RATE for a rate limit (e.g. 22:tcp:proxy2, 8000:rate=10MB).",
+        epilog="FORWARD is [NAME=]PORT or [NAME=]HOST:PORT (NAME: a kept name, "
+        "https://NAME.<domain>, if the token allows it), with :tcp for a raw TCP port as "
+        "well, :h2 when the local server speaks HTTP/2 in the clear, or :passthrough when it "
+        "terminates TLS itself; :proxy1 or :proxy2 to send it a PROXY protocol header with "
+        "the client's address; :rate=RATE for a rate limit (e.g. 22:tcp:proxy2, "
+        "8000:rate=10MB, web=8000:h2). See also: tunnel token --help.",
     )
     from tunnel import __version__
 
@@ -79,11 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the command; returns the exit status.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         from tunnel import _run
 
         return _run.main(argv[1:])
+    if argv[:1] == ["token"]:
+        from tunnel import _token_cli
+
+        return _token_cli.main(argv[1:])
     from tunnel.agent import settings
     from tunnel.wire.options import OPTIONS
 

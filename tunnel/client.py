@@ -127,6 +127,10 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     tunnel option is a row of `tunnel.wire.options`.
 
     @param port: the local port to expose.
+    @param name: a kept name instead of a random id: ``https://<name>.<domain>``, the same
+        across reconnects and relay restarts. A lowercase DNS label not of the form of a
+        random id (else `ValueError`); the token must allow it (else `TunnelRefused`
+        ``name_not_allowed``). Agents asking for the same name serve it together.
     @param unencrypted: also give the tunnel a raw TCP port at the relay (`Tunnel.tcp_socket`).
     @param h2: advertise HTTP/2 in ALPN (the local server speaks HTTP/2 in the clear).
         Not with ``unencrypted=True``.

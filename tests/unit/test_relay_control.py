@@ -38,8 +38,14 @@ BASE = RelayConfig(
 )
 
 
+class _NoTLS:
+    """Stands in for the relay's TLS contexts: no certificate in service."""
+
+    pair = None
+
+
 def make_relay(**changes: Any) -> Relay:
-    return Relay(MemoryReactorClock(), replace(BASE, **changes), tls=None, reclaim_key=KEY)  # type: ignore[arg-type]
+    return Relay(MemoryReactorClock(), replace(BASE, **changes), tls=_NoTLS(), reclaim_key=KEY)  # type: ignore[arg-type]
 
 
 class Link:
@@ -58,6 +64,7 @@ class Link:
     principal = property(lambda self: self.session.principal)
     authenticated = property(lambda self: self.session.authenticated)
     token = property(lambda self: self.session.token)
+    peer_name = property(lambda self: self.session.peer_name)
 
     def send(self, message: Any) -> None:
         self.sent.append(message)
@@ -109,7 +116,9 @@ def test_a_hello_with_an_accepted_token_is_welcomed_with_the_tables_features() -
     assert isinstance(welcome, RelayWelcome) and welcome.domain == "tunnel.localhost"
     restricting = {o.feature for o in tunnel_options.OPTIONS if o.restricts}
     assert set(welcome.features) >= restricting == {"allow", "deny", "client_ca"}
-    assert set(welcome.features) == set(FEATURES)
+    featured = {o.feature for o in tunnel_options.OPTIONS if o.feature}
+    assert set(welcome.features) == set(FEATURES) == featured
+    assert featured >= {"allow", "deny", "client_ca", "name", "passthrough", "rate_limit"}
     assert link.session.principal.startswith("token:")
     assert relay.principal_links.count(link.session.principal) == 1
 

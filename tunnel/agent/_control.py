@@ -509,6 +509,9 @@ class AgentControl:
             Log("warn", f"the relay does not support {what}: {spec.target} goes without")
             for what in ignored
         ]
+        # A name is its own identity (the token's permission is what counts): no reclaim
+        # secret; its raw TCP port is asked back as a hint.
+        named = spec.name is not None
         return [
             *warnings,
             Send(
@@ -516,8 +519,8 @@ class AgentControl:
                     request_id=request_id,
                     kind=kind,
                     options=options,
-                    reclaim_id=record.tunnel_id,
-                    reclaim_secret=record.secret,
+                    reclaim_id=None if named else record.tunnel_id,
+                    reclaim_secret=None if named else record.secret,
                     reclaim_port=record.tcp_port,
                 )
             ),

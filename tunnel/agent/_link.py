@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,6 +39,7 @@ class AgentLink(LinkProtocol):
         super().__init__(agent.reactor, client=True, settings=agent.settings)
         self.agent = agent
         self.draining = False
+        self._idle_waiters: list[defer.Deferred[None]] = []
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -81,9 +83,39 @@ class AgentLink(LinkProtocol):
         self.draining = True
         self.streamForgotten()
 
+    def idle(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Fires once no stream is left on the link (or it is gone), or after `timeout`
+        seconds, whichever comes first.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if not self.streams or self._lost:
+            d.callback(None)
+            return d
+        self._idle_waiters.append(d)
+        timer = self.reactor.callLater(timeout, self._idle_done, d)
+
+        def done(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addCallback(done)
+        return d
+
+    def _idle_done(self, d: defer.Deferred[None] | None = None) -> None:
+        waiters = [d] if d is not None else list(self._idle_waiters)
+        for waiter in waiters:
+            if waiter in self._idle_waiters:
+                self._idle_waiters.remove(waiter)
+                waiter.callback(None)
+
     def streamForgotten(self) -> None:
+        if not self.streams:
+            self._idle_done()
         if self.draining and not self.streams and self.transport is not None:
             self.abort()
 
     def linkLost(self, reason: Failure) -> None:
+        self._idle_done()
         self.agent._link_lost(self, reason)

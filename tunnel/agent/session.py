@@ -83,11 +83,16 @@ class Agent:
         settings: LinkSettings | None = None,
         retry_policy: Callable[[int], float] | None = None,
         proxy: ProxyAddress | None = None,
+        stop_grace: float = 0.0,
     ) -> None:
         if not relays:
             raise ValueError("no relay given")
         #: An HTTP proxy to reach the relays through (``CONNECT``), or None.
         self.proxy = proxy
+        #: Seconds `stop` lets connections in flight finish (after a GOAWAY that makes the
+        #: relay send new ones elsewhere, such as the other members of a name's pool).
+        self.stop_grace = stop_grace
+        self._stopping = False
         self.reactor = reactor
         self.relays = list(relays)
         self.token = token
@@ -199,7 +204,32 @@ class Agent:
         """
         Close every tunnel (telling the relay, so their names stop answering at once) and the
         link; stop reconnecting. Fires once the link is closed (within about a second).
+
+        With a `stop_grace`, the link drains first: a GOAWAY tells the relay to send no new
+        connections here (a name's pool sends them to its other members, and those the
+        relay had opened meanwhile are refused unprocessed, so it moves them too), and the
+        connections in flight finish, for at most `stop_grace` seconds.
         """
+        link = self.link
+        if (
+            self.stop_grace > 0
+            and not self._stopping
+            and link is not None
+            and link.transport is not None
+        ):
+            self._stopping = True
+            link.goAway(ErrorCode.NO_ERROR, "agent stopping")
+            if link.streams:
+                _log.info(
+                    "stopping: {n} connections in flight may finish, for at most {grace}s",
+                    n=len(link.streams),
+                    grace=self.stop_grace,
+                )
+            drained = link.idle(self.stop_grace)
+            return drained.addCallback(lambda _: self._stop_now())
+        return self._stop_now()
+
+    def _stop_now(self) -> defer.Deferred[None]:
         link = self.link
         waits: list[defer.Deferred[Any]] = [defer.maybeDeferred(f) for f in self.on_stop]
         self.on_stop.clear()

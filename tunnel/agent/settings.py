@@ -122,6 +122,9 @@ class ForwardSpec:
     #: Route public TLS connections to the target by their SNI name without terminating
     #: them: the target speaks TLS, with its own certificate for the tunnel's host name.
     passthrough: bool = False
+    #: A kept name (``https://<name>.<domain>``) instead of a random id; None: a random id.
+    #: Agents asking for the same name together form a pool that serves it.
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -148,18 +151,26 @@ class ForwardSpec:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def spec(self) -> str:
+        """
+        The target as a ``--forward`` value's start: ``NAME=host:port`` for a named tunnel.
+        """
+        return f"{self.name}={self.target}" if self.name else self.target
+
 
 def parse_forward(text: str, *, label: str | None = None) -> ForwardSpec:
     """
-    Parse a ``--forward`` value: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each
-    after a colon: ``tcp`` (a raw TCP tunnel), ``h2`` or ``passthrough`` (the target terminates
-    TLS itself), or ``tls`` (the default), ``proxy1``
-    or ``proxy2`` (a PROXY protocol header to the target), and ``rate=RATE`` (a rate limit
-    such as ``10MB/s``), e.g. ``22:tcp:proxy2``, ``8000:rate=10MB``.
+    Parse a ``--forward`` value: optionally ``NAME=`` (a kept name instead of a random id),
+    then ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``, then options each after a colon: ``tcp``
+    (a raw TCP tunnel), ``h2`` or ``passthrough`` (the target terminates TLS itself), or
+    ``tls`` (the default), ``proxy1`` or ``proxy2`` (a PROXY protocol header to the target),
+    and ``rate=RATE`` (a rate limit such as ``10MB/s``), e.g. ``22:tcp:proxy2``,
+    ``8000:rate=10MB``, ``web=8000:h2``.
 
     @param label: how the value is named in messages, as the user wrote it; default
         ``--forward '<text>'`` (the ``tunnel`` command passes ``'<text>'``).
-    @raise ValueError: not of that form; the message starts with `label`.
+    @raise ValueError: not of that form, or a bad name; the message starts with `label`.
     """
     try:
         return _parse_forward(text)
@@ -169,6 +180,14 @@ def parse_forward(text: str, *, label: str | None = None) -> ForwardSpec:
 
 def _parse_forward(text: str) -> ForwardSpec:
     host = "127.0.0.1"
+    prefixed: dict[str, Any] = {}
+    # ``NAME=`` comes before the target, so before the first colon (``:rate=10MB`` is a
+    # suffix's value, not a name).
+    before, sep, after = text.partition("=")
+    if sep and ":" not in before:
+        option = tunnel_options.prefix_option()
+        prefixed[option.name] = option.check(before)
+        text = after
     rest = text
     if text.startswith("["):
         inside, sep, rest = text[1:].partition("]")
@@ -191,7 +210,7 @@ def _parse_forward(text: str) -> ForwardSpec:
         )
     if not port_text.isdigit():
         raise ValueError("not a port" if port_text == text else f"{port_text!r} is not a port")
-    return ForwardSpec(int(port_text), host or "127.0.0.1", **values)
+    return ForwardSpec(int(port_text), host or "127.0.0.1", **prefixed, **values)
 
 
 class ForwardOptions(TypedDict, total=False):
@@ -201,6 +220,7 @@ class ForwardOptions(TypedDict, total=False):
     """
 
     unencrypted: bool
+    name: str | None
     h2: bool
     #: Modal's spelling of `h2` (an alias in `tunnel.wire.options`).
     h2_enabled: bool

@@ -52,6 +52,14 @@ class Options(usage.Options):
             "(e.g. tcp:9091:interface=127.0.0.1).",
         ],
         ["max-streams", None, 16384, "Public connections the relay may open at once.", int],
+        [
+            "drain-grace",
+            None,
+            10.0,
+            "Seconds connections in flight may finish on SIGTERM, after a GOAWAY that sends "
+            "new ones to the other agents serving the same names; 0: close at once.",
+            float,
+        ],
         ["max-window", None, 16, "MiB a stream's receive window may auto-tune up to.", int],
         LOG_FORMAT_OPTION,
     ]
@@ -179,6 +187,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         ca=options["ca"],
         proxy=options["proxy"],
         fail_fast=False,
+        stop_grace=options["drain-grace"],
         settings=LinkSettings(
             max_streams=options["max-streams"], max_window=options["max-window"] * 1024 * 1024
         ),

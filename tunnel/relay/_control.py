@@ -21,7 +21,6 @@ consults; it opens TCP listeners and builds TLS contexts for the core (`listen_t
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Callable
 from enum import Enum
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunnel import __version__
 from tunnel.relay import _grant, _issuer
+from tunnel.relay._auth import ANYONE, Permit
 from tunnel.relay._effects import AcceptPeer, Effect, GoAway, Send, log
 from tunnel.relay._shares import TokenBucket
 from tunnel.relay.config import RATE_STRIKES
@@ -167,10 +167,13 @@ class RelaySession:
         self.authenticated = False
         #: The token it was accepted with (checked again when the tokens change).
         self.token: str | None = None
+        #: What that token allows (the names it may hold, its expiry, its claims).
+        self.permit: Permit = ANYONE
         self.peer_name = "?"
         #: Who the link acts for, the key of per-party bounds and of reclaim secrets:
-        #: ``token:<digest>`` once accepted with a token, else ``addr:<source>`` (an IPv4
-        #: address or an IPv6 /64) of a relay that needs no token.
+        #: ``token:<digest>`` once accepted with a token of the tokens file,
+        #: ``sub:<subject>`` with a signed token (one subject's tokens count as one), else
+        #: ``addr:<source>`` (an IPv4 address or an IPv6 /64) of a relay that needs no token.
         self.principal = "?"
         #: Its tunnel requests, and its refusals for their rate (see `_requested`).
         self.requests = TokenBucket(config.tunnel_request_rate, config.tunnel_request_burst, clock)
@@ -194,7 +197,7 @@ class RelaySession:
         on a relay that takes no tokens (an address would not do: an agent's may change
         between links).
         """
-        return self.principal if self.principal.startswith("token:") else ""
+        return self.principal if self.principal.startswith(("token:", "sub:")) else ""
 
     @property
     def pending_reclaims(self) -> int:
@@ -293,18 +296,25 @@ class RelaySession:
         """
         return self._probed(probe, Input.PROBE_TIMED_OUT)
 
-    def token_revoked(self) -> list[Effect]:
+    def token_revoked(self, why: str = "revoked") -> list[Effect]:
         """
-        The relay no longer accepts this link's token: ``unauthorized``, and the link ends
-        (its tunnels close with it).
+        The relay no longer accepts this link's token (`why`: revoked, expired, ...):
+        ``unauthorized``, and the link ends (its tunnels close with it).
         """
         if self._move(Input.TOKEN_REVOKED) not in _ANSWERING:
             return []
+        expired = why == "the token expired"
         return [
-            log("warn", "token of agent {peer} revoked; closing its link", peer=self.peer_name),
+            log(
+                "warn",
+                "token of agent {peer} {what}; closing its link{why}",
+                peer=self.peer_name,
+                what="expired" if expired else "revoked",
+                why="" if expired or why == "revoked" else f" ({why})",
+            ),
             *_refusal(
                 ErrorReason.UNAUTHORIZED,
-                "the relay no longer accepts this token",
+                "the token expired" if expired else "the relay no longer accepts this token",
                 ErrorCode.UNAUTHORIZED,
             ),
         ]
@@ -329,7 +339,7 @@ class RelaySession:
         relay = self.relay
         relay.principal_links.discard(self.principal, self.owner)
         for record in relay.registry.owned_by(self.owner):
-            relay.close_tunnel(record, "link lost", notify=False)
+            relay.leave_tunnel(record, self.owner, "link lost", notify=False)
         # The adapter holds the session: without this cycle it is freed as soon as it ends.
         self.owner = None
         if not self.authenticated:
@@ -352,14 +362,16 @@ class RelaySession:
             return []
         relay = self.relay
         config = relay.config
-        if not relay.authenticate(hello.token):
+        permit = relay.authenticate(hello.token)
+        if isinstance(permit, str):
             self._move(Input.HELLO_REFUSED)
             return [
                 log(
                     "warn",
-                    "refused agent {peer}: wrong token",
+                    "refused agent {peer}: wrong token{why}",
                     key="wrong-token",
                     peer=self.peer_name,
+                    why="" if permit == "wrong token" else f" ({permit})",
                 ),
                 *_refusal(
                     ErrorReason.UNAUTHORIZED,
@@ -367,10 +379,8 @@ class RelaySession:
                     ErrorCode.UNAUTHORIZED,
                 ),
             ]
-        principal = self.principal
-        if hello.token:
-            principal = "token:" + hashlib.sha256(hello.token.encode()).hexdigest()[:32]
-        whose = "token" if hello.token else "address"
+        principal = permit.principal or self.principal
+        whose = "token" if permit.principal else "address"
         if relay.principal_links.count(principal) >= config.max_links_per_token:
             self._move(Input.HELLO_REFUSED)
             relay.refused["links_per_token"] += 1
@@ -392,6 +402,7 @@ class RelaySession:
         self._move(Input.HELLO)
         self.authenticated = True
         self.token = hello.token
+        self.permit = permit
         self.principal = principal
         relay.principal_links.add(principal, self.owner)
         return [
@@ -449,10 +460,11 @@ class RelaySession:
             return []
         relay = self.relay
         record = relay.registry.get(message.tunnel_id)
-        if record is None or record.owner is not self.owner:
+        if record is None or record.member(self.owner) is None:
             return [Send(TunnelClosed(message.tunnel_id, "not held by this agent"))]
-        # The owner is told (`TunnelClosed`) once the tunnel's port is really closed.
-        relay.close_tunnel(record, "closed by the agent")
+        # The owner is told (`TunnelClosed`) once the tunnel's port is really closed; a
+        # member of a name's pool as soon as it has left it.
+        relay.leave_tunnel(record, self.owner, "closed by the agent")
         return [log("info", "tunnel {id} closed by its agent", id=message.tunnel_id)]
 
     def _other(self, message: ControlMessage) -> list[Effect]:

@@ -1,8 +1,9 @@
 """
 The relay's decision on one tunnel request of a link, sans-IO: the request rates of the link
 and of its principal, then the grant: drain, reclaim (verified against the link's identity,
-and of an id another link holds, decided once that holder is probed), tunnels per agent,
-every option through the options table (`tunnel.wire.options`), the raw TCP port.
+and of an id another link holds, decided once that holder is probed), tunnels per agent and
+per principal, every option through the options table (`tunnel.wire.options`), the raw TCP
+port; for a name, the token's permission and the pool it joins (`grant_named`).
 
 Functions of the link's `RelaySession` (`_control`), which calls them in the states the
 table allows; the relay-wide answers come from its state (`tunnel.relay._state.Relay`).
@@ -10,6 +11,7 @@ table allows; the relay-wide answers come from its state (`tunnel.relay._state.R
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from tunnel._rate import format_rate
@@ -25,7 +27,7 @@ from tunnel.wire.errors import ErrorCode
 if TYPE_CHECKING:
     from tunnel.relay._control import RelaySession
 
-__all__ = ["decide_reclaim", "effective_rate", "grant", "reclaim_held", "requested"]
+__all__ = ["decide_reclaim", "effective_rate", "grant", "grant_named", "reclaim_held", "requested"]
 
 
 def requested(session: RelaySession, request: TunnelRequest) -> list[Effect]:
@@ -78,13 +80,14 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
     holds, the answer comes later (`reclaim_held`).
     """
     relay = session.relay
-    config = relay.config
 
     def refuse(code: RefusalCode, message: str) -> list[Effect]:
         return [Send(TunnelRefused(request.request_id, code, message))]
 
     if relay.draining:
         return refuse(RefusalCode.DRAINING, "the relay is shutting down")
+    if request.options.get("name") is not None:
+        return grant_named(session, request)
     kind = request.kind
     if request.reclaim_id is not None:
         tunnel_id = request.reclaim_id
@@ -115,17 +118,16 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
             return reclaim_held(session, request, existing)
     else:
         tunnel_id = relay.registry.fresh_id()
-    if len(relay.registry.owned_by(session.owner)) >= config.max_tunnels_per_agent:
-        return refuse(
-            RefusalCode.LIMIT,
-            f"an agent may hold at most {config.max_tunnels_per_agent} tunnels",
-        )
+    over = _over_limits(session)
+    if over is not None:
+        return refuse(RefusalCode.LIMIT, over)
     # Every option through the one table: typed values, or why not.
     try:
         options = tunnel_options.parse_request_options(kind, request.options)
+        options.pop("name", None)
         allow = options.pop("allow", None)
         deny = options.pop("deny", None)
-        rate = effective_rate(options.pop("rate_limit", None), config.max_rate)
+        rate = effective_rate(options.pop("rate_limit", None), relay.config.max_rate)
         cas = options.pop("client_ca", None)
         context = relay.client_context(options, cas) if cas is not None else None
     except ValueError as e:
@@ -143,24 +145,142 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
     if kind == "tcp" and not relay.listen_tcp(record, request.reclaim_port):
         return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
     relay.registry.add(record)
+    return [_granted_log(session, record), Send(granted(session, request, record))]
+
+
+def _over_limits(session: RelaySession) -> str | None:
+    """
+    Why `session` may hold no more tunnels (tunnels per agent; its token's ``max_tunnels``
+    over all the links of its principal), or None.
+    """
+    relay = session.relay
+    limit = relay.config.max_tunnels_per_agent
+    if len(relay.registry.owned_by(session.owner)) >= limit:
+        return f"an agent may hold at most {limit} tunnels"
+    most = session.permit.max_tunnels
+    if most is not None:
+        held = sum(
+            len(relay.registry.owned_by(link))
+            for link in relay.principal_links.of(session.principal)
+        )
+        if held >= most:
+            return f"this token's subject may hold at most {most} tunnels at once"
+    return None
+
+
+def _granted_log(session: RelaySession, record: TunnelRecord, joined: bool = False) -> Effect:
+    relay = session.relay
+    allow, deny, context = record.allow, record.deny, record.context
+    rate = record.throttle.rate if record.throttle is not None else None
     restrictions = (
         (f", clients from {', '.join(allow.entries())} only" if allow else "")
         + (f", none from {', '.join(deny.entries())}" if deny else "")
         + (", client certificates required" if context is not None else "")
         + (f", at most {format_rate(rate)} each way" if rate is not None else "")
     )
-    return [
-        log(
-            "info",
-            "granted {kind} tunnel {host}{port} to {peer}{restrictions}",
-            kind=kind,
-            host=relay.host_of(tunnel_id),
-            port=f" (tcp port {record.tcp_port})" if record.tcp_port else "",
-            peer=session.peer_name,
-            restrictions=restrictions,
-        ),
-        Send(granted(session, request, record)),
-    ]
+    return log(
+        "info",
+        "granted {kind} tunnel {host}{port} to {peer}{restrictions}{pool}",
+        kind=record.kind,
+        host=relay.host_of(record.tunnel_id),
+        port=f" (tcp port {record.tcp_port})" if record.tcp_port else "",
+        peer=session.peer_name,
+        restrictions=restrictions,
+        pool=f" (member {len(record.members)} of its pool)" if joined else "",
+    )
+
+
+def _signature(kind: str, options: dict[str, Any]) -> str:
+    """
+    What the members of a name's pool must ask for alike: the kind and every known option
+    but the name, as canonical JSON.
+    """
+    placed = tunnel_options.Placement.OPTIONS
+    known = {o.name for o in tunnel_options.OPTIONS if o.placement is placed}
+    same = {k: v for k, v in options.items() if k in known and k != "name"}
+    return json.dumps([kind, same], sort_keys=True, separators=(",", ":"))
+
+
+def grant_named(session: RelaySession, request: TunnelRequest) -> list[Effect]:
+    """
+    Grant a named tunnel, or say why not: a valid name (never of the form of a random id),
+    that the link's token allows (``name_not_allowed``), within the link's limits. The
+    first link to ask for a name creates it; the others that ask while it is live join its
+    pool, with the same kind and options (``bad_request`` otherwise), and share its public
+    connections. No reclaim secret: the name is the identity, and the token's permission
+    is what counts; a raw TCP name asks first for a port derived from it (then the one it
+    had, as the agent remembers), so that it keeps its port while that is free.
+    """
+    relay = session.relay
+
+    def refuse(code: RefusalCode, message: str) -> list[Effect]:
+        return [Send(TunnelRefused(request.request_id, code, message))]
+
+    kind = request.kind
+    try:
+        options = tunnel_options.parse_request_options(kind, request.options)
+    except ValueError as e:
+        return refuse(RefusalCode.BAD_REQUEST, str(e))
+    name: str = options.pop("name")
+    if not session.permit.allows(name):
+        return [
+            log(
+                "warn",
+                "refused tunnel name {name} to {peer}: its token does not allow it",
+                key="name-not-allowed",
+                name=name,
+                peer=session.peer_name,
+            ),
+            *refuse(
+                RefusalCode.NAME_NOT_ALLOWED,
+                f"the token does not allow the tunnel name {name!r}",
+            ),
+        ]
+    over = _over_limits(session)
+    if over is not None:
+        return refuse(RefusalCode.LIMIT, over)
+    signature = _signature(kind, request.options)
+    existing = relay.registry.get(name)
+    if existing is not None:
+        if existing.member(session.owner) is not None:
+            return refuse(RefusalCode.BAD_REQUEST, f"this agent already serves {name!r}")
+        if existing.signature != signature:
+            return refuse(
+                RefusalCode.BAD_REQUEST,
+                f"{name!r} is served with other options: every agent serving a name must ask "
+                "for the same kind (tcp, h2, passthrough), restrictions (allow, deny, "
+                "client_ca) and rate limit",
+            )
+        existing.join(session.owner)
+        return [
+            _granted_log(session, existing, joined=True),
+            Send(granted(session, request, existing)),
+        ]
+    try:
+        allow = options.pop("allow", None)
+        deny = options.pop("deny", None)
+        rate = effective_rate(options.pop("rate_limit", None), relay.config.max_rate)
+        cas = options.pop("client_ca", None)
+        context = relay.client_context(options, cas) if cas is not None else None
+    except ValueError as e:
+        return refuse(RefusalCode.BAD_REQUEST, str(e))
+    record = TunnelRecord(
+        name,
+        kind,
+        session.owner,
+        options,
+        allow,
+        deny=deny,
+        context=context,
+        throttle=Throttle(rate, relay.reactor) if rate is not None else None,
+        named=True,
+        signature=signature,
+    )
+    wanted = (relay.preferred_port(name), request.reclaim_port)
+    if kind == "tcp" and not relay.listen_tcp(record, wanted):
+        return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
+    relay.registry.add(record)
+    return [_granted_log(session, record), Send(granted(session, request, record))]
 
 
 def reclaim_held(
@@ -246,6 +366,9 @@ def granted(session: RelaySession, request: TunnelRequest, record: TunnelRecord)
         port=relay.config.public_port,
         tcp_host=relay.domain if record.kind == "tcp" else None,
         tcp_port=record.tcp_port,
-        secret=relay.reclaim_key.secret(record.kind, record.tunnel_id, session.reclaim_owner),
+        # A name needs no secret: it is the identity, and the token's permission counts.
+        secret=""
+        if record.named
+        else relay.reclaim_key.secret(record.kind, record.tunnel_id, session.reclaim_owner),
         rate_limit=record.throttle.rate if record.throttle is not None else None,
     )

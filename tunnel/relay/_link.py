@@ -63,6 +63,9 @@ class RelayLink(LinkProtocol):
         #: The control plane of this link; the registry records this link as the owner.
         self.session = RelaySession(relay, self, relay.reactor.seconds)
         self._hello_timer: Any = None
+        #: The agent sent GOAWAY NO_ERROR (it is stopping): no new public connection goes
+        #: to it; those in flight finish.
+        self.draining = False
 
     # -- what the relay's state and its tests read -----------------------------------------
 
@@ -138,6 +141,16 @@ class RelayLink(LinkProtocol):
     def streamOpened(self, stream: Stream, metadata: bytes) -> None:
         # Agents do not open streams.
         stream.abortConnection(ErrorCode.REFUSED_STREAM)
+
+    def goAwayReceived(self, code: int, message: str) -> None:
+        if code == ErrorCode.NO_ERROR and not self.draining:
+            self.draining = True
+            if self.authenticated:
+                _log.info(
+                    "agent {peer} is draining ({message}): no new connections to it",
+                    peer=self.peer_name,
+                    message=shorten(message),
+                )
 
     def linkLost(self, reason: Failure) -> None:
         self._cancel_hello_timer()

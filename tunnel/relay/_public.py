@@ -43,6 +43,12 @@ _log = Logger()
 #: before the handshake completes; this only bounds what a TLS layer might let through).
 _EARLY_DATA_LIMIT = 256 * 1024
 
+#: Octets of a client's request kept until the target answers, so that a stream the agent
+#: refused unprocessed (it was draining) can be opened again on another member of a pool.
+_REPLAY_LIMIT = 64 * 1024
+#: Times one public connection is moved to another member that way.
+_MAX_RETRIES = 3
+
 
 @implementer(IHandshakeListener, IPushProducer)
 class PublicProtocol(SpliceProtocol):
@@ -63,6 +69,14 @@ class PublicProtocol(SpliceProtocol):
         self.relay = relay
         self.tunnel_id = tunnel_id
         self._counted = False
+        #: Whether the target has sent anything yet (its member is in rotation again).
+        self._answered = False
+        #: What the client sent while the target has not answered (None: too much, or
+        #: answered), whether its input ended meanwhile, and the moves so far (`retry`).
+        self._replay: list[bytes] | None = []
+        self._replay_size = 0
+        self._client_ended = False
+        self._retries = 0
         self._idle: Any = None
         self._tls = False
         #: Why the transport is paused: "stream" (the agent has no credit left), "rate"
@@ -178,7 +192,9 @@ class PublicProtocol(SpliceProtocol):
         The agent could not connect to the tunnel's target, so nothing was sent. Close
         cleanly (the stream opens only after any TLS handshake): the client sees an empty
         reply, not a TLS error that would look like a problem with the relay's certificate.
+        The member that served it leaves its pool's rotation for a while.
         """
+        self.relay.target_refused(self)
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -192,6 +208,11 @@ class PublicProtocol(SpliceProtocol):
                 self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self._touch()
+        if self._replay is not None:
+            self._replay.append(data)
+            self._replay_size += len(data)
+            if self._replay_size > _REPLAY_LIMIT:
+                self._replay = None
         write_now(self.other, data)
         if self._throttle is not None:
             self._throttle.up.sent(self, len(data))
@@ -200,7 +221,51 @@ class PublicProtocol(SpliceProtocol):
         if self.other is None:
             self._early_end = True
             return
+        self._client_ended = True
         super().readConnectionLost()
+
+    def answered(self) -> None:
+        """
+        The target sent its first bytes: its member is in rotation, and nothing is kept for
+        a replay any more.
+        """
+        if not self._answered:
+            self._answered = True
+            self._replay = None
+            self.relay.target_answered(self)
+
+    def retry(self) -> bool:
+        """
+        The agent refused this connection's stream unprocessed (REFUSED_STREAM: it was
+        draining when the stream reached it): open one on another member of the tunnel's
+        pool and send it what the client sent so far. Whether it was moved (False: nothing
+        to move to, or too late, and the connection is reset).
+        """
+        if (
+            self._answered
+            or self._replay is None
+            or self._retries >= _MAX_RETRIES
+            or self.lost
+            or self.transport is None
+        ):
+            return False
+        stream = self.relay.reopen_public_stream(self)
+        if stream is None:
+            return False
+        self._retries += 1
+        self.other = stream
+        stream.registerProducer(self, True)
+        if self._throttle is not None:
+            # The new stream is charged to the tunnel's download limit like the first.
+            if self._download is not None:
+                self._throttle.down.forget(self._download)
+            self._download = _StreamGate(stream, self._throttle)
+        stream.attach(_Activity(self, self.transport, self._download))
+        if self._replay:
+            write_now(stream, b"".join(self._replay))
+        if self._client_ended:
+            half_close(stream)
+        return True
 
     def _touch(self) -> None:
         timeout = self.relay.config.idle_timeout
@@ -262,15 +327,21 @@ class _Activity(SpliceProtocol):
         self.other.registerProducer(self.gate, True)
 
     def dataReceived(self, data: bytes) -> None:
-        self.public._touch()
+        public = self.public
+        public._touch()
+        if not public._answered:
+            public.answered()
         write_now(self.other, data)
         gate = self.gate
         if gate is not None:
             gate.throttle.down.sent(gate, len(data))
 
     def closeOther(self, reason: Failure) -> None:
-        if reason.check(StreamResetError) and reason.value.code in _TARGET_UNREACHABLE:  # type: ignore[union-attr]
+        code = reason.value.code if reason.check(StreamResetError) else None  # type: ignore[union-attr]
+        if code in _TARGET_UNREACHABLE:
             self.public.target_unreachable()
+        elif code == ErrorCode.REFUSED_STREAM and self.public.retry():
+            return
         else:
             super().closeOther(reason)
 

@@ -11,7 +11,7 @@ All methods run on the reactor thread.
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Collection
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from tunnel.link import Stream
+from tunnel.relay._auth import Permit, authenticate
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._info import info_factory
 from tunnel.relay._issuer import CertificateIssuer
@@ -31,8 +32,15 @@ from tunnel.relay._ratelog import RateLog
 from tunnel.relay._shares import Buckets, Holdings
 from tunnel.relay._sni import Route, source_of
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
-from tunnel.relay.config import REFUSALS, RelayConfig
-from tunnel.relay.registry import PortPool, ReclaimKey, TunnelRecord, TunnelRegistry
+from tunnel.relay.config import POOL_REFUSED_PAUSE, REFUSALS, RelayConfig
+from tunnel.relay.registry import (
+    Member,
+    PortPool,
+    ReclaimKey,
+    TunnelRecord,
+    TunnelRegistry,
+    usable_link,
+)
 from tunnel.wire import ErrorCode, LocalProtocolError
 from tunnel.wire.control import StreamInfo, TunnelClosed
 
@@ -76,8 +84,9 @@ class Relay:
             config.token_request_rate, config.token_request_burst, reactor.seconds
         )
         self.public_connections: set[Protocol] = set()
-        #: Each public connection with a stream: its tunnel and its source.
-        self._public_sources: dict[Protocol, tuple[TunnelRecord, str]] = {}
+        #: Each public connection with a stream: its tunnel, its source and the member
+        #: serving it.
+        self._public_sources: dict[Protocol, tuple[TunnelRecord, str, Member]] = {}
         #: Paused public connections, checked for clients that went away.
         self.paused_watch = PausedWatch(reactor)
         #: Public connections refused by a tunnel's deny or allow list, since start.
@@ -139,30 +148,70 @@ class Relay:
 
     # -- agent authentication ------------------------------------------------------------------
 
-    def authenticate(self, token: str | None) -> bool:
+    def authenticate(self, token: str | None) -> Permit | str:
         """
-        Whether `token` is accepted; every configured token is compared in constant time.
+        The permit of `token` (`tunnel.relay._auth.authenticate`), or why it is refused.
         """
-        tokens = self.config.tokens
-        if tokens is None:
-            return True
-        if not token:
-            return False
-        given = token.encode()
-        ok = False
-        for candidate in tokens:
-            ok |= hmac.compare_digest(candidate.encode(), given)
-        return ok
+        config = self.config
+        return authenticate(
+            token,
+            self.reactor.seconds(),
+            tokens=config.tokens,
+            verifier=config.token_verifier,
+            revoked=config.revoked,
+        )
 
-    def set_tokens(self, tokens: frozenset[str]) -> None:
+    def set_tokens(self, tokens: Collection[str]) -> None:
         """
-        Accept `tokens` from now on; links accepted with a token no longer among them are
-        told (``unauthorized``) and closed, with their tunnels.
+        Accept `tokens` from now on (`recheck_links`).
         """
         self.config.tokens = tokens
+        self.recheck_links()
+
+    def set_revoked(self, revoked: frozenset[str]) -> None:
+        """
+        Refuse signed tokens of these subjects and ids from now on (`recheck_links`).
+        """
+        self.config.revoked = revoked
+        self.recheck_links()
+
+    def recheck_links(self) -> None:
+        """
+        Check every accepted link's token again: links whose token is no longer accepted
+        (removed, revoked, expired) are told (``unauthorized``) and closed, with their
+        tunnels; the others hold what their token allows now, and leave the names it no
+        longer allows.
+        """
         for link in list(self.links):
-            if link.authenticated and not self.authenticate(link.token):
-                link.perform(link.session.token_revoked())
+            if not link.authenticated:
+                continue
+            answer = self.authenticate(link.token)
+            if isinstance(answer, str):
+                link.perform(link.session.token_revoked(answer))
+                continue
+            link.session.permit = answer
+            for record in self.registry.owned_by(link):
+                if record.named and not answer.allows(record.tunnel_id):
+                    self.leave_tunnel(record, link, "the token no longer allows this name")
+
+    def expire_links(self) -> None:
+        """
+        Close the links whose token has expired (``unauthorized``), with their tunnels.
+        """
+        now = self.reactor.seconds()
+        for link in list(self.links):
+            permit = link.session.permit
+            if link.authenticated and permit.expires is not None and now >= permit.expires:
+                link.perform(link.session.token_revoked("the token expired"))
+
+    def check_credentials(self) -> None:
+        """
+        Read the tokens and revoked files again if they changed, and close the links whose
+        token expired: what the relay does every `TOKENS_CHECK_INTERVAL` and on SIGHUP.
+        """
+        self.reload_tokens()
+        self.reload_revoked()
+        self.expire_links()
 
     def reload_tokens(self) -> None:
         """
@@ -181,6 +230,25 @@ class Relay:
             _log.info("tokens reloaded from {path}: {n}", path=tokens_file.path, n=len(tokens))
             self.set_tokens(tokens)
 
+    def reload_revoked(self) -> None:
+        """
+        Read the revoked file again if it changed (`set_revoked`); an unreadable file keeps
+        the list as it was.
+        """
+        revoked_file = self.config.revoked_file
+        if revoked_file is None or not revoked_file.changed():
+            return
+        try:
+            revoked = revoked_file.read()
+        except (OSError, ValueError) as e:
+            _log.error("revoked list not reloaded, keeping the previous one: {e}", e=e)
+            return
+        if revoked != self.config.revoked:
+            _log.info(
+                "revoked list reloaded from {path}: {n}", path=revoked_file.path, n=len(revoked)
+            )
+            self.set_revoked(revoked)
+
     # -- tunnels (for the control core) -------------------------------------------------------
 
     def client_context(self, options: dict[str, Any], cas: Any) -> Any:
@@ -195,7 +263,7 @@ class Relay:
         except (SSL.Error, crypto.Error) as e:
             raise ValueError(f"client_ca is not usable: {e}") from None
 
-    def listen_tcp(self, record: TunnelRecord, wanted: int | None) -> bool:
+    def listen_tcp(self, record: TunnelRecord, wanted: int | tuple[int | None, ...] | None) -> bool:
         """
         Open `record`'s raw TCP listener on a port of the pool (`wanted` first, if given),
         recording the port in `record`; False when none is free.
@@ -214,9 +282,16 @@ class Relay:
             return True
         return False
 
+    def preferred_port(self, name: str) -> int:
+        """
+        The raw TCP port named tunnel `name` asks for first (the same on every start).
+        """
+        low, high = self.config.tcp_ports
+        return self.reclaim_key.preferred_port(name, low, high)
+
     def close_tunnel(self, record: TunnelRecord, reason: str, notify: bool = True) -> None:
         """
-        Remove a tunnel: stop its listener, free its port, and tell its owner.
+        Remove a tunnel: stop its listener, free its port, and tell every link serving it.
         """
         if self.registry.get(record.tunnel_id) is not record:
             return
@@ -227,15 +302,50 @@ class Relay:
         if record.listener is not None:
             stopped = defer.maybeDeferred(record.listener.stopListening)
             record.listener = None
-        owner: RelayLink = record.owner
+        links: list[RelayLink] = [m.link for m in record.members] or [record.owner]
         if record.tcp_port is not None:
-            self.ports.release(record.tcp_port, record.tunnel_id, owner.principal)
-        for stream in list(owner.streams.values()):
-            if stream.tunnel_id == record.tunnel_id:
-                stream.abortConnection(ErrorCode.SHUTDOWN)
+            self.ports.release(record.tcp_port, record.tunnel_id, links[0].principal)
+        for link in links:
+            self._abort_streams(link, record.tunnel_id)
         if notify:
             # Confirmed once the port is really closed, so the agent's close() means it.
-            stopped.addBoth(lambda _: owner.send(TunnelClosed(record.tunnel_id, reason)))
+            closed = TunnelClosed(record.tunnel_id, reason)
+
+            def tell(_: object) -> None:
+                for link in links:
+                    link.send(closed)
+
+            stopped.addBoth(tell)
+
+    def leave_tunnel(
+        self, record: TunnelRecord, link: RelayLink, reason: str, notify: bool = True
+    ) -> None:
+        """
+        `link` no longer serves `record`: the tunnel closes if it was the last (or only)
+        one serving it; otherwise it leaves the name's pool, its own connections to it are
+        reset, and the others serve the name on.
+        """
+        if self.registry.get(record.tunnel_id) is not record or record.member(link) is None:
+            return
+        if len(record.members) <= 1:
+            self.close_tunnel(record, reason, notify)
+            return
+        record.leave(link)
+        self._abort_streams(link, record.tunnel_id)
+        _log.info(
+            "{peer} left the pool of {name} ({n} left)",
+            peer=link.peer_name,
+            name=record.tunnel_id,
+            n=len(record.members),
+        )
+        if notify:
+            link.send(TunnelClosed(record.tunnel_id, reason))
+
+    @staticmethod
+    def _abort_streams(link: RelayLink, tunnel_id: str) -> None:
+        for stream in list(link.streams.values()):
+            if stream.tunnel_id == tunnel_id:
+                stream.abortConnection(ErrorCode.SHUTDOWN)
 
     # -- public connections --------------------------------------------------------------------
 
@@ -282,7 +392,74 @@ class Relay:
             getattr(here, "host", ""),
             getattr(here, "port", 0),
         )
-        link: RelayLink = record.owner
+        now = self.reactor.seconds()
+        tried: list[Member] = []
+        while True:
+            member = record.choose(now, usable_link, POOL_REFUSED_PAUSE, tried)
+            if member is None:
+                return None
+            tried.append(member)
+            stream = self._open_on(member.link, tunnel_id, info, peer)
+            if stream is not None:
+                break
+        member.streams += 1
+        record.connections += 1
+        record.sources[source] = from_source + 1
+        self._public_sources[protocol] = (record, source, member)
+        return stream
+
+    def reopen_public_stream(self, protocol: Protocol) -> Stream | None:
+        """
+        A new stream for public connection `protocol`, whose stream the agent refused
+        unprocessed: on another member of its tunnel's pool (never the one that refused),
+        or None.
+        """
+        held = self._public_sources.get(protocol)
+        if held is None or self.draining:
+            return None
+        record, source, refused = held
+        if self.registry.get(record.tunnel_id) is not record:
+            return None
+        transport = protocol.transport
+        assert transport is not None
+        peer, here = transport.getPeer(), transport.getHost()
+        info = StreamInfo(
+            record.tunnel_id,
+            getattr(peer, "host", ""),
+            getattr(peer, "port", 0),
+            getattr(here, "host", ""),
+            getattr(here, "port", 0),
+        )
+        now = self.reactor.seconds()
+        tried = [refused]
+        while True:
+            member = record.choose(now, usable_link, POOL_REFUSED_PAUSE, tried)
+            if member is None:
+                return None
+            tried.append(member)
+            stream = self._open_on(member.link, record.tunnel_id, info, peer)
+            if stream is not None:
+                break
+        if refused.streams > 0:
+            refused.streams -= 1
+        member.streams += 1
+        self._public_sources[protocol] = (record, source, member)
+        _log.info(
+            "a connection to {name} refused by draining {old} moved to {new}",
+            name=record.tunnel_id,
+            old=refused.link.peer_name,
+            new=member.link.peer_name,
+        )
+        return stream
+
+    def _open_on(
+        self, link: RelayLink, tunnel_id: str, info: StreamInfo, peer: Any
+    ) -> Stream | None:
+        """
+        A stream on `link` for a public connection to `tunnel_id`, or None when the link
+        (or its principal) is at its bound of streams, or can open none.
+        """
+        config = self.config
         if len(link.streams) >= config.max_streams_per_link:
             self.refused["streams_per_link"] += 1
             self.ratelog.warn(
@@ -312,10 +489,34 @@ class Relay:
             )
             return None
         stream.tunnel_id = tunnel_id
-        record.connections += 1
-        record.sources[source] = from_source + 1
-        self._public_sources[protocol] = (record, source)
         return stream
+
+    def target_refused(self, protocol: Protocol) -> None:
+        """
+        The agent could not connect public connection `protocol` to its target: the member
+        that served it is out of its pool's rotation for `POOL_REFUSED_PAUSE` seconds
+        (unless a connection through it succeeds sooner).
+        """
+        held = self._public_sources.get(protocol)
+        if held is None:
+            return
+        record, _, member = held
+        if member.refused_at is None and len(record.members) > 1:
+            _log.info(
+                "the target of {peer} refused a connection to {name}: out of rotation",
+                peer=member.link.peer_name,
+                name=record.tunnel_id,
+            )
+        member.refused_at = self.reactor.seconds()
+
+    def target_answered(self, protocol: Protocol) -> None:
+        """
+        The target of public connection `protocol` sent its first bytes: its member is in
+        rotation again.
+        """
+        held = self._public_sources.get(protocol)
+        if held is not None:
+            held[2].refused_at = None
 
     def public_closed(self, tunnel_id: str, protocol: Protocol | None = None) -> None:
         """
@@ -330,9 +531,11 @@ class Relay:
             return
         # The record the connection was counted in, even if the tunnel was since closed
         # and reclaimed under the same id.
-        record, source = held
+        record, source, member = held
         if record.connections > 0:
             record.connections -= 1
+        if member.streams > 0:
+            member.streams -= 1
         left = record.sources.get(source, 1) - 1
         if left > 0:
             record.sources[source] = left

@@ -1,6 +1,7 @@
 """
 The relay's ``/status`` document: the one list of its keys. The admin endpoint serves it as
-JSON, and its Prometheus gauges are derived from it, one per key.
+JSON, and its Prometheus gauges are derived from it: one per count, and for ``pools`` (each
+named tunnel and its members) gauges labelled by name.
 """
 
 from __future__ import annotations
@@ -8,18 +9,47 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from tunnel.relay.config import POOL_REFUSED_PAUSE
+from tunnel.relay.registry import usable_link
+
 if TYPE_CHECKING:
     from tunnel.relay._state import Relay
 
-__all__ = ["relay_status", "relay_status_document"]
+__all__ = ["pool_status", "relay_status", "relay_status_document"]
 
 
-def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
+def pool_status(relay: Relay) -> dict[str, dict[str, Any]]:
+    """
+    Each named tunnel: its kind, its TCP port, and its members (the agents serving it), each
+    with its open connections to it and whether new ones may go to it.
+    """
+    now = relay.reactor.seconds()
+    return {
+        record.tunnel_id: {
+            "kind": record.kind,
+            "tcp_port": record.tcp_port,
+            "connections": record.connections,
+            "members": [
+                {
+                    "agent": member.link.peer_name,
+                    "streams": member.streams,
+                    "in_rotation": usable_link(member.link)
+                    and not member.resting(now, POOL_REFUSED_PAUSE),
+                }
+                for member in record.members
+            ],
+        }
+        for record in relay.registry.pools()
+    }
+
+
+def relay_status(relay: Relay, front: Any = None) -> dict[str, Any]:
     """
     Counts of what the relay holds now (`front` is its SNI-dispatching factory, for the
-    handshake counts).
+    handshake counts), and its named tunnels' pools (`pool_status`, under ``pools``).
     """
     pair = relay.tls.pair
+    pools = pool_status(relay)
     try:
         fds = len(os.listdir("/proc/self/fd"))
     except OSError:
@@ -47,6 +77,12 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, int]:
         "draining": int(relay.draining),
         # Of the certificate in service, in seconds since the epoch (0: none yet).
         "certificate_expiry_timestamp_seconds": int(pair.not_after.timestamp()) if pair else 0,
+        "named_tunnels": len(pools),
+        "pool_members": sum(len(p["members"]) for p in pools.values()),
+        "pool_members_in_rotation": sum(
+            1 for p in pools.values() for m in p["members"] if m["in_rotation"]
+        ),
+        "pools": pools,
     }
 
 

@@ -7,9 +7,11 @@ clients with a certificate and is not draining, else 503). Bind it to loopback
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from twisted.web.server import Site
 
 from tunnel._admin import JSONResource, ReadyResource, gauges
@@ -31,10 +33,13 @@ def admin_site(
     """
     values = {
         key: (f"Relay {key.replace('_', ' ')}", lambda key=key: relay_status(relay, front)[key])
-        for key in relay_status(relay, front)
+        for key, value in relay_status(relay, front).items()
+        if isinstance(value, int)
     }
+    registry = gauges("tunnels_relay", values)
+    registry.register(_Pools(relay, front))
     return _site(
-        gauges("tunnels_relay", values),
+        registry,
         {
             b"status": JSONResource(lambda: relay_status_document(relay, front)),
             # Not ready without a certificate (ACME mode, before the first is issued).
@@ -43,3 +48,35 @@ def admin_site(
             ),
         },
     )
+
+
+class _Pools(Collector):
+    """
+    The ``pools`` of the status document as gauges labelled by tunnel name: members, members
+    in rotation, and open connections.
+    """
+
+    def __init__(self, relay: Relay, front: Any) -> None:
+        self.relay = relay
+        self.front = front
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        members = GaugeMetricFamily(
+            "tunnels_relay_pool_members", "Agents serving a named tunnel", labels=["name"]
+        )
+        rotation = GaugeMetricFamily(
+            "tunnels_relay_pool_members_in_rotation",
+            "Agents of a named tunnel that new connections may go to",
+            labels=["name"],
+        )
+        connections = GaugeMetricFamily(
+            "tunnels_relay_pool_connections",
+            "Public connections open through a named tunnel",
+            labels=["name"],
+        )
+        pools = relay_status(self.relay, self.front)["pools"]
+        for name, pool in pools.items():
+            members.add_metric([name], len(pool["members"]))
+            rotation.add_metric([name], sum(1 for m in pool["members"] if m["in_rotation"]))
+            connections.add_metric([name], pool["connections"])
+        yield from (members, rotation, connections)

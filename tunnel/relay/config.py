@@ -7,12 +7,15 @@ and its adapters.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from tunnel.relay._tokens import TokenFile
+from tunnel._signedtokens import TokenVerifier
+from tunnel.relay._tokens import RevokedFile, TokenFile
 from tunnel.wire import LinkSettings
 
 __all__ = [
+    "POOL_REFUSED_PAUSE",
     "RATE_STRIKES",
     "RECLAIM_PROBE_TIMEOUT",
     "REFUSALS",
@@ -28,6 +31,10 @@ TOKENS_CHECK_INTERVAL = 2.0
 #: loses the tunnel (a stale session: the agent reconnected before the old link was found
 #: dead). A holder that answers keeps it, and the reclaim is refused.
 RECLAIM_PROBE_TIMEOUT = 1.0
+
+#: Seconds a pool member whose local target refused a connection stays out of rotation
+#: (unless one of its connections succeeds sooner).
+POOL_REFUSED_PAUSE = 5.0
 
 #: Reasons of refusals counted in `Relay.refused` (and shown as ``refused_<reason>``).
 REFUSALS = (
@@ -58,10 +65,17 @@ class RelayConfig:
     tcp_ports: tuple[int, int] = (20000, 29999)
     #: The address raw TCP listeners bind to ("" for all).
     tcp_interface: str = ""
-    #: Accepted agent tokens; None accepts any agent.
-    tokens: frozenset[str] | None = None
+    #: Accepted agent tokens (a mapping gives the names each may hold; a plain collection:
+    #: random ids only); None: none from a file. With no `token_verifier` either, any
+    #: agent is accepted, and may hold any name.
+    tokens: Collection[str] | None = None
     #: The file `tokens` came from, watched for changes (None: they never change).
     tokens_file: TokenFile | None = None
+    #: The keys of signed tokens (``--token-key``); None: no signed tokens.
+    token_verifier: TokenVerifier | None = None
+    #: Revoked subjects and token ids of signed tokens, and the file they came from.
+    revoked: frozenset[str] = frozenset()
+    revoked_file: RevokedFile | None = None
     #: Seconds a public TLS handshake (or an agent's hello) may take.
     handshake_timeout: float = 10.0
     #: Seconds from accept until the whole ClientHello has arrived (at most the above).

@@ -1,5 +1,6 @@
 """
-The relay's tunnel registry: ids, ownership, reclaim secrets and the raw TCP port pool.
+The relay's tunnel registry: ids and names, who serves them (one owner for a random id, a
+pool of members for a name), reclaim secrets and the raw TCP port pool.
 
 Sans-IO apart from reading and writing the reclaim key file: the registry only records who
 owns what; the service opens and closes listeners.
@@ -13,26 +14,24 @@ import hmac
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from tunnel._allow import AllowList, DenyList
+from tunnel.wire.names import ID_ALPHABET, ID_LENGTH, is_random_id
 
 __all__ = [
     "ID_ALPHABET",
+    "Member",
     "PortPool",
     "ReclaimKey",
     "TunnelRecord",
     "TunnelRegistry",
     "new_tunnel_id",
+    "usable_link",
     "valid_tunnel_id",
 ]
-
-#: Lowercase, DNS-safe, without the look-alikes i, l, o, u.
-ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
-#: 16 characters of 5 bits each: 80 bits from the CSPRNG.
-ID_LENGTH = 16
 
 
 def new_tunnel_id() -> str:
@@ -46,7 +45,7 @@ def valid_tunnel_id(tunnel_id: str) -> bool:
     """
     Whether `tunnel_id` has the form of an id this relay hands out.
     """
-    return len(tunnel_id) == ID_LENGTH and all(c in ID_ALPHABET for c in tunnel_id)
+    return is_random_id(tunnel_id)
 
 
 class ReclaimKey:
@@ -101,6 +100,14 @@ class ReclaimKey:
         message = f"tunnel:{kind}:{tunnel_id}" + (f":{owner}" if owner else "")
         digest = hmac.new(self._key, message.encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
+
+    def preferred_port(self, name: str, low: int, high: int) -> int:
+        """
+        The raw TCP port a named tunnel asks for first: derived from its name with the key,
+        so the same on every start of the relay (and not guessable from the name alone).
+        """
+        digest = hmac.new(self._key, f"port:{name}".encode(), hashlib.sha256).digest()
+        return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
 
     def verify(self, kind: str, tunnel_id: str, secret: str, owner: str = "") -> bool:
         """
@@ -169,17 +176,25 @@ class PortPool:
                 break
             self._unrest(port)
 
-    def candidates(self, tunnel_id: str, wanted: int | None = None) -> list[int]:
+    def candidates(
+        self, tunnel_id: str, wanted: int | tuple[int | None, ...] | None = None
+    ) -> list[int]:
         """
-        Ports to try, in order, for `tunnel_id`: the wanted one first if it is free or rests
-        after this same tunnel, then up to 64 random free ones.
+        Ports to try, in order, for `tunnel_id`: the wanted ones first (in order) if free or
+        resting after this same tunnel, then up to 64 random free ones.
         """
         self._expire()
         out: list[int] = []
-        if wanted is not None and self.low <= wanted <= self.high and wanted not in self._in_use:
-            resting = self._resting.get(wanted)
-            if resting is None or resting[1] == tunnel_id:
-                out.append(wanted)
+        for port in wanted if isinstance(wanted, tuple) else (wanted,):
+            if (
+                port is not None
+                and self.low <= port <= self.high
+                and port not in self._in_use
+                and port not in out
+            ):
+                resting = self._resting.get(port)
+                if resting is None or resting[1] == tunnel_id:
+                    out.append(port)
         rng = secrets.SystemRandom()
         for _ in range(64):
             port = rng.randint(self.low, self.high)
@@ -233,6 +248,36 @@ class PortPool:
         return len(self._charged.get(principal, ()))
 
 
+def usable_link(link: Any) -> bool:
+    """
+    Whether new public connections may go to `link`: not lost, and not draining (its agent
+    sent a GOAWAY). Stand-ins without those attributes are usable.
+    """
+    return not getattr(link, "lost", False) and not getattr(link, "draining", False)
+
+
+@dataclass(eq=False)
+class Member:
+    """
+    One link serving a tunnel: the owner of a random id, or one agent of a name's pool.
+    """
+
+    #: The agent link (a `RelayLink`).
+    link: Any
+    #: Public connections open through it to this tunnel.
+    streams: int = 0
+    #: When its target last refused a connection (it is out of rotation for a while
+    #: then, unless a connection through it succeeds); None: not since its last success.
+    refused_at: float | None = None
+
+    def resting(self, now: float, pause: float) -> bool:
+        """
+        Whether it is out of rotation at `now`: its target refused a connection less than
+        `pause` seconds ago, and none has succeeded since.
+        """
+        return self.refused_at is not None and now - self.refused_at < pause
+
+
 @dataclass(eq=False)
 class TunnelRecord:
     """
@@ -242,7 +287,7 @@ class TunnelRecord:
     tunnel_id: str
     #: "tls" or "tcp".
     kind: str
-    #: The agent link that owns it (a `RelayLink`).
+    #: The agent link that owns it (a `RelayLink`); for a named tunnel, its first member.
     owner: Any
     #: Options from the request, such as {"h2": True}.
     options: dict[str, Any] = field(default_factory=dict)
@@ -261,6 +306,65 @@ class TunnelRecord:
     connections: int = 0
     #: Of those, how many from each source (an IPv4 address or an IPv6 /64).
     sources: dict[str, int] = field(default_factory=dict)
+    #: A name (its id is the name; any member may serve it) rather than a random id.
+    named: bool = False
+    #: What every member must ask for alike: the kind and the options but the name.
+    signature: str = ""
+    #: The links serving it; a random id's has one, its owner.
+    members: list[Member] = field(default_factory=list)
+    #: Advanced on each choice, so that members with as few streams take turns.
+    turn: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.members and self.owner is not None:
+            self.members.append(Member(self.owner))
+
+    def member(self, link: Any) -> Member | None:
+        """
+        The member that `link` is, or None.
+        """
+        return next((m for m in self.members if m.link is link), None)
+
+    def join(self, link: Any) -> Member:
+        """
+        Add `link` to those serving this (named) tunnel.
+        """
+        member = Member(link)
+        self.members.append(member)
+        self.owner = self.members[0].link
+        return member
+
+    def leave(self, link: Any) -> Member | None:
+        """
+        Remove `link` from those serving this tunnel; the member it was, or None.
+        """
+        member = self.member(link)
+        if member is not None:
+            self.members.remove(member)
+            self.owner = self.members[0].link if self.members else None
+        return member
+
+    def choose(
+        self,
+        now: float,
+        usable: Callable[[Any], bool],
+        pause: float,
+        skip: Collection[Member] = (),
+    ) -> Member | None:
+        """
+        The member a new public connection goes to: among those whose link is `usable` (not
+        lost, not draining) and not in `skip`, the one with the fewest open streams, ties in
+        turn. Members whose target refused their last connection less than `pause` seconds
+        ago are out of rotation, unless no other is left.
+        """
+        live = [m for m in self.members if m not in skip and usable(m.link)]
+        in_rotation = [m for m in live if not m.resting(now, pause)] or live
+        if not in_rotation:
+            return None
+        fewest = min(m.streams for m in in_rotation)
+        tied = [m for m in in_rotation if m.streams == fewest]
+        self.turn += 1
+        return tied[self.turn % len(tied)]
 
 
 class TunnelRegistry:
@@ -307,9 +411,19 @@ class TunnelRegistry:
 
     def owned_by(self, owner: Any) -> list[TunnelRecord]:
         """
-        The tunnels `owner` holds.
+        The tunnels `owner` holds or serves (as a member of a name's pool).
         """
-        return [t for t in self._tunnels.values() if t.owner is owner]
+        return [
+            t
+            for t in self._tunnels.values()
+            if t.owner is owner or any(m.link is owner for m in t.members)
+        ]
+
+    def pools(self) -> list[TunnelRecord]:
+        """
+        Every live named tunnel.
+        """
+        return [t for t in self._tunnels.values() if t.named]
 
     def all(self) -> list[TunnelRecord]:
         """

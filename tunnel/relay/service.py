@@ -94,10 +94,11 @@ class RelayService(service.MultiService):
             self._collector = LoopingCall(_memory.collect)
             self._collector.clock = self.reactor
             self._collector.start(_memory.INTERVAL, now=False)
-        if self.relay.config.tokens_file is not None:
-            # Token changes (added, revoked) apply within TOKENS_CHECK_INTERVAL, or at once on
-            # SIGHUP; no restart.
-            self._token_watch = LoopingCall(self.relay.reload_tokens)
+        config = self.relay.config
+        if config.tokens_file or config.revoked_file or config.token_verifier:
+            # Token changes (added, revoked) and expiries apply within TOKENS_CHECK_INTERVAL,
+            # or at once on SIGHUP; no restart.
+            self._token_watch = LoopingCall(self.relay.check_credentials)
             self._token_watch.clock = self.reactor
             self._token_watch.start(TOKENS_CHECK_INTERVAL, now=False)
         if not self.embedded:
@@ -141,11 +142,13 @@ class RelayService(service.MultiService):
     def _sighup(self) -> None:
         for hook in self.reload_hooks:
             hook()
-        if self.relay.config.tokens_file is None:
-            _log.info("SIGHUP: nothing to reload (no --tokens file)")
+        config = self.relay.config
+        files = [f.path for f in (config.tokens_file, config.revoked_file) if f is not None]
+        if not files and config.token_verifier is None:
+            _log.info("SIGHUP: nothing to reload (no --tokens or --revoked file)")
             return
-        _log.info("SIGHUP: checking {path}", path=self.relay.config.tokens_file.path)
-        self.relay.reload_tokens()
+        _log.info("SIGHUP: checking {paths}", paths=", ".join(files) or "token expiries")
+        self.relay.check_credentials()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

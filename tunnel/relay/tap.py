@@ -16,6 +16,7 @@ from twisted.python import usage
 from tunnel import __version__
 from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format
 from tunnel._rate import parse_rate
+from tunnel._signedtokens import TokenVerifier
 from tunnel.relay._acme import (
     CHECK_INTERVAL,
     AcmeCSRIssuer,
@@ -31,7 +32,7 @@ from tunnel.relay._certs import ensure_dev_certificates
 from tunnel.relay._certwatch import CertificateWatch, put_in_service
 from tunnel.relay._issuer import DevCAIssuer
 from tunnel.relay._tls import RelayTLS
-from tunnel.relay._tokens import TokenFile
+from tunnel.relay._tokens import RevokedFile, TokenFile
 from tunnel.relay.registry import ReclaimKey
 from tunnel.relay.service import (
     Relay,
@@ -129,7 +130,20 @@ class Options(usage.Options):
         ],
         ["tcp-ports", None, "20000-29999", "Range of raw TCP tunnel ports, LOW-HIGH."],
         ["tcp-interface", None, None, "Address raw TCP ports bind to (default: all)."],
-        ["tokens", None, None, "File of accepted agent tokens, one per line."],
+        [
+            "tokens",
+            None,
+            None,
+            "File of accepted agent tokens, one per line, each optionally followed by "
+            "names=NAME,GLOB... (the tunnel names it may hold).",
+        ],
+        [
+            "revoked",
+            None,
+            None,
+            "File of revoked subjects and token ids (jti) of signed tokens, one per line "
+            "(reread on change).",
+        ],
         ["state-dir", None, None, "Directory for keys and development certificates."],
         ["handshake-timeout", None, 10.0, "Seconds a TLS handshake may take.", _positive(float)],
         [
@@ -252,6 +266,14 @@ class Options(usage.Options):
         LOG_FORMAT_OPTION,
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["token-key"] = []
+
+    def opt_token_key(self, path: str) -> None:
+        """PEM public key (Ed25519) whose signed tokens are accepted (repeatable: rotation)."""
+        self["token-key"].append(path)
+
     def postOptions(self) -> None:
         apply_log_format(self)
         if bool(self["cert"]) != bool(self["key"]):
@@ -365,8 +387,27 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
             tokens = tokens_file.read()
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
-    else:
-        _log.warn("NO --tokens GIVEN: THIS RELAY ACCEPTS ANY AGENT. Use --tokens in production.")
+    verifier = None
+    if options["token-key"]:
+        try:
+            verifier = TokenVerifier.from_files(options["token-key"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+    revoked: frozenset[str] = frozenset()
+    revoked_file = None
+    if options["revoked"]:
+        if verifier is None:
+            raise usage.UsageError("--revoked names signed tokens: give --token-key too")
+        revoked_file = RevokedFile(options["revoked"])
+        try:
+            revoked = revoked_file.read()
+        except OSError as e:
+            raise usage.UsageError(str(e)) from None
+    if tokens is None and verifier is None:
+        _log.warn(
+            "NO --tokens OR --token-key GIVEN: THIS RELAY ACCEPTS ANY AGENT, AND LETS IT HOLD "
+            "ANY TUNNEL NAME. Use --tokens or --token-key in production."
+        )
     # 0: the port the listener gets (for tcp:0), filled in once it listens.
     public_port = options["public-port"] or _listen_port(options["listen"]) or 0
     config = RelayConfig(
@@ -376,6 +417,9 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         tcp_interface=options["tcp-interface"] or "",
         tokens=tokens,
         tokens_file=tokens_file,
+        token_verifier=verifier,
+        revoked=revoked,
+        revoked_file=revoked_file,
         handshake_timeout=options["handshake-timeout"],
         client_hello_timeout=min(options["client-hello-timeout"], options["handshake-timeout"]),
         max_pending_handshakes=options["max-pending-handshakes"],

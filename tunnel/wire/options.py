@@ -24,6 +24,7 @@ from typing import Any, Literal
 from tunnel._allow import AllowList, DenyList
 from tunnel._clientca import parse_client_cas
 from tunnel._rate import check_rate
+from tunnel.wire.names import check_name
 
 __all__ = [
     "KINDS",
@@ -40,6 +41,7 @@ __all__ = [
     "missing_features",
     "parse_request_options",
     "parse_suffixes",
+    "prefix_option",
     "request_options",
     "suffix_option",
 ]
@@ -100,8 +102,8 @@ class TunnelOption:
     parse: Callable[[Any], Any] | None = None
     #: The checked value → JSON for the wire.
     encode: Callable[[Any], Any] = _identity
-    #: Whether it restricts who may connect: an agent refuses to send it to a relay whose
-    #: ``welcome.features`` lack `feature`.
+    #: Whether it restricts who may connect (the relay checks that every member of a pool
+    #: has the same restrictions).
     restricts: bool = False
     #: Whether an agent refuses to send it to a relay whose ``welcome.features`` lack
     #: `feature` though it restricts nobody: that relay would serve the tunnel otherwise
@@ -120,6 +122,8 @@ class TunnelOption:
     repeatable: bool = False
     #: The Python keyword and the flag name a file (read as ASCII) whose text is the value.
     file: bool = False
+    #: Spelled ``VALUE=`` before the target of a ``--forward`` value (``web=8000``).
+    prefix: bool = False
     #: ``--forward PORT:SUFFIX`` spellings: suffix → value.
     suffixes: Mapping[str, Any] = field(default_factory=dict)
     #: A ``--forward PORT:KEY=VALUE`` spelling: the key; the value is given to `check`.
@@ -192,6 +196,17 @@ OPTIONS: tuple[TunnelOption, ...] = (
         makes_kind="tcp",
         suffixes={"tcp": True, "tls": False},
         group="kind",
+    ),
+    TunnelOption(
+        "name",
+        default=None,
+        check=check_name,
+        doc="a kept name, https://NAME.<domain>, instead of a random id (the token must allow it)",
+        words="tunnel names",
+        required=True,
+        feature="name",
+        prefix=True,
+        metavar="NAME",
     ),
     TunnelOption(
         "h2",
@@ -394,7 +409,8 @@ def missing_features(
     What the relay lacks of a request (its `kind` and its ``options`` member) to serve it
     as asked, in words for a message (``"allow lists (--allow)"``); empty when it lacks
     nothing. A relay that ignored a restricting option would let everyone in; one that
-    did not know passthrough would decrypt the tunnel (or refuse the link).
+    did not know passthrough would decrypt the tunnel (or refuse the link); one that ignored
+    a name would hand out a random id.
     """
     have = set(features)
     return [
@@ -482,3 +498,10 @@ def suffix_option(suffix: str) -> TunnelOption | None:
         ),
         None,
     )
+
+
+def prefix_option() -> TunnelOption:
+    """
+    The option spelled ``VALUE=`` before the target of a ``--forward`` value (the name).
+    """
+    return next(option for option in OPTIONS if option.prefix)
