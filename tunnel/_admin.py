@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -78,6 +79,16 @@ def gauges(prefix: str, values: Mapping[str, tuple[str, Callable[[], float]]]) -
     return registry
 
 
+class _QuietSite(Site):
+    """
+    A `Site` that logs no access lines: probes poll ``/ready`` and Prometheus scrapes
+    ``/metrics`` every few seconds, and a line each would bury what the daemon has to say.
+    """
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 def admin_site(registry: CollectorRegistry, children: Mapping[bytes, Resource]) -> Site:
     """
     ``/metrics`` from `registry`, plus `children` (path segment: resource).
@@ -86,6 +97,6 @@ def admin_site(registry: CollectorRegistry, children: Mapping[bytes, Resource]) 
     root.putChild(b"metrics", _Metrics(registry))
     for path, child in children.items():
         root.putChild(path, child)
-    site = Site(root)
+    site = _QuietSite(root)
     site.noisy = False
     return site

@@ -210,7 +210,9 @@ def ready_tunnels(log: str) -> Iterator[tuple[str, Endpoint]]:
 def forward_target(forward: str) -> str:
     """The local target of a ``--forward`` value such as ``8000``, ``8000:tcp``,
     ``127.0.0.1:8000:h2`` or ``web=8000``, as the agent's ``/status`` names it."""
-    forward = forward.rpartition("=")[2]
+    name, sep, rest = forward.partition("=")
+    if sep and ":" not in name:  # NAME= before the target (``:rate=10MB`` is a suffix)
+        forward = rest
     port = forward.split(":")[0] if forward[0].isdigit() else forward.split(":")[1]
     return f"127.0.0.1:{port}"
 
