@@ -301,8 +301,12 @@ def test_a_member_whose_target_refuses_is_out_of_rotation(grp: Group) -> None:
     dead.bind((LOOPBACK, 0))
     dead_port = dead.getsockname()[1]
     dead.close()  # nothing listens there: connections are refused
-    agents = [start_agent(grp, relay, f"web={p}", "tok-web") for p in (dead_port, good.port)]
-    ready(agents[0], dead_port), ready(agents[1], good.port)
+    # One after the other, so that the pool lists them in this order.
+    refusing = start_agent(grp, relay, f"web={dead_port}", "tok-web")
+    ready(refusing, dead_port)
+    wait_pool(relay, "web", 1)
+    serving = start_agent(grp, relay, f"web={good.port}", "tok-web")
+    ready(serving, good.port)
     wait_pool(relay, "web", 2)
     outcomes = []
     for _ in range(10):
