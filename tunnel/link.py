@@ -168,15 +168,11 @@ class Stream:
             return
         link = self.link
         try:
-            link.mux.send(self.stream_id, data)
+            pending = link.mux.send(self.stream_id, data)
         except LocalProtocolError:
             return
         link.flush_soon()
-        if (
-            self._producer is not None
-            and not self._producer_paused
-            and link.mux.pending(self.stream_id) > HIGH_WATER
-        ):
+        if pending > HIGH_WATER and self._producer is not None and not self._producer_paused:
             self._producer_paused = True
             link._blocked[self.stream_id] = self
             self._producer.pauseProducing()
