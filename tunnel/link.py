@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet import address, defer, error, interfaces, tcp
+from twisted.internet import address, defer, error, interfaces, main, tcp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -57,6 +57,7 @@ __all__ = [
     "SpliceProtocol",
     "Stream",
     "StreamResetError",
+    "close_now",
     "half_close",
     "set_nodelay",
     "splice",
@@ -761,6 +762,50 @@ def set_nodelay(transport: Any) -> None:
 _TCP_TYPES = (tcp.Server, tcp.Client)
 
 
+def _idle_tcp(transport: Any) -> bool:
+    """
+    Whether `transport` is one of Twisted's TCP transports, connected, with nothing
+    buffered and no close under way: what it is asked to do can be done at once.
+    """
+    return (
+        type(transport) in _TCP_TYPES
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    )
+
+
+def _done_writing_now(transport: Any) -> bool:
+    """
+    Half-close an idle TCP transport (`_idle_tcp`, no producer) now, as its `doWrite`
+    would once the reactor found the socket writable: the FIN goes out without a reactor
+    turn, two epoll updates and an empty send. False (nothing done) for any other.
+    """
+    if not _idle_tcp(transport) or transport.producer is not None:
+        return False
+    transport.stopWriting()
+    transport._writeDisconnecting = True
+    transport._writeDisconnected = True
+    transport._closeWriteConnection()
+    return True
+
+
+def close_now(transport: Any) -> None:
+    """
+    `transport.loseConnection()`, except that an idle TCP transport (`_idle_tcp`, no
+    producer) closes at once, as Twisted's does when its writing side is already shut
+    down, instead of one reactor turn later through an empty write.
+    """
+    if _idle_tcp(transport) and transport.producer is None:
+        transport.stopReading()
+        transport.stopWriting()
+        transport.connectionLost(Failure(main.CONNECTION_DONE))
+        return
+    transport.loseConnection()
+
+
 def write_now(transport: Any, data: bytes) -> None:
     """
     `transport.write(data)`, except that a TCP transport with nothing buffered sends at once.
@@ -771,14 +816,7 @@ def write_now(transport: Any, data: bytes) -> None:
     socket does not take now is buffered as usual, and an error is left to the reactor,
     which meets it again on its next write attempt.
     """
-    if (
-        type(transport) in _TCP_TYPES
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    ):
+    if _idle_tcp(transport):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent >= 0:
             if sent == len(data):
@@ -807,7 +845,8 @@ def half_close(transport: Any) -> None:
     elif isinstance(transport, TLSMemoryBIOProtocol):
         transport.loseConnection()
     elif interfaces.ITCPTransport.providedBy(transport):
-        transport.loseWriteConnection()
+        if not _done_writing_now(transport):
+            transport.loseWriteConnection()
     else:
         transport.loseConnection()
 
@@ -868,7 +907,7 @@ class SpliceProtocol(Protocol):
         at once otherwise (a reset tells its peer that what it received may be cut short).
         """
         if reason.check(error.ConnectionDone):
-            self.other.loseConnection()
+            close_now(self.other)
         else:
             self.other.abortConnection()
 
