@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from tunnel._reactor import lean_dispatch
 from tunnel.agent import settings
 from tunnel.agent.session import Agent, ForwardSpec
 from tunnel.errors import AuthenticationError
@@ -157,6 +158,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # The daemon owns its reactor: drop the per-event log context from its dispatch.
+    lean_dispatch(reactor)
     agent = Agent(
         reactor,
         options["relays"],

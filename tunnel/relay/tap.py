@@ -13,6 +13,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tunnel._reactor import lean_dispatch
 from tunnel.relay._acme import (
     CHECK_INTERVAL,
     AcmeIssuer,
@@ -315,6 +316,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # The daemon owns its reactor: drop the per-event log context from its dispatch.
+    lean_dispatch(reactor)
     state_dir = options["state-dir"]
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     domain = options["domain"]
