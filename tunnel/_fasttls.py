@@ -53,10 +53,11 @@ try:
     _buffer = _ffi.buffer
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without these
     _SSL_read = None
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
 
 from tunnel.link import write_now
 
@@ -88,7 +89,26 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
     _eof = False
 
     def makeConnection(self, transport: Any) -> None:
-        super().makeConnection(transport)
+        creator = getattr(self.factory, "_creatorCallable", None)
+        if creator is None:  # pragma: no cover - a Twisted without it
+            super().makeConnection(transport)
+            self._use_fast_path()
+            return
+        # TLSMemoryBIOProtocol.makeConnection, doing once what it does twice: it declares
+        # the transport's interfaces one at a time (each declaration replacing the last),
+        # then all at once through ProtocolWrapper.makeConnection, which also repeats the
+        # Protocol.makeConnection and registerProtocol calls it has just made.
+        self._tlsConnection = creator(self)
+        self._appSendBuffer = []
+        self._use_fast_path()
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            self.wrappedProtocol.makeConnection(self)
+        self._checkHandshakeStatus()
+
+    def _use_fast_path(self) -> None:
         connection = self._tlsConnection
         if (
             _SSL_read is not None
