@@ -765,12 +765,14 @@ _TCP_TYPES = (tcp.Server, tcp.Client)
 def _idle_tcp(transport: Any) -> bool:
     """
     Whether `transport` is one of Twisted's TCP transports, connected, with nothing
-    buffered and no close under way: what it is asked to do can be done at once.
+    buffered and no close or half-close under way: what it is asked to do can be done at
+    once.
     """
     return (
         type(transport) in _TCP_TYPES
         and transport.connected
         and not transport.disconnecting
+        and not transport._writeDisconnecting
         and not transport._writeDisconnected
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
