@@ -88,6 +88,10 @@ def _running_reactor() -> Any:
                 )
             return reactor
         if _thread is None:
+            from tunnel._reactor import lean_dispatch
+
+            # This module runs the reactor, so it may trim the reactor's event dispatch.
+            lean_dispatch(reactor)
             started = threading.Event()
             reactor.callWhenRunning(started.set)
             _thread = threading.Thread(

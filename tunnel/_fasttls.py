@@ -17,11 +17,15 @@ batches its own writes, that is most of the CPU spent per megabyte outside OpenS
 Semantics (handshake, errors, shutdown, producers) are Twisted's: only the three methods
 above are replaced, each keeping the error handling of the original.
 
-Two shortcuts reach under pyOpenSSL's public API, each with a fallback when the private
-names are missing: OpenSSL's partial-write mode is cleared (with a memory BIO, which never
-refuses, one SSL_write then encrypts a whole buffer instead of one record per call), and
-records are read with SSL_read into one shared buffer rather than a fresh allocation per
-record, with pyOpenSSL's own error mapping for anything but success.
+The record work reaches under pyOpenSSL's public API (falling back to it when the private
+names are missing), because its wrappers cost more than the encryption of a small record:
+OpenSSL's partial-write mode is cleared (with a memory BIO, which never refuses, one
+SSL_write then encrypts a whole buffer instead of one record per call); SSL_write, SSL_read,
+BIO_write and BIO_read are called directly, into one shared buffer rather than a fresh
+allocation per call; and the memory BIOs are asked how much they hold, so that no call is
+made only to end in a WantReadError: a request-sized record costs one SSL_read and one
+BIO_read, not two of each and two exceptions. Anything but success goes through
+pyOpenSSL's own error mapping.
 """
 
 from __future__ import annotations
@@ -35,17 +39,25 @@ try:
     from OpenSSL._util import lib as _lib
 
     _SSL_read = _lib.SSL_read
+    _SSL_write = _lib.SSL_write
+    _SSL_pending = _lib.SSL_pending
+    _BIO_read = _lib.BIO_read
+    _BIO_write = _lib.BIO_write
+    # For a memory BIO, BIO_get_mem_data returns the octets it holds (the pointer is
+    # optional).
+    _BIO_pending = _lib.BIO_get_mem_data
+    _NULL = _ffi.NULL
     _PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
     _clear_mode = _lib.SSL_clear_mode
-    # One buffer for every connection: the reactor runs on one thread, and each record is
-    # copied out before the next read.
-    _READ_BUFFER = _ffi.new("char[]", 2**15)
+    _from_buffer = _ffi.from_buffer
     _buffer = _ffi.buffer
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without these
     _SSL_read = None
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
 
 from tunnel.link import write_now
 
@@ -60,25 +72,98 @@ _RECV = 2**15
 #: Decrypted octets delivered in one dataReceived at most.
 _DELIVER = 256 * 1024
 
+if _SSL_read is not None:
+    # One buffer for every connection: the reactor runs on one thread, and what is read
+    # into it is copied out before the next read.
+    _SCRATCH = _ffi.new("char[]", max(_BIO_READ, _RECV))
+
 
 class FastTLSProtocol(TLSMemoryBIOProtocol):
     """
     `TLSMemoryBIOProtocol` with batched, copy-free writes and batched delivery.
     """
 
+    #: The private pyOpenSSL names are there for this connection (set in makeConnection).
+    _fast = False
+    #: The receive BIO was told that no more input comes (the transport is gone).
+    _eof = False
+
     def makeConnection(self, transport: Any) -> None:
-        super().makeConnection(transport)
+        creator = getattr(self.factory, "_creatorCallable", None)
+        if creator is None:  # pragma: no cover - a Twisted without it
+            super().makeConnection(transport)
+            self._use_fast_path()
+            return
+        # TLSMemoryBIOProtocol.makeConnection, doing once what it does twice: it declares
+        # the transport's interfaces one at a time (each declaration replacing the last),
+        # then all at once through ProtocolWrapper.makeConnection, which also repeats the
+        # Protocol.makeConnection and registerProtocol calls it has just made.
+        self._tlsConnection = creator(self)
+        self._appSendBuffer = []
+        self._use_fast_path()
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            self.wrappedProtocol.makeConnection(self)
+        self._checkHandshakeStatus()
+
+    def _use_fast_path(self) -> None:
         connection = self._tlsConnection
-        if _SSL_read is not None and connection is not None and hasattr(connection, "_ssl"):
+        if (
+            _SSL_read is not None
+            and connection is not None
+            and hasattr(connection, "_ssl")
+            and getattr(connection, "_into_ssl", None) is not None
+            and getattr(connection, "_from_ssl", None) is not None
+        ):
+            self._fast = True
             _clear_mode(connection._ssl, _PARTIAL_WRITE)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not (self._fast and self._handshakeDone) or self._appSendBuffer:
+            super().dataReceived(data)
+            return
+        connection: Any = self._tlsConnection
+        bio = connection._into_ssl
+        # A memory BIO takes everything (it grows); anything else is pyOpenSSL's to report.
+        result = _BIO_write(bio, data, len(data))
+        if result <= 0:
+            connection._handle_bio_errors(bio, result)
+        self._flushReceiveBIO()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # The receive BIO is shut down next (TLSMemoryBIOProtocol.connectionLost): the final
+        # read must be attempted even with nothing buffered, as it reports an unclean EOF.
+        self._eof = True
+        super().connectionLost(reason)
 
     def _write(self, bytes: Any) -> None:
         if self._lostTLSConnection:
             return
+        connection: Any = self._tlsConnection
+        total = len(bytes)
+        if self._fast:
+            ssl = connection._ssl
+            with _from_buffer(bytes) as data:
+                done = 0
+                while done < total:
+                    size = min(total - done, _WRITE_CHUNK)
+                    result = _SSL_write(ssl, data + done, size)
+                    if result <= 0:
+                        try:
+                            connection._raise_ssl_error(ssl, result)
+                        except WantReadError:
+                            self._bufferedWrite(memoryview(bytes)[done:].tobytes())
+                            break
+                        except Error as e:
+                            self._tlsShutdownFinished(_untraced(e))
+                            return
+                    done += result
+            self._flushSendBIO()
+            return
         view = memoryview(bytes)
-        total = len(view)
         done = 0
-        connection = self._tlsConnection
         while done < total:
             try:
                 sent = connection.send(view[done : done + _WRITE_CHUNK])
@@ -96,11 +181,21 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         if connection is None:
             return
         chunks = []
-        while True:
-            try:
-                chunks.append(connection.bio_read(_BIO_READ))
-            except WantReadError:
-                break
+        if self._fast:
+            bio = connection._from_ssl
+            pending = _BIO_pending(bio, _NULL)
+            while pending > 0:
+                result = _BIO_read(bio, _SCRATCH, min(pending, _BIO_READ))
+                if result <= 0:
+                    break
+                chunks.append(_buffer(_SCRATCH, result)[:])
+                pending -= result
+        else:
+            while True:
+                try:
+                    chunks.append(connection.bio_read(_BIO_READ))
+                except WantReadError:
+                    break
         if chunks and self.transport is not None:
             write_now(self.transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
@@ -108,15 +203,15 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         chunks: list[bytes] = []
         size = 0
         connection: Any = self._tlsConnection
-        fast = _SSL_read is not None and hasattr(connection, "_ssl")
+        fast = self._fast
         while not self._lostTLSConnection:
             try:
                 if fast:
                     ssl = connection._ssl
-                    result = _SSL_read(ssl, _READ_BUFFER, _RECV)
+                    result = _SSL_read(ssl, _SCRATCH, _RECV)
                     if result <= 0:
                         connection._raise_ssl_error(ssl, result)
-                    data = _buffer(_READ_BUFFER, result)[:]
+                    data = _buffer(_SCRATCH, result)[:]
                 else:
                     data = connection.recv(_RECV)
             except WantReadError:
@@ -137,6 +232,14 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                 if size >= _DELIVER:
                     self._deliver(chunks)
                     chunks, size = [], 0
+                if (
+                    fast
+                    and not self._eof
+                    and not _BIO_pending(connection._into_ssl, _NULL)
+                    and not _SSL_pending(ssl)
+                ):
+                    # Nothing left to decrypt: another SSL_read would only say WANT_READ.
+                    break
         self._deliver(chunks)
         self._flushSendBIO()
 

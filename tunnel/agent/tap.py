@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from tunnel import __version__
 from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format, exit_status
+from tunnel._reactor import lean_dispatch
 from tunnel.agent import settings
 from tunnel.agent.session import Agent, ForwardSpec
 from tunnel.errors import AuthenticationError
@@ -180,6 +181,9 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+        # twistd's own reactor (the daemon owns it): drop the per-event log context from its
+        # dispatch. A reactor passed in (a test's, an embedding program's) is left alone.
+        lean_dispatch(reactor)
     agent = Agent(
         reactor,
         options["relays"],

@@ -16,6 +16,7 @@ from twisted.python import usage
 from tunnel import __version__
 from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format
 from tunnel._rate import parse_rate
+from tunnel._reactor import lean_dispatch
 from tunnel._signedtokens import TokenVerifier
 from tunnel.relay._acme import (
     CHECK_INTERVAL,
@@ -354,6 +355,9 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+        # twistd's own reactor (the daemon owns it): drop the per-event log context from its
+        # dispatch. A reactor passed in (a test's, an embedding program's) is left alone.
+        lean_dispatch(reactor)
     state_dir = options["state-dir"]
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     domain = options["domain"]

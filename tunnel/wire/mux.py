@@ -126,6 +126,10 @@ class StreamState(enum.Enum):
     The life of a stream. Each direction is closed independently (half-close).
     """
 
+    # Members are unique singletons, so identity is equality: hashing them by identity (in
+    # C) rather than by name (a Python call) keeps the transition lookups off the profile.
+    __hash__ = object.__hash__
+
     OPEN = "open"
     #: We sent FIN (or queued it): we send no more data; the peer may.
     HALF_CLOSED_LOCAL = "half-closed (local)"
@@ -138,6 +142,8 @@ class StreamInput(enum.Enum):
     """
     What can happen to a stream.
     """
+
+    __hash__ = object.__hash__
 
     SEND_DATA = "send data"
     SEND_FIN = "send fin"
@@ -171,6 +177,15 @@ STREAM_TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (_S.CLOSED, _I.SEND_RESET): _S.CLOSED,
     (_S.CLOSED, _I.RECV_RESET): _S.CLOSED,
 }
+
+#: The states that sending (receiving) data leaves as they are: the common case, checked
+#: without a call; every other transition goes through `_transition` and the table.
+_SEND_DATA_KEEPS = frozenset(
+    state for state in StreamState if STREAM_TRANSITIONS.get((state, _I.SEND_DATA)) is state
+)
+_RECV_DATA_KEEPS = frozenset(
+    state for state in StreamState if STREAM_TRANSITIONS.get((state, _I.RECV_DATA)) is state
+)
 
 
 class LinkState(enum.Enum):
@@ -461,21 +476,26 @@ class Multiplexer:
         self._queue(_f.encode_frame(_f.FrameType.OPEN, 0, stream_id, metadata))
         return stream_id
 
-    def send(self, stream_id: int, data: bytes) -> None:
+    def send(self, stream_id: int, data: bytes) -> int:
         """
         Queue `data` on a stream. It is framed by `data_to_send` as credit allows.
 
+        @return: the octets now queued on the stream and not yet framed (`pending`).
         @raise LocalProtocolError: the stream is gone or this side already ended it.
         """
-        stream = self._stream_for_local(stream_id)
-        _transition(stream, StreamInput.SEND_DATA, remote=False)
+        stream = self._streams.get(stream_id)
+        if stream is None or self.state is LinkState.CLOSED:
+            raise LocalProtocolError(f"stream {stream_id} is closed")
+        if stream.state not in _SEND_DATA_KEEPS:
+            _transition(stream, StreamInput.SEND_DATA, remote=False)
         if not data:
-            return
+            return stream.pending_size
         stream.pending.append(memoryview(data))
         stream.pending_size += len(data)
         if not stream.scheduled and stream.send_window > 0:
             stream.scheduled = True
             self._ready.append(stream)
+        return stream.pending_size
 
     def end_stream(self, stream_id: int) -> None:
         """
@@ -772,7 +792,8 @@ class Multiplexer:
             self._check_past(frame, "DATA")
             return
         payload = frame.payload
-        _transition(stream, StreamInput.RECV_DATA, remote=True)
+        if stream.state not in _RECV_DATA_KEEPS:
+            _transition(stream, StreamInput.RECV_DATA, remote=True)
         if payload:
             if not stream.recv.received(len(payload)):
                 raise ProtocolError(

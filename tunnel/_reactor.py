@@ -1,0 +1,121 @@
+"""
+Leaner event dispatch for the epoll reactor of a process that runs the data path.
+
+For every ready descriptor, Twisted's `EPollReactor.doPoll` calls the handler through
+`log.callWithLogger`: the descriptor's `logPrefix()`, a copy of the log context with that
+prefix as ``system``, and four more Python frames, only so that a legacy
+(`twisted.python.log`) message emitted by the handler carries the prefix. On a relayed
+request that is a fifth of the Python work of an event. `lean_dispatch` replaces the loop
+of one reactor instance with one that calls the handler directly. What changes:
+
+- legacy log messages emitted inside a handler (Twisted's own "... starting on PORT") are
+  labelled ``-`` instead of the connection's prefix; new-style `twisted.logger` events, all
+  of this project's, never used it;
+- an exception raised by a handler is still caught, logged under the prefix, and the
+  descriptor disconnected, as before (`_do_read_or_write` is Twisted's, but for that).
+
+It is applied only where this project owns the reactor (the daemons, and the background
+reactor of the plain-Python API), never to a reactor passed in by a caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import types
+from typing import Any
+
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.posixbase import _NO_FILEDESC
+from twisted.python import log
+
+__all__ = ["lean_dispatch"]
+
+
+def lean_dispatch(reactor: Any) -> bool:
+    """
+    Make `reactor` (if it is Twisted's epoll reactor, unmodified) dispatch events without
+    the per-event log context.
+
+    @return: whether the reactor was changed.
+    """
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # pragma: no cover - no epoll on this platform
+        return False
+    if not isinstance(reactor, EPollReactor):
+        return False
+    if type(reactor).doPoll is not EPollReactor.doPoll or "doPoll" in vars(reactor):
+        return False  # a subclass with its own loop, or already done
+    poll = types.MethodType(_lean_do_poll, reactor)
+    # An instance attribute shadows the class's method for this reactor alone.
+    setattr(reactor, "doPoll", poll)  # noqa: B010
+    setattr(reactor, "doIteration", poll)  # noqa: B010
+    return True
+
+
+def _lean_do_poll(self: Any, timeout: float | None) -> None:
+    """
+    `EPollReactor.doPoll` without `log.callWithLogger` around each handler.
+    """
+    if timeout is None:
+        timeout = -1  # wait indefinitely
+    try:
+        events = self._poller.poll(timeout, len(self._selectables))
+    except OSError as err:
+        if err.errno == errno.EINTR:
+            return
+        raise
+    selectables = self._selectables
+    for fd, event in events:
+        selectable = selectables.get(fd)
+        if selectable is None:
+            continue
+        try:
+            _do_read_or_write(self, selectable, fd, event)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            _log_failure(selectable)
+
+
+def _do_read_or_write(reactor: Any, selectable: Any, fd: int, event: int) -> None:
+    """
+    `_PollLikeMixin._doReadOrWrite`, logging a handler's exception under the selectable's
+    log prefix (which Twisted's gets from the context that `callWithLogger` set).
+    """
+    why: Any = None
+    in_read = False
+    if event & reactor._POLL_DISCONNECTED and not (event & reactor._POLL_IN):
+        # Disconnected, with all pending input processed: a clean shutdown (perhaps a
+        # half-close) if we were reading, an error otherwise.
+        if fd in reactor._reads:
+            in_read = True
+            why = CONNECTION_DONE
+        else:
+            why = CONNECTION_LOST
+    else:
+        try:
+            if selectable.fileno() == -1:
+                why = _NO_FILEDESC
+            else:
+                if event & reactor._POLL_IN:
+                    why = selectable.doRead()
+                    in_read = True
+                if not why and event & reactor._POLL_OUT:
+                    why = selectable.doWrite()
+                    in_read = False
+        except BaseException:
+            # Logged, and the selectable is disconnected.
+            why = sys.exc_info()[1]
+            _log_failure(selectable)
+    if why:
+        reactor._disconnectSelectable(selectable, why, in_read)
+
+
+def _log_failure(selectable: Any) -> None:
+    """
+    Log the exception being handled as `log.callWithLogger` would: under the selectable's
+    log prefix.
+    """
+    log.callWithLogger(selectable, log.err)
