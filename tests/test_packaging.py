@@ -37,6 +37,7 @@ def test_regular_install_ships_plugins(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copy(ROOT / "setup.cfg", src)
     for name in ("README.md", "LICENSE"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, src)
@@ -71,6 +72,8 @@ def test_regular_install_ships_plugins(tmp_path: Path) -> None:
     assert not (target / "twisted" / "__init__.py").exists()
     assert (target / "tunnel" / "__init__.py").exists()
     assert (target / "tunnel" / "relay" / "_sni.py").exists()
+    # The page the agent serves is package data (setup.cfg).
+    assert (target / "tunnel" / "agent" / "inspector.html").exists()
 
 
 def test_twistd_help_lists_plugins() -> None:

@@ -21,7 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrap
 from tests.protocol.inprocess import Echo, Recorder, agent_for, connect, get_reactor, wait_until
 from tunnel import make_csr
 from tunnel.agent.session import ForwardSpec
-from tunnel.errors import TunnelRefused
+from tunnel.errors import TunnelClosedError, TunnelRefused
 from tunnel.relay.service import RelayService
 
 
@@ -91,6 +91,10 @@ async def test_the_client_sees_the_local_servers_certificate(
         plain = await agent.forward(ForwardSpec(port + 1 if port < 65535 else 1))
         with pytest.raises(ValueError, match="passthrough tunnels only"):
             plain.issue_certificate(make_csr(plain.host)[1])
+        # Once closed, a tunnel gets no certificate: the error says it is closed.
+        await tunnel.close()
+        with pytest.raises(TunnelClosedError, match="closed"):
+            await tunnel.issue_certificate(csr_pem)
     finally:
         await agent.stop()
         if server is not None:

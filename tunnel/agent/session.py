@@ -30,6 +30,7 @@ from tunnel.agent._httpconnect import ProxyAddress
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
+from tunnel.errors import TunnelClosedError
 from tunnel.link import Stream
 from tunnel.wire import PROTOCOL_VERSION, ErrorCode, LinkSettings
 from tunnel.wire.control import (
@@ -271,9 +272,12 @@ class Agent:
         passthrough tunnel.
 
         @raise ValueError: not a passthrough forward, or not a PEM CSR.
-        @return: fires with the PEM chain; fails with `TunnelRefused` (the relay's reason)
-            or `RelayUnavailable` (no link, or it was lost before the answer).
+        @return: fires with the PEM chain; fails with `TunnelRefused` (the relay's reason),
+            `RelayUnavailable` (no link, or it was lost before the answer) or
+            `TunnelClosedError` (the tunnel was closed).
         """
+        if record.closed:
+            return defer.fail(TunnelClosedError("the tunnel is closed: no certificate for it"))
         if isinstance(csr, bytes):
             try:
                 csr = csr.decode("ascii")
