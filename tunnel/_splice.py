@@ -1,0 +1,218 @@
+"""
+Moving bytes between a stream and a socket: the transport helpers of the data path
+(`set_nodelay`, `write_now`, `half_close`, `close_now`, `release_connector`) and
+`SpliceProtocol`, which joins one transport to another with producers registered both ways
+and half-close passed on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error, interfaces, main, tcp
+from twisted.internet.protocol import Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnel._stream import Stream
+
+__all__ = [
+    "SOCKET_READ",
+    "SpliceProtocol",
+    "close_now",
+    "half_close",
+    "release_connector",
+    "set_nodelay",
+    "splice",
+    "write_now",
+]
+
+#: Octets read from a socket per call on the data path.
+SOCKET_READ = 256 * 1024
+
+
+def set_nodelay(transport: Any) -> None:
+    """
+    Tune a TCP transport (or the TCP transport under a TLS one) for the data path: Nagle's
+    algorithm off, and reads of up to `SOCKET_READ` octets per call, so that a busy stream
+    costs fewer reactor turns (Twisted reads 64 KiB at a time by default; the same figure
+    is its write-buffer threshold for pausing producers).
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        setter = getattr(candidate, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+            if hasattr(candidate, "bufferSize"):
+                candidate.bufferSize = SOCKET_READ  # type: ignore[union-attr]
+            return
+
+
+_TCP_TYPES = (tcp.Server, tcp.Client)
+
+
+def _idle_tcp(transport: Any) -> bool:
+    """
+    Whether `transport` is one of Twisted's TCP transports, connected, with nothing
+    buffered and no close or half-close under way: what it is asked to do can be done at
+    once.
+    """
+    return (
+        type(transport) in _TCP_TYPES
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    )
+
+
+def _done_writing_now(transport: Any) -> bool:
+    """
+    Half-close an idle TCP transport (`_idle_tcp`, no producer) now, as its `doWrite`
+    would once the reactor found the socket writable: the FIN goes out without a reactor
+    turn, two epoll updates and an empty send. False (nothing done) for any other.
+    """
+    if not _idle_tcp(transport) or transport.producer is not None:
+        return False
+    transport.stopWriting()
+    transport._writeDisconnecting = True
+    transport._writeDisconnected = True
+    transport._closeWriteConnection()
+    return True
+
+
+def close_now(transport: Any) -> None:
+    """
+    `transport.loseConnection()`, except that an idle TCP transport (`_idle_tcp`, no
+    producer) closes at once, as Twisted's does when its writing side is already shut
+    down, instead of one reactor turn later through an empty write.
+    """
+    if _idle_tcp(transport) and transport.producer is None:
+        transport.stopReading()
+        transport.stopWriting()
+        transport.connectionLost(Failure(main.CONNECTION_DONE))
+        return
+    transport.loseConnection()
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    `transport.write(data)`, except that a TCP transport with nothing buffered sends at once.
+
+    Twisted's TCP transports always buffer a write and send it when the reactor next finds
+    the socket writable: two epoll updates and a reactor turn per message. A relayed request
+    crosses several sockets, so that is most of its latency and much of its CPU. What the
+    socket does not take now is buffered as usual, and an error is left to the reactor,
+    which meets it again on its next write attempt.
+    """
+    if _idle_tcp(transport):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent >= 0:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
+
+
+def half_close(transport: Any) -> None:
+    """
+    Shut down the sending direction of `transport` after its buffered data: a FIN on a
+    stream or a TCP socket. TLS has no half-close, so a TLS transport closes entirely (its
+    `loseWriteConnection`, inherited from the TCP transport below it, would cut off
+    data still inside the TLS layer).
+
+    The producer registered on `transport` (the side whose input just ended) is
+    unregistered first: it will produce nothing more, and Twisted's transports do not
+    shut down while a paused producer is registered, they resume it instead.
+    """
+    try:
+        transport.unregisterProducer()
+    except Exception:
+        pass
+    if isinstance(transport, Stream):
+        transport.loseWriteConnection()
+    elif isinstance(transport, TLSMemoryBIOProtocol):
+        transport.loseConnection()
+    elif interfaces.ITCPTransport.providedBy(transport):
+        if not _done_writing_now(transport):
+            transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
+def release_connector(transport: Any) -> None:
+    """
+    Break the reference cycle between a closed outgoing TCP connection (`transport`, or the
+    TCP transport under a TLS one) and its connector, which Twisted leaves to the cyclic
+    collector, so that the connection and everything it holds are freed at once.
+
+    Call it from the protocol's ``connectionLost``: the connector is finished with its
+    transport by then (it is told of the loss next and needs only its factory).
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        connector = getattr(candidate, "connector", None)
+        if connector is not None and getattr(connector, "transport", None) is candidate:
+            connector.transport = None
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class SpliceProtocol(Protocol):
+    """
+    Forwards what one transport receives to another, with backpressure both ways and
+    half-close carried across (it receives half-closes: a FIN on a TCP socket or a stream).
+    """
+
+    def __init__(self, other: Any) -> None:
+        self.other = other
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+        # When the other side cannot take more, it pauses our transport, and vice versa.
+        self.other.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        write_now(self.other, data)
+
+    def readConnectionLost(self) -> None:
+        half_close(self.other)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost = True
+        release_connector(self.transport)
+        other = self.other
+        try:
+            other.unregisterProducer()
+        except Exception:
+            pass
+        self.closeOther(reason)
+
+    def closeOther(self, reason: Failure) -> None:
+        """
+        This side ended for `reason`; close the other: gracefully after a clean close,
+        at once otherwise (a reset tells its peer that what it received may be cut short).
+        """
+        if reason.check(error.ConnectionDone):
+            close_now(self.other)
+        else:
+            self.other.abortConnection()
+
+
+def splice(stream: Stream, connected: Any) -> SpliceProtocol:
+    """
+    Join a stream and a connected transport (whose protocol is the returned object's
+    partner): bytes flow both ways until either side ends.
+
+    @return: the protocol to attach to the stream.
+    """
+    stream_side = SpliceProtocol(connected)
+    stream.attach(stream_side)
+    return stream_side
