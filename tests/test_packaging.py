@@ -72,8 +72,9 @@ def test_regular_install_ships_plugins(tmp_path: Path) -> None:
     assert not (target / "twisted" / "__init__.py").exists()
     assert (target / "tunnel" / "__init__.py").exists()
     assert (target / "tunnel" / "relay" / "_sni.py").exists()
-    # The page the agent serves is package data (setup.cfg).
+    # The pages the agent and the relay serve are package data (setup.cfg).
     assert (target / "tunnel" / "agent" / "inspector.html").exists()
+    assert (target / "tunnel" / "relay" / "status.html").exists()
 
 
 def test_twistd_help_lists_plugins() -> None:

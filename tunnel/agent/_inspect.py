@@ -17,19 +17,23 @@ unless taken, then the next ones, then any free port (as ngrok does).
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
 
 from tunnel import __version__
-from tunnel._admin import JSONResource
+from tunnel._admin import (
+    MAX_FOLLOWERS,
+    Follower,
+    JSONResource,
+    PageResource,
+    event_message,
+    start_events,
+    too_many_followers,
+)
 from tunnel.agent._events import HISTORY, Event
 
 if TYPE_CHECKING:
@@ -48,7 +52,7 @@ __all__ = [
 DEFAULT_PORT = 4040
 _TRIES = 10
 #: Pages following the events at once; more are answered 503.
-MAX_SUBSCRIBERS = 32
+MAX_SUBSCRIBERS = MAX_FOLLOWERS
 #: Seconds between ``progress`` messages.
 PROGRESS_INTERVAL = 1.0
 
@@ -121,49 +125,7 @@ def snapshot(agent: Agent) -> dict[str, Any]:
     }
 
 
-def _message(name: str, value: Any) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + json.dumps(value).encode() + b"\n\n"
-
-
-@implementer(IPushProducer)
-class _Subscriber:
-    """
-    One page following the events.
-    """
-
-    def __init__(self, stream: EventStream, request: Request) -> None:
-        self.stream = stream
-        self.request = request
-        self.paused = False
-        #: Something was missed while paused: the next message is a snapshot.
-        self.stale = False
-        self.done = False
-
-    def send(self, data: bytes) -> None:
-        if self.done:
-            return
-        if self.paused:
-            self.stale = True
-            return
-        self.request.write(data)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self.stale:
-            self.stale = False
-            self.send(_message("snapshot", snapshot(self.stream.agent)))
-
-    def stopProducing(self) -> None:
-        self.finish()
-
-    def finish(self) -> None:
-        if not self.done:
-            self.done = True
-            self.stream.subscribers.discard(self)
-            self.stream.idle()
+_message = event_message
 
 
 class EventStream(Resource):
@@ -176,28 +138,27 @@ class EventStream(Resource):
     def __init__(self, agent: Agent) -> None:
         super().__init__()
         self.agent = agent
-        self.subscribers: set[_Subscriber] = set()
+        self.subscribers: set[Follower] = set()
         self._ticker: LoopingCall | None = None
 
     def render_GET(self, request: Request) -> Any:
         if len(self.subscribers) >= MAX_SUBSCRIBERS:
-            request.setResponseCode(503)
-            request.setHeader(b"content-type", b"text/plain")
-            return b"too many pages follow these events\n"
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.setHeader(b"cache-control", b"no-cache")
-        subscriber = _Subscriber(self, request)
-        request.registerProducer(subscriber, True)
-        request.notifyFinish().addBoth(lambda _: subscriber.finish())
+            return too_many_followers(request)
+        subscriber = Follower(
+            request, lambda: _message("snapshot", snapshot(self.agent)), self._gone
+        )
         if not self.subscribers:
             self.agent.events.observers.append(self._observe)
             self._ticker = LoopingCall(self._progress)
             self._ticker.clock = self.agent.reactor
             self._ticker.start(PROGRESS_INTERVAL, now=False)
         self.subscribers.add(subscriber)
-        # Retry after 1 s if the agent goes away; then the snapshot.
-        request.write(b"retry: 1000\n\n" + _message("snapshot", snapshot(self.agent)))
+        start_events(request, _message("snapshot", snapshot(self.agent)))
         return NOT_DONE_YET
+
+    def _gone(self, subscriber: Follower) -> None:
+        self.subscribers.discard(subscriber)
+        self.idle()
 
     def idle(self) -> None:
         if self.subscribers:
@@ -245,25 +206,13 @@ class EventStream(Resource):
         )
 
 
-class InspectorPage(Resource):
+class InspectorPage(PageResource):
     """
     ``GET /``: the inspector page.
     """
 
-    isLeaf = True
-
     def __init__(self) -> None:
-        super().__init__()
-        self.page = resources.files("tunnel.agent").joinpath("inspector.html").read_bytes()
-
-    def render_GET(self, request: Request) -> bytes:
-        if request.postpath not in ([], [b""]):
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"text/plain")
-            return b"not found\n"
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-cache")
-        return self.page
+        super().__init__("tunnel.agent", "inspector.html")
 
 
 def parse_address(text: str | None) -> tuple[str, int | None]:

@@ -1,8 +1,10 @@
 """
-The relay's admin endpoint: Prometheus metrics at ``/metrics``, a JSON summary at
-``/status``, and ``/ready`` for readiness probes (200 while the relay listens for public
-clients with a certificate and is not draining, else 503). Bind it to loopback
-(``--admin tcp:9090:interface=127.0.0.1``).
+The relay's admin endpoint: a status page at ``/`` (``status.html``, shipped in the package:
+links, tunnels, refusals, the certificate and the limits, live from the server-sent events
+at ``/events``, a snapshot a second; ``/links`` is the same document as JSON), Prometheus
+metrics at ``/metrics``, a JSON summary at ``/status``, and ``/ready`` for readiness probes
+(200 while the relay listens for public clients with a certificate and is not draining,
+else 503). Bind it to loopback (``--admin tcp:9090:interface=127.0.0.1``).
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.web.server import Site
 
-from tunnel._admin import JSONResource, ReadyResource, gauges
+from tunnel._admin import JSONResource, PageResource, ReadyResource, SnapshotStream, gauges
 from tunnel._admin import admin_site as _site
-from tunnel.relay._status import relay_status, relay_status_document
+from tunnel.relay._status import relay_status, relay_status_document, status_page_document
 
 if TYPE_CHECKING:
     from tunnel.relay._state import Relay
 
-__all__ = ["admin_site", "relay_status", "relay_status_document"]
+__all__ = ["admin_site", "relay_status", "relay_status_document", "status_page_document"]
 
 
 def admin_site(
@@ -41,6 +43,9 @@ def admin_site(
     return _site(
         registry,
         {
+            b"": PageResource("tunnel.relay", "status.html"),
+            b"events": SnapshotStream(lambda: status_page_document(relay, front), relay.reactor),
+            b"links": JSONResource(lambda: status_page_document(relay, front)),
             b"status": JSONResource(lambda: relay_status_document(relay, front)),
             # Not ready without a certificate (ACME mode, before the first is issued).
             b"ready": ReadyResource(
