@@ -125,14 +125,32 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
     try:
         options = tunnel_options.parse_request_options(kind, request.options)
         options.pop("name", None)
-        allow = options.pop("allow", None)
-        deny = options.pop("deny", None)
-        rate = effective_rate(options.pop("rate_limit", None), relay.config.max_rate)
-        cas = options.pop("client_ca", None)
-        context = relay.client_context(options, cas) if cas is not None else None
+        record = _record(session, tunnel_id, kind, options)
     except ValueError as e:
         return refuse(RefusalCode.BAD_REQUEST, str(e))
-    record = TunnelRecord(
+    if kind == "tcp" and not relay.listen_tcp(record, request.reclaim_port):
+        return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
+    relay.registry.add(record)
+    return [_granted_log(session, record), Send(granted(session, request, record))]
+
+
+def _record(
+    session: RelaySession, tunnel_id: str, kind: str, options: dict[str, Any], **named: Any
+) -> TunnelRecord:
+    """
+    The record of a tunnel granted with `options` (typed by the options table): its access
+    rules, its client-certificate context and its rate limit (at most the relay's ceiling)
+    taken out of `options`, what is left kept as the tunnel's options.
+
+    @raise ValueError: the client CAs cannot make a TLS context.
+    """
+    relay = session.relay
+    allow = options.pop("allow", None)
+    deny = options.pop("deny", None)
+    rate = effective_rate(options.pop("rate_limit", None), relay.config.max_rate)
+    cas = options.pop("client_ca", None)
+    context = relay.client_context(options, cas) if cas is not None else None
+    return TunnelRecord(
         tunnel_id,
         kind,
         session.owner,
@@ -141,11 +159,8 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
         deny=deny,
         context=context,
         throttle=Throttle(rate, relay.reactor) if rate is not None else None,
+        **named,
     )
-    if kind == "tcp" and not relay.listen_tcp(record, request.reclaim_port):
-        return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
-    relay.registry.add(record)
-    return [_granted_log(session, record), Send(granted(session, request, record))]
 
 
 def _over_limits(session: RelaySession) -> str | None:
@@ -257,25 +272,9 @@ def grant_named(session: RelaySession, request: TunnelRequest) -> list[Effect]:
             Send(granted(session, request, existing)),
         ]
     try:
-        allow = options.pop("allow", None)
-        deny = options.pop("deny", None)
-        rate = effective_rate(options.pop("rate_limit", None), relay.config.max_rate)
-        cas = options.pop("client_ca", None)
-        context = relay.client_context(options, cas) if cas is not None else None
+        record = _record(session, name, kind, options, named=True, signature=signature)
     except ValueError as e:
         return refuse(RefusalCode.BAD_REQUEST, str(e))
-    record = TunnelRecord(
-        name,
-        kind,
-        session.owner,
-        options,
-        allow,
-        deny=deny,
-        context=context,
-        throttle=Throttle(rate, relay.reactor) if rate is not None else None,
-        named=True,
-        signature=signature,
-    )
     wanted = (relay.preferred_port(name), request.reclaim_port)
     if kind == "tcp" and not relay.listen_tcp(record, wanted):
         return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
