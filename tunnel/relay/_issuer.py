@@ -64,6 +64,55 @@ class CertificateIssuer(Protocol):
         """
 
 
+def sign_server_leaf(
+    public: Any,
+    common_name: str,
+    names: list[x509.GeneralName],
+    ca_cert: x509.Certificate,
+    ca_key: Any,
+    now: datetime.datetime,
+    not_after: datetime.datetime,
+) -> x509.Certificate:
+    """
+    A server certificate for `names` with the key `public`, signed by the development CA:
+    valid from five minutes before `now` (clocks differ) to `not_after`, for server
+    authentication only, never a CA.
+    """
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=isinstance(public, rsa.RSAPublicKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
 def check_csr(pem: str, host: str) -> x509.CertificateSigningRequest:
     """
     The CSR of an agent's ``certificate_request``, if it asks for `host` and nothing else.
@@ -191,38 +240,7 @@ class DevCAIssuer:
         now = datetime.datetime.now(datetime.UTC)
         not_after = min(now + LEAF_VALIDITY, self.ca_cert.not_valid_after_utc)
         public = csr.public_key()
-        rsa_key = isinstance(public, rsa.RSAPublicKey)
-        ca_ski = self.ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(self.ca_cert.subject)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=rsa_key,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False,
-            )
-            .sign(self.ca_key, hashes.SHA256())
+        cert = sign_server_leaf(
+            public, host, [x509.DNSName(host)], self.ca_cert, self.ca_key, now, not_after
         )
         return cert.public_bytes(serialization.Encoding.PEM).decode("ascii") + self._ca_pem
