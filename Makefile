@@ -17,7 +17,12 @@ DEB_TOOLS := curl:curl openssl:openssl nc:netcat-openbsd socat:socat nghttpd:ngh
 
 all: test
 
+# The package's bytecode, compiled once: an editable install ships none, and where
+# PYTHONDONTWRITEBYTECODE is set nothing writes it later, so every start would compile
+# tunnel/ again (~40-50 ms of a cold start; docs/performance.md, "Cold start"). compileall
+# skips what is up to date, so this is quick when nothing changed.
 venv: $(STAMP)
+	@$(PY) -m compileall -q tunnel
 
 # A plain PEP 660 editable install hides twisted/plugins from Twisted's plugin discovery (it
 # scans sys.path directories for twisted/plugins/), so use the "compat" mode, which puts the

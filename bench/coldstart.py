@@ -17,6 +17,12 @@ first line (``interpreter``: CPython start-up and ``site``), the import, the fir
 hello, grant), each later ``forward()`` in the same process, and spawn → URL in all
 (``total``).  p50 and p99 over the processes.
 
+Bytecode: the report says whether ``tunnel/``'s modules had current bytecode caches
+(``make venv`` compiles them; an editable install ships none, and ``PYTHONDONTWRITEBYTECODE``
+stops Python from writing them), compiles them if not (as ``make venv`` does), and runs
+``--count`` more processes, interleaved with the others, that ignore those caches (so
+``tunnel/`` is compiled at every start, as without ``make venv``): both are in the table.
+
 It also runs ``python -X importtime -c "import tunnel"`` and the same for a script that
 makes one ``forward()``: the 10 modules with the largest cumulative import time.
 
@@ -27,6 +33,8 @@ summary on stdout instead (what ``python -m bench`` reads for the ``tunnel-tls``
 from __future__ import annotations
 
 import argparse
+import compileall
+import importlib.util
 import json
 import os
 import re
@@ -43,10 +51,20 @@ from bench.util import BENCH_DIR
 
 _ROOT = BENCH_DIR.parent
 
-#: Run in each fresh process; argv: port, forwards, the parent's monotonic clock at spawn.
+#: Run in each fresh process; argv: port, forwards, mode ("plain", "preimport", or
+#: "nobytecode": the bytecode caches of the package directory argv[4] are not read, so its
+#: modules are compiled from source, as where none were ever written).
 CHILD = r"""
 import json, sys, time
 t_first = time.monotonic()
+if sys.argv[3] == "nobytecode":
+    import importlib._bootstrap_external as _be
+    _pkg, _cache_from_source = sys.argv[4], _be.cache_from_source
+    def _no_cache(path, *args, **kwargs):
+        if path.startswith(_pkg):
+            raise NotImplementedError  # the loader then compiles the source, writing nothing
+        return _cache_from_source(path, *args, **kwargs)
+    _be.cache_from_source = _no_cache
 import tunnel
 t_import = time.monotonic()
 port, forwards = int(sys.argv[1]), int(sys.argv[2])
@@ -68,6 +86,9 @@ print(json.dumps({"first_line": t_first, "imported": t_import, "preimported": t_
 
 #: One forward(), for ``-X importtime`` of everything the first URL needs.
 IMPORT_FORWARD = "import sys, tunnel\nwith tunnel.forward(int(sys.argv[1])) as t: t.url\n"
+
+#: The package whose bytecode caches the benchmark looks at (and, in "nobytecode" runs, hides).
+PACKAGE = _ROOT / "tunnel"
 
 PHASES = (
     "interpreter",
@@ -91,15 +112,52 @@ def _env(relay: str, ca: str) -> dict[str, str]:
     return env
 
 
+def bytecode_caches(package: Path = PACKAGE) -> dict[str, int]:
+    """How many of `package`'s modules have a bytecode cache that this interpreter would
+    use (its magic number, and the source's modification time and size in the header)."""
+    modules = cached = 0
+    for source in sorted(package.rglob("*.py")):
+        modules += 1
+        try:
+            header = Path(importlib.util.cache_from_source(str(source))).read_bytes()[:16]
+        except OSError:
+            continue
+        st = source.stat()
+        if (
+            header[:4] == importlib.util.MAGIC_NUMBER
+            and int.from_bytes(header[4:8], "little") == 0  # timestamp-based
+            and int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF
+        ):
+            cached += 1
+    return {"modules": modules, "cached": cached}
+
+
+def ensure_bytecode(package: Path = PACKAGE) -> dict[str, Any]:
+    """The state of `package`'s bytecode caches before the runs, compiling them (as
+    ``make venv`` does) if any is missing or stale."""
+    before = bytecode_caches(package)
+    compiled = before["cached"] < before["modules"]
+    if compiled:
+        compileall.compile_dir(str(package), quiet=1)
+    return {**before, "compiled_by_bench": compiled, "after": bytecode_caches(package)}
+
+
 def one_process(
-    relay: str, ca: str, port: int, forwards: int, preimport: bool = False
+    relay: str,
+    ca: str,
+    port: int,
+    forwards: int,
+    preimport: bool = False,
+    bytecode: bool = True,
 ) -> dict[str, Any]:
     """One fresh interpreter: its phases in milliseconds.  With ``preimport`` the modules
-    the first ``forward()`` would import lazily are imported before it is timed."""
+    the first ``forward()`` would import lazily are imported before it is timed; without
+    ``bytecode`` the package's bytecode caches are not read (it is compiled from source)."""
     spawn = time.monotonic()
-    mode = "preimport" if preimport else "plain"
+    mode = "preimport" if preimport else "plain" if bytecode else "nobytecode"
     p = subprocess.run(
-        [sys.executable, "-c", CHILD, str(port), str(forwards), mode],
+        [sys.executable, "-c", CHILD, str(port), str(forwards), mode, f"{PACKAGE}{os.sep}"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -157,23 +215,9 @@ def importtime(
     return [head, *rows[:top]]
 
 
-def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
-    """``count`` fresh processes, and ``count`` more that import what the first forward()
-    needs before timing it, to split its time (after one unmeasured warm-up, for the page
-    cache and the .pyc files); and the import-time profiles."""
-    with socket.socket() as srv:  # a local port to forward; nothing connects to it
-        srv.bind(("127.0.0.1", 0))
-        srv.listen()
-        port = srv.getsockname()[1]
-        one_process(relay, ca, port, 2)
-        runs = [one_process(relay, ca, port, forwards) for _ in range(count)]
-        runs += [one_process(relay, ca, port, 1, preimport=True) for _ in range(count)]
-        imports = {
-            "import tunnel": importtime(relay, ca, port, forward=False),
-            "import tunnel + first forward()": importtime(relay, ca, port, forward=True),
-        }
-    summary: dict[str, Any] = {"count": count, "forwards": forwards, "phases": {}}
-    for phase in PHASES:
+def _phases(runs: list[dict[str, Any]], phases: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for phase in phases:
         xs: list[float] = []
         for r in runs:
             if phase not in r:
@@ -181,13 +225,44 @@ def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
             v = r[phase]
             xs.extend(v if isinstance(v, list) else [v])
         if xs:
-            summary["phases"][phase] = {
+            out[phase] = {
                 "p50_ms": _pct(xs, 0.5),
                 "p99_ms": _pct(xs, 0.99),
                 "mean_ms": statistics.fmean(xs),
                 "samples": len(xs),
             }
-    summary["importtime"] = imports
+    return out
+
+
+def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
+    """``count`` fresh processes with the package's bytecode caches (compiled first if they
+    were missing) and, interleaved with them, ``count`` without; ``count`` more that import
+    what the first forward() needs before timing it, to split its time (after one unmeasured
+    warm-up, for the page cache); and the import-time profiles."""
+    bytecode = ensure_bytecode()
+    with socket.socket() as srv:  # a local port to forward; nothing connects to it
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        one_process(relay, ca, port, 2)
+        runs: list[dict[str, Any]] = []
+        cold: list[dict[str, Any]] = []
+        for _ in range(count):
+            runs.append(one_process(relay, ca, port, forwards))
+            cold.append(one_process(relay, ca, port, forwards, bytecode=False))
+        runs += [one_process(relay, ca, port, 1, preimport=True) for _ in range(count)]
+        imports = {
+            "import tunnel": importtime(relay, ca, port, forward=False),
+            "import tunnel + first forward()": importtime(relay, ca, port, forward=True),
+        }
+    summary: dict[str, Any] = {
+        "count": count,
+        "forwards": forwards,
+        "bytecode": bytecode,
+        "phases": _phases(runs, PHASES),
+        "phases_no_bytecode": _phases(cold, PHASES),
+        "importtime": imports,
+    }
     return summary
 
 
@@ -205,14 +280,33 @@ LABELS = {
 
 def markdown(s: dict[str, Any]) -> str:
     """The phase table and the two import-time tables."""
+    b = s.get("bytecode")
+    if b:
+        state = (
+            f"`tunnel/` had current bytecode caches for {b['cached']} of its {b['modules']} "
+            "modules"
+            + (
+                f"; the benchmark compiled them first ({b['after']['cached']} then)"
+                if b["compiled_by_bench"]
+                else ""
+            )
+        )
+    else:
+        state = "bytecode caches not recorded"
+    cold = s.get("phases_no_bytecode", {})
     out = (
-        f"{s['count']} fresh processes, {s['forwards']} `forward()` each. Milliseconds.\n\n"
-        "| phase | p50 | p99 | mean | samples |\n|---|---:|---:|---:|---:|\n"
+        f"{s['count']} fresh processes, {s['forwards']} `forward()` each, with bytecode caches"
+        f" for `tunnel/` ({state}); and {s['count']} more, interleaved with them, that do not"
+        " read those caches (`tunnel/` compiled at every start: the last column)."
+        " Milliseconds.\n\n"
+        "| phase | p50 | p99 | mean | samples | p50, no bytecode |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
     )
     for phase, st in s["phases"].items():
+        nb = f"{cold[phase]['p50_ms']:.1f}" if phase in cold else "-"
         out += (
             f"| {LABELS[phase]} | {st['p50_ms']:.1f} | {st['p99_ms']:.1f} | "
-            f"{st['mean_ms']:.1f} | {st['samples']} |\n"
+            f"{st['mean_ms']:.1f} | {st['samples']} | {nb} |\n"
         )
     for what, rows in s["importtime"].items():
         head, mods = rows[0], rows[1:]

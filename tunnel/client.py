@@ -18,13 +18,11 @@ CA, so a second `forward` costs one round trip on a link that is already up.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from twisted.internet import defer
 
 from tunnel._tunnel import Tunnel
-from tunnel.agent import _inspect
-from tunnel.agent._httpconnect import ProxyAddress
 from tunnel.agent.session import Agent
 from tunnel.agent.settings import (
     ForwardArgs,
@@ -41,6 +39,9 @@ from tunnel.errors import (
     TunnelError,
     TunnelRefused,
 )
+
+if TYPE_CHECKING:
+    from tunnel.agent._httpconnect import ProxyAddress
 
 __all__ = [
     "AuthenticationError",
@@ -176,7 +177,12 @@ def forward(reactor: Any, port: int, **kwargs: Unpack[ForwardArgs]) -> ForwardDe
     agent = agent_for(
         reactor, kwargs.get("relay"), kwargs.get("token"), kwargs.get("ca"), kwargs.get("proxy")
     )
-    _inspect.inspect(agent, kwargs.get("inspect"))
+    address = kwargs.get("inspect")
+    if address:
+        # The inspector is Twisted's web server: imported only for a forward that asks for it.
+        from tunnel.agent import _inspect
+
+        _inspect.inspect(agent, address)
     result = ForwardDeferred()
     agent.forward(spec).chainDeferred(result)
     return result

@@ -25,7 +25,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel._fasttls import fast_client_tls
-from tunnel.agent._httpconnect import HTTPConnectEndpoint
 from tunnel.agent.settings import RelayAddress
 from tunnel.wire import LINK_ALPN
 
@@ -112,6 +111,8 @@ class FailoverEndpoint:
         if agent.proxy is None:
             inner = _tcp_endpoint(agent.reactor, relay, agent.connect_timeout)
         else:
+            from tunnel.agent._httpconnect import HTTPConnectEndpoint
+
             proxy = agent.proxy
             inner = HTTPConnectEndpoint(
                 agent.reactor,

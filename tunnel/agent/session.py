@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
@@ -26,7 +26,6 @@ from tunnel._tunnel import Tunnel
 from tunnel.agent import _control as control
 from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
 from tunnel.agent._events import EventLog
-from tunnel.agent._httpconnect import ProxyAddress
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
@@ -41,6 +40,9 @@ from tunnel.wire.control import (
     TunnelGranted,
 )
 from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
+
+if TYPE_CHECKING:
+    from tunnel.agent._httpconnect import ProxyAddress
 
 __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward", "parse_relays"]
 

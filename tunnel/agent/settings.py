@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from tunnel.agent._httpconnect import ProxyAddress, parse_proxy_url
 from tunnel.wire import options as tunnel_options
+
+if TYPE_CHECKING:
+    from tunnel.agent._httpconnect import ProxyAddress
 
 __all__ = [
     "ENVIRONMENT",
@@ -373,11 +375,17 @@ def connection_settings(
     if ca is not None and not os.path.isfile(ca):
         raise ValueError(f"CA file {ca!r} does not exist")
     proxy = from_environment("proxy", proxy, environ)
+    proxy_address = None
+    if proxy:
+        # The HTTP-proxy dialler is imported only where a proxy is used.
+        from tunnel.agent._httpconnect import parse_proxy_url
+
+        proxy_address = parse_proxy_url(proxy)
     return ConnectionSettings(
         tuple(relays),
         from_environment("token", token, environ),
         ca,
-        parse_proxy_url(proxy) if proxy else None,
+        proxy_address,
     )
 
 

@@ -22,7 +22,6 @@ from enum import Enum
 from typing import Any, Literal
 
 from tunnel._allow import AllowList, DenyList
-from tunnel._clientca import parse_client_cas
 from tunnel._rate import check_rate
 from tunnel.wire.names import check_name
 
@@ -181,8 +180,15 @@ def _wire_rate(value: Any) -> int:
 def _client_ca(value: Any) -> str | None:
     if value is None:
         return None
-    parse_client_cas(value)
+    _parse_client_cas(value)
     return str(value)
+
+
+def _parse_client_cas(value: Any) -> Any:
+    # `cryptography.x509` is imported only for a tunnel that has client CAs.
+    from tunnel._clientca import parse_client_cas
+
+    return parse_client_cas(value)
 
 
 #: Every tunnel option, in the order they are checked.
@@ -294,7 +300,7 @@ OPTIONS: tuple[TunnelOption, ...] = (
         "client_ca",
         default=None,
         check=_client_ca,
-        parse=parse_client_cas,
+        parse=_parse_client_cas,
         doc="public TLS clients must show a certificate from one of these authorities",
         kinds=frozenset({"tls"}),
         kind_error=(
