@@ -247,9 +247,11 @@ def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
         one_process(relay, ca, port, 2)
         runs: list[dict[str, Any]] = []
         cold: list[dict[str, Any]] = []
-        for _ in range(count):
-            runs.append(one_process(relay, ca, port, forwards))
-            cold.append(one_process(relay, ca, port, forwards, bytecode=False))
+        for i in range(count):
+            # Alternate which goes first, so that neither always follows the other.
+            for bytecode in (True, False) if i % 2 == 0 else (False, True):
+                run = one_process(relay, ca, port, forwards, bytecode=bytecode)
+                (runs if bytecode else cold).append(run)
         runs += [one_process(relay, ca, port, 1, preimport=True) for _ in range(count)]
         imports = {
             "import tunnel": importtime(relay, ca, port, forward=False),
