@@ -249,9 +249,9 @@ def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
         cold: list[dict[str, Any]] = []
         for i in range(count):
             # Alternate which goes first, so that neither always follows the other.
-            for bytecode in (True, False) if i % 2 == 0 else (False, True):
-                run = one_process(relay, ca, port, forwards, bytecode=bytecode)
-                (runs if bytecode else cold).append(run)
+            for cached in (True, False) if i % 2 == 0 else (False, True):
+                run = one_process(relay, ca, port, forwards, bytecode=cached)
+                (runs if cached else cold).append(run)
         runs += [one_process(relay, ca, port, 1, preimport=True) for _ in range(count)]
         imports = {
             "import tunnel": importtime(relay, ca, port, forward=False),
