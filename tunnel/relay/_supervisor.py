@@ -142,7 +142,7 @@ class Supervisor(service.Service):
         state_dir: str,
         drain_grace: float,
         admin: str | None = None,
-        admin_site: Callable[[Any, Callable[[], list[dict[str, Any]]]], Any] | None = None,
+        admin_site: Callable[..., Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
