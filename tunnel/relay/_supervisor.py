@@ -257,51 +257,9 @@ class Supervisor(service.Service):
             slot.control = None
 
     def _message(self, index: int, message: dict[str, Any]) -> None:
-        kind = message["t"]
-        d = self.directory
-        if kind == "claim":
-            out = d.claim(
-                index, message["id"], message["named"], message["sig"], message["principal"]
-            )
-        elif kind == "release":
-            out = d.release(index, message["id"], message["principal"])
-        elif kind == "links":
-            out = d.links(index, message["principal"], message["n"])
-        elif kind == "probe":
-            holder = message["to"]
-            if (
-                holder != index
-                and holder in d.holders(message["id"])
-                and self.slots[holder].control is not None
-            ):
-                out = [
-                    (
-                        holder,
-                        {"t": "probe", "id": message["id"], "probe": message["probe"], "to": index},
-                    )
-                ]
-            else:
-                out = [
-                    (index, {"t": "probed", "probe": message["probe"], "to": index, "alive": False})
-                ]
-        elif kind == "probed":
-            asker = message["to"]
-            if not 0 <= asker < self.count:
-                raise ValueError(f"no worker {asker}")
-            out = [
-                (
-                    asker,
-                    {
-                        "t": "probed",
-                        "probe": message["probe"],
-                        "to": asker,
-                        "alive": message["alive"],
-                    },
-                )
-            ]
-        else:
-            raise ValueError(f"a worker does not send {kind!r}")
-        self._send(out)
+        self._send(
+            self.directory.handle(index, message, lambda w: self.slots[w].control is not None)
+        )
 
     def _send(self, out: list[Outgoing]) -> None:
         for index, message in out:

@@ -14,7 +14,6 @@ Worker to supervisor:
 - ``probe`` {id, probe}: a link here reclaims `id`, which another worker holds: is its holder
   alive? (answered with ``probed``).
 - ``probed`` {probe, to, alive}: this worker's answer to a ``probe`` it was sent.
-- ``handoffs`` {sent, received, failed}: its hand-off counters (for the supervisor's view).
 
 Supervisor to worker:
 
@@ -59,7 +58,6 @@ FIELDS: dict[str, dict[str, Any]] = {
     "links": {"principal": _STR, "n": _INT},
     "probe": {"id": _STR, "probe": _INT, "to": _INT},
     "probed": {"probe": _INT, "to": _INT, "alive": _BOOL},
-    "handoffs": {"sent": _INT, "received": _INT, "failed": _INT},
     "owners": {"id": _STR, "workers": _INTS, "sig": _STR},
     "counts": {"principal": _STR, "links": _INT, "tunnels": _INT},
     "lost": {"id": _STR, "reason": _STR},
