@@ -11,6 +11,7 @@ import hashlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
@@ -315,3 +316,62 @@ def test_certificate_reload_reaches_every_worker(procs: Procs) -> None:
     )
     for _ in range(6):
         assert served_certificate(relay.port, files.ca_path).serial_number == new
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        data = sock.recv(1)
+        assert data, f"closed after {line!r}"
+        line += data
+    return line
+
+
+def test_a_handed_connection_keeps_its_client_address_and_the_deny_list(procs: Procs) -> None:
+    relay = start_relay(procs)
+    backend = procs.backend("proxy")
+    forward = f"{backend.port}:proxy1"
+    agent = procs.agent(
+        _relay_address(relay), [forward], ca=relay.ca, extra=["--deny", "127.0.0.2"]
+    )
+    tunnel = agent.ready(forward)
+    holder = next(i for i, n in enumerate(worker_of_links(relay)) if n)
+    other = 1 - holder
+    ctx = ssl.create_default_context(cafile=str(relay.ca))
+    # Served, with the PROXY header naming the real client, also when the other worker
+    # accepted the connection and handed it over (until it has, bounded).
+    for _ in range(60):
+        with (
+            socket.create_connection((LOOPBACK, relay.port), timeout=DEADLINE) as raw,
+            ctx.wrap_socket(raw, server_hostname=tunnel.host) as tls,
+        ):
+            client_port = tls.getsockname()[1]
+            tls.sendall(b"hi\n")
+            assert _read_line(tls) == (
+                f"proxy v1 {LOOPBACK} {client_port} {LOOPBACK} {relay.port}\n".encode()
+            )
+            assert _read_line(tls) == b"hi\n"
+        if relay.worker_status(other)["handoffs_sent"]:
+            break
+    else:
+        raise AssertionError("60 connections and none accepted by the other worker")
+    # From a denied address: refused by the holder, also when handed to it.
+    handed = relay.worker_status(other)["handoffs_sent"]
+    attempts = 0
+    for _ in range(60):
+        attempts += 1
+        raw = socket.socket()
+        raw.settimeout(DEADLINE)
+        raw.bind(("127.0.0.2", 0))
+        with raw:
+            raw.connect((LOOPBACK, relay.port))
+            with pytest.raises(ssl.SSLError, match="ACCESS_DENIED"):
+                ctx.wrap_socket(raw, server_hostname=tunnel.host).close()
+        if relay.worker_status(other)["handoffs_sent"] > handed:
+            break
+    else:
+        raise AssertionError("60 denied connections and none handed over")
+    relay.wait_status(
+        lambda s: s["denied_connections"] == attempts, "every denied connection counted"
+    )
+    assert relay.worker_status(holder)["denied_connections"] == attempts
