@@ -25,6 +25,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -143,6 +144,7 @@ class Supervisor(service.Service):
         drain_grace: float,
         admin: str | None = None,
         admin_site: Callable[..., Any] | None = None,
+        signals: bool = True,
     ) -> None:
         self.reactor = reactor
         self.count = count
@@ -151,6 +153,8 @@ class Supervisor(service.Service):
         self.drain_grace = drain_grace
         self.admin = admin
         self.admin_site = admin_site
+        #: Installs the SIGHUP handler (False: inside another program, such as a test).
+        self.signals = signals
         self.directory = Directory(count)
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
@@ -187,11 +191,11 @@ class Supervisor(service.Service):
             factory = _ControlFactory(self, slot.index)
             slot.port = self.reactor.listenUNIX(path, factory, mode=0o600)
             self._spawn(slot)
-        signal.signal(
-            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._forward_hup)
-        )
+        if self.signals:
+            signal.signal(
+                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._forward_hup)
+            )
         if self.admin and self.admin_site is not None:
-            from twisted.internet.endpoints import serverFromString
 
             def listening(port: Any) -> None:
                 self._admin_port = port
