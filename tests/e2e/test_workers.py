@@ -33,11 +33,14 @@ from tests.e2e.harness import (
     tcp_port_range,
     wait_for,
 )
-from tests.e2e.test_certificates import CertFiles, served_certificate
+from tests.e2e.pebble import AcmeWorld
+from tests.e2e.test_certificates import CertFiles, acme, sans, served_certificate
 from tunnel import _signedtokens as signed
 from tunnel.testing._daemons import RelayProcess
 
 pytestmark = pytest.mark.e2e
+
+__all__ = ["acme"]  # the pebble fixture of the certificate tests, used here too
 
 WORKERS = 2
 
@@ -375,3 +378,30 @@ def test_a_handed_connection_keeps_its_client_address_and_the_deny_list(procs: P
         lambda s: s["denied_connections"] == attempts, "every denied connection counted"
     )
     assert relay.worker_status(holder)["denied_connections"] == attempts
+
+
+def test_acme_orders_run_in_one_worker_and_every_worker_serves_the_certificate(
+    acme: AcmeWorld, procs: Procs
+) -> None:
+    relay = start_relay(procs, acme.relay_options())
+    root = acme.root()
+    serials = {relay.worker_status(i)["certificate"]["serial"] for i in range(WORKERS)}
+    assert len(serials) == 1
+    (serial,) = serials
+    # Whichever worker accepts, the one certificate (ordered once).
+    for _ in range(8):
+        cert = served_certificate(relay.port, root)
+        assert f"{cert.serial_number:X}" == serial
+        assert sans(cert) == {"tunnel.localhost", "*.tunnel.localhost"}
+    assert relay.count("requesting a certificate") == 1
+    backend = procs.backend("http", "--root", str(procs.dir))
+    agent = procs.agent(f"tunnel.localhost:{relay.port}", [str(backend.port)], ca=root)
+    tunnel = agent.ready(str(backend.port))
+    result = curl(_AcmeRelay(relay, root), tunnel, f"{tunnel.url}/hello", timeout=20)
+    assert result.stdout == b"hello /hello\n", result.stderr
+
+
+class _AcmeRelay:
+    def __init__(self, relay: RelayProcess, ca: Path) -> None:
+        self.port = relay.port
+        self.ca = ca
