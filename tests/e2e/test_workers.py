@@ -405,3 +405,33 @@ class _AcmeRelay:
     def __init__(self, relay: RelayProcess, ca: Path) -> None:
         self.port = relay.port
         self.ca = ca
+
+
+def test_reclaim_after_an_agent_reconnect_on_either_worker(procs: Procs) -> None:
+    ss = require_tool("ss")
+    relay = start_relay(procs)
+    backend = procs.backend("http", "--root", str(procs.dir))
+    agent = procs.agent(_relay_address(relay), [str(backend.port)], ca=relay.ca)
+    tunnel = agent.ready(str(backend.port))
+    seen = {worker_of_links(relay).index(1)}
+    # Cut the agent's link (its socket reset: both ends see it) until it has come back on
+    # the other worker too, bounded; every time it reclaims its id.
+    for cut in range(1, 13):
+        result = subprocess.run(
+            [ss, "-K", "-t", "dst", LOOPBACK, "dport", "=", f":{relay.port}"],
+            capture_output=True,
+            timeout=DEADLINE,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"ss -K cannot close sockets here: {result.stderr.decode()[:200]}")
+        agent.proc.wait_status(lambda s, n=cut: s.get("links_made", 0) > n, "the agent back")
+        again = agent.ready(str(backend.port))
+        assert again.host == tunnel.host
+        relay.wait_status(lambda s: s.get("agents") == 1 and s.get("tunnels") == 1, "one link")
+        seen.add(worker_of_links(relay).index(1))
+        hello(relay, again)
+        if len(seen) == WORKERS:
+            break
+    else:
+        raise AssertionError(f"12 reconnects, all to worker {seen}")
+    assert relay.status()["handoffs_failed"] == 0
