@@ -435,3 +435,26 @@ def test_reclaim_after_an_agent_reconnect_on_either_worker(procs: Procs) -> None
     else:
         raise AssertionError(f"12 reconnects, all to worker {seen}")
     assert relay.status()["handoffs_failed"] == 0
+
+
+def test_a_named_pool_spans_the_workers(procs: Procs) -> None:
+    relay = start_relay(procs)
+    backend = procs.backend("http", "--root", str(procs.dir))
+    forward = f"web={backend.port}"
+    agents = agents_on_both_workers(procs, relay, [forward])
+    tunnels = [agent.ready(forward) for agent in agents]
+    assert {t.host for t in tunnels} == {f"web.{relay.domain}"}
+    assert [relay.worker_status(i)["pool_members"] for i in range(WORKERS)] == [1, 1]
+    # Each worker serves the name with its own member: nothing to hand over.
+    for _ in range(10):
+        hello(relay, tunnels[0])
+    assert sent_by_each_worker(relay) == [0, 0]
+    # One member gone: the name is served from the other worker, whichever accepts.
+    agents[0].proc.stop()
+    relay.wait_status(lambda s: s.get("pool_members") == 1, "one member left")
+    for _ in range(60):
+        hello(relay, tunnels[1])
+        if relay.worker_status(0)["handoffs_sent"]:
+            break
+    else:
+        raise AssertionError("60 requests and none handed from worker 0 to worker 1")
