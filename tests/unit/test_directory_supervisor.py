@@ -62,9 +62,18 @@ def decoded(transport: StringTransport) -> list[dict[str, Any]]:
 
 def test_the_workers_get_the_same_arguments_but_workers_and_admin() -> None:
     assert worker_argv(
-        ["--workers", "2", "--listen", "tcp:1", "--admin=tcp:2", "--workers=3", "--admin", "x"],
+        [
+            "--workers",
+            "2",
+            "--listen",
+            "tcp:1",
+            "--admin=tcp:2",
+            "--log-format=text",
+            "--admin",
+            "x",
+        ],
         "unix:/a.sock",
-    ) == ["--listen", "tcp:1", "--admin", "unix:/a.sock"]
+    ) == ["--listen", "tcp:1", "--admin", "unix:/a.sock", "--log-format", "json"]
 
 
 def test_each_worker_is_started_with_its_place_and_admin_socket(tmp_path: Path) -> None:
@@ -83,6 +92,8 @@ def test_each_worker_is_started_with_its_place_and_admin_socket(tmp_path: Path) 
             "t",
             "--admin",
             f"unix:{tmp_path}/workers/{i}/admin.sock",
+            "--log-format",
+            "json",
         ]
     assert [w["state"] for w in supervisor.workers()] == ["starting", "starting"]
     assert [w["pid"] for w in supervisor.workers()] == [1000, 1001]
@@ -146,6 +157,41 @@ def test_an_exited_worker_is_restarted_with_back_off_and_counted(tmp_path: Path)
     # What it held is gone, and the other worker was told.
     assert supervisor.directory.holders("abc") == []
     assert {"t": "owners", "id": "abc", "workers": [], "sig": ""} in decoded(t1)
+
+
+def test_a_workers_log_is_the_supervisors_with_its_index(tmp_path: Path) -> None:
+    from twisted.logger import LogLevel, eventAsJSON, formatEvent, globalLogPublisher
+
+    reactor, _ = started(tmp_path)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto = reactor.spawned[1][0]
+        line = eventAsJSON(
+            {
+                "log_format": "granted {what}",
+                "what": "a tunnel",
+                "log_level": LogLevel.warn,
+                "log_namespace": "tunnel.relay._link",
+                "log_time": 5.0,
+            }
+        ).encode()
+        # Split anywhere, on stdout; a line that is no event (stderr) is kept as text.
+        proto.childDataReceived(1, line[:10])
+        assert events == []
+        proto.childDataReceived(1, line[10:] + b"\n")
+        proto.childDataReceived(2, b"Traceback: boom\n" + b"x" * 70000)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    ours = [e for e in events if e.get("worker") == 1]
+    assert [formatEvent(e) for e in ours[:2]] == [
+        "worker 1: granted a tunnel",
+        "worker 1: Traceback: boom",
+    ]
+    assert ours[0]["log_level"] == LogLevel.warn and ours[0]["log_time"] == 5.0
+    assert ours[0]["log_namespace"] == "tunnel.relay._link"
+    # A line longer than the bound is cut there.
+    assert len(ours) == 3 and len(ours[2]["line"]) == 65536
 
 
 def test_sighup_goes_to_every_worker(tmp_path: Path) -> None:

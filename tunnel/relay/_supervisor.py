@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from tunnel.relay._directory import Directory, Outgoing
@@ -47,14 +48,22 @@ STOP_MARGIN = 10.0
 _TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 #: Options of the supervisor's command line that the workers do not get as they are.
-_NOT_FOR_WORKERS = ("--workers", "--admin")
+_NOT_FOR_WORKERS = ("--workers", "--admin", "--log-format")
+
+#: Octets of one line of a worker's output; a longer one is cut there.
+MAX_LOG_LINE = 65536
+
+#: What `tunnel._daemon.json_observer` adds to each event (the supervisor's own observer
+#: computes them again).
+_JSON_EXTRAS = ("time", "level", "namespace", "text")
 
 
 def worker_argv(args: Sequence[str], admin: str) -> list[str]:
     """
     The ``tunnelrelay`` arguments of a worker: the supervisor's `args` without
-    ``--workers`` and ``--admin`` (either spelling, ``--opt VALUE`` or ``--opt=VALUE``),
-    with ``--admin`` `admin` instead.
+    ``--workers``, ``--admin`` and ``--log-format`` (either spelling, ``--opt VALUE`` or
+    ``--opt=VALUE``), with ``--admin`` `admin` instead, and JSON logs (which the supervisor
+    reads and logs as its own, with the worker's index).
     """
     out: list[str] = []
     skip = False
@@ -68,13 +77,57 @@ def worker_argv(args: Sequence[str], admin: str) -> list[str]:
         if arg.startswith(tuple(f"{name}=" for name in _NOT_FOR_WORKERS)):
             continue
         out.append(arg)
-    return [*out, "--admin", admin]
+    return [*out, "--admin", admin, "--log-format", "json"]
+
+
+def worker_event(line: bytes, index: int) -> dict[str, Any]:
+    """
+    The log event of one line of worker `index`'s output (its JSON log), marked with the
+    worker; a line that is not an event becomes one that carries it as text.
+    """
+    text = line.decode("utf-8", "replace")
+    try:
+        event = eventFromJSON(text)
+        if not isinstance(event, dict) or not isinstance(event.get("log_format"), str):
+            raise ValueError("not an event")
+    except (ValueError, TypeError, AttributeError):
+        return {
+            "log_format": "worker {worker}: {line}",
+            "log_level": LogLevel.info,
+            "log_namespace": "tunnel.relay.worker",
+            "log_time": time.time(),
+            "worker": index,
+            "line": text.rstrip(),
+        }
+    for name in _JSON_EXTRAS:
+        event.pop(name, None)
+    event["log_format"] = "worker {worker}: " + event["log_format"]
+    event["worker"] = index
+    flattened = event.get("log_flattened")
+    if isinstance(flattened, dict):
+        # A flattened event is formatted from these (`twisted.logger.formatEvent`).
+        flattened["worker!:"] = flattened["worker!s:"] = str(index)
+    return event
 
 
 class _WorkerProcess(ProcessProtocol):
+    """A worker's process: its exit, and its output re-logged line by line."""
+
     def __init__(self, supervisor: Supervisor, index: int) -> None:
         self.supervisor = supervisor
         self.index = index
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._partial.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_LOG_LINE:
+            lines.append(rest[:MAX_LOG_LINE])
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            if line.strip():
+                globalLogPublisher(worker_event(line, self.index))
 
     def processEnded(self, reason: Failure) -> None:
         self.supervisor._ended(self.index, reason)
@@ -238,7 +291,7 @@ class Supervisor(service.Service):
             sys.executable,
             argv,
             env=env,
-            childFDs={0: "w", 1: 1, 2: 2},
+            childFDs={0: "w", 1: "r", 2: "r"},
         )
         _log.info("worker {i} started (pid {pid})", i=slot.index, pid=slot.process.pid)
 
