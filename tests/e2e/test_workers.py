@@ -458,3 +458,18 @@ def test_a_named_pool_spans_the_workers(procs: Procs) -> None:
             break
     else:
         raise AssertionError("60 requests and none handed from worker 0 to worker 1")
+
+
+def test_a_revoked_subject_loses_its_links_on_every_worker(procs: Procs) -> None:
+    public, token = _signed_token(procs.dir, max_tunnels=10)
+    revoked = procs.dir / "revoked.txt"
+    revoked.write_text("# revoked subjects and token ids\n")
+    relay = start_relay(procs, ["--token-key", str(public), "--revoked", str(revoked)])
+    backend = procs.backend("echo")
+    agents_on_both_workers(procs, relay, [str(backend.port)], token=token)
+    mark = relay.size()
+    revoked.write_text("alice\n")
+    relay.signal(signal.SIGHUP)
+    relay.wait_status(lambda s: s.get("agents") == 0, "the revoked subject's links closed")
+    assert relay.text().count("revoked list reloaded", mark) == WORKERS
+    assert [relay.worker_status(i)["agents"] for i in range(WORKERS)] == [0, 0]
