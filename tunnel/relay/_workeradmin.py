@@ -8,9 +8,9 @@ serves on a UNIX socket (``<state-dir>/workers/<i>/admin.sock``).
 - ``/status``: one document in the shape of a single relay's (`tunnel.relay._status`):
   counts summed, lists concatenated with each entry tagged by its ``worker`` index, pools
   merged by name, the certificate taken from the first worker that answered; plus
-  ``workers``, one entry per worker (index, pid, state, restarts, links, tunnels, whether it
-  answered). A worker that does not answer within the deadline, or answers too much, is
-  marked so there and left out of the rest.
+  ``workers``, one entry per worker (index, pid, state, restarts, its links, tunnels,
+  streams and public connections, whether it answered). A worker that does not answer
+  within the deadline, or answers too much, is marked so there and left out of the rest.
 - ``/links`` and ``/events``: the status page's document merged the same way (with
   ``workers``), as JSON and as server-sent events (a snapshot a second while anyone
   follows, at most `MAX_FOLLOWERS` pages); ``/`` is the relay's status page.
@@ -384,6 +384,8 @@ class _Workers:
                     "error": errors.get(index),
                     "links": _count_of(doc, "links"),
                     "tunnels": _count_of(doc, "tunnels"),
+                    "streams": _count_of(doc, "streams"),
+                    "public_connections": _count_of(doc, "public_connections"),
                 }
             )
         merged["workers"] = rows

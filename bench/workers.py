@@ -1,0 +1,470 @@
+"""A relay run as several workers, against the same relay as one process.
+
+    python -m bench.workers [--workers 1,2] [--quick] [--no-handoff] [--out bench/results]
+    python -m bench --workers       # the same, after (or instead of) the paths
+
+For each N of ``--workers`` (1: today's relay, one process, no supervisor; N > 1:
+``twistd -n tunnelrelay --workers N``), on loopback only, with every process started here
+and ended by PID:
+
+1. **Links.** ``--agents`` agents (``twistd -n tunnelagent``), each with one raw TCP and one
+   TLS tunnel to a data server (``bench.servers``). Reported: links and tunnels per worker
+   (the supervisor's ``/status``, its ``workers`` list).
+2. **First byte.** ``--firsts`` connections one after the other, spread over the tunnels,
+   each asking the data server for one byte: connect (+ TLS handshake) to first byte, p50
+   and p99, for raw TCP and for TLS. With N > 1 a TLS connection the kernel gives to a
+   worker that does not own its tunnel is handed to the owner: the hand-off counters
+   (every count of the workers' ``/metrics`` whose name says ``handoff``,
+   ``hand_off`` or ``handed``) before and after.
+3. **Spread.** ``--hold`` TLS connections held open at once, spread over the tunnels:
+   public connections per worker (``/status``).
+4. **Throughput.** ``--streams`` downloads of ``--megabytes`` MB each at once, half over raw
+   TCP and half over TLS, spread over the tunnels (bounded: a deadline per socket). Reported:
+   MB/s over all (noisy), and per worker its CPU seconds (``/proc/<pid>/stat``, pids from
+   ``/status``), the MB through the tunnels it owns, and ms of CPU per MB; the supervisor's
+   and the agents' CPU too.
+
+Then the hand-off mechanism alone (`bench.handoff`) unless ``--no-handoff``. Writes
+``workers.json`` and ``workers.md`` into ``--out``. CPU, times and MB/s on a shared machine
+are noisy; counts (links, connections, hand-offs, system calls) are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import handoff
+from bench.util import BENCH_DIR, LOOPBACK, cpu_seconds
+from tunnel.testing import AgentProcess, RelayProcess
+
+REQUEST = struct.Struct("!cQ")
+#: Names of the workers' hand-off counts (whatever their exact spelling).
+_HANDOFF = re.compile(r"hand_?off|handed")
+#: Seconds any one socket operation of the clients may take.
+SOCKET_DEADLINE = 30.0
+#: Seconds the throughput phase may take in all.
+PHASE_DEADLINE = 300.0
+
+
+@dataclass
+class Sizes:
+    agents: int = 8
+    firsts: int = 400
+    hold: int = 64
+    streams: int = 32
+    megabytes: int = 16
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(agents=4, firsts=100, hold=16, streams=8, megabytes=4)
+
+
+@dataclass
+class Tunnels:
+    """The tunnels of the agents: raw TCP ``(port)`` and TLS ``(host)``."""
+
+    tcp: list[int] = field(default_factory=list)
+    tls: list[str] = field(default_factory=list)
+
+
+def _start_data_server(log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.servers"],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "ab"),  # noqa: SIM115
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError("bench.servers did not start")
+    return proc, int(json.loads(line)["data"])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _connect(kind: str, target: Any, relay: RelayProcess, ctx: ssl.SSLContext) -> socket.socket:
+    if kind == "tcp":
+        return socket.create_connection((LOOPBACK, target), timeout=SOCKET_DEADLINE)
+    raw = socket.create_connection((LOOPBACK, relay.port), timeout=SOCKET_DEADLINE)
+    return ctx.wrap_socket(raw, server_hostname=target)
+
+
+def _download(sock: socket.socket, size: int) -> int:
+    sock.sendall(REQUEST.pack(b"D", size))
+    got = 0
+    buf = bytearray(1 << 20)
+    while got < size:
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _workers(relay: RelayProcess, plain: bool) -> list[dict[str, Any]]:
+    """The workers of the supervisor's ``/status`` (for one process: itself, as worker 0)."""
+    status = relay.status()
+    if plain:
+        return [
+            {
+                "index": 0,
+                "pid": relay.pid,
+                "links": status["links"],
+                "tunnels": status["tunnels"],
+                "public_connections": status["public_connections"],
+            }
+        ]
+    return list(status["workers"])
+
+
+def _handoffs(relay: RelayProcess) -> dict[str, dict[str, float]]:
+    """Every sample of the relay's ``/metrics`` that counts hand-offs, by worker."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tunnel.testing._daemons import admin_get
+
+    code, body = admin_get(relay.admin_port, "/metrics", 10.0)
+    if code != 200:
+        return {}
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if _HANDOFF.search(sample.name) and not sample.name.endswith("_created"):
+                worker = sample.labels.get("worker", "supervisor")
+                row = found.setdefault(worker, {})
+                row[sample.name] = row.get(sample.name, 0.0) + sample.value
+    return found
+
+
+def _owners(relay: RelayProcess, plain: bool) -> dict[Any, int]:
+    """Which worker owns each tunnel: raw TCP port or TLS host -> worker index."""
+    from tunnel.testing._daemons import admin_get
+
+    code, body = admin_get(relay.admin_port, "/links", 10.0)
+    if code != 200:
+        raise RuntimeError(f"/links answered {code}")
+    owners: dict[Any, int] = {}
+    for t in json.loads(body)["tunnels"]:
+        index = 0 if plain else int(t["worker"])
+        if t.get("tcp_port"):
+            owners[t["tcp_port"]] = index
+        owners[t["host"].split(":")[0]] = index
+    return owners
+
+
+def _first_bytes(
+    kind: str, targets: list[Any], count: int, relay: RelayProcess, ctx: ssl.SSLContext
+) -> list[float]:
+    times = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        with _connect(kind, targets[i % len(targets)], relay, ctx) as s:
+            if _download(s, 1) != 1:
+                raise RuntimeError(f"no first byte over {kind}")
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _throughput(
+    tunnels: Tunnels,
+    sizes: Sizes,
+    relay: RelayProcess,
+    ctx: ssl.SSLContext,
+    owners: dict[Any, int],
+) -> tuple[float, dict[int, int], list[str]]:
+    """All streams at once; (seconds, bytes per owning worker, errors)."""
+    size = sizes.megabytes << 20
+    jobs: list[tuple[str, Any]] = []
+    for i in range(sizes.streams):
+        if i % 2 == 0:
+            jobs.append(("tcp", tunnels.tcp[(i // 2) % len(tunnels.tcp)]))
+        else:
+            jobs.append(("tls", tunnels.tls[(i // 2) % len(tunnels.tls)]))
+    carried: dict[int, int] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one(kind: str, target: Any) -> None:
+        try:
+            with _connect(kind, target, relay, ctx) as s:
+                got = _download(s, size)
+        except OSError as e:
+            with lock:
+                errors.append(f"{kind} {target}: {e}")
+            return
+        with lock:
+            carried[owners[target]] = carried.get(owners[target], 0) + got
+            if got != size:
+                errors.append(f"{kind} {target}: {got} of {size} bytes")
+
+    threads = [threading.Thread(target=one, args=job, daemon=True) for job in jobs]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + PHASE_DEADLINE
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    seconds = time.perf_counter() - t0
+    if any(t.is_alive() for t in threads):
+        errors.append(f"streams still running after {PHASE_DEADLINE:g} s")
+    return seconds, carried, errors
+
+
+@contextlib.contextmanager
+def _held(
+    tunnels: Tunnels, count: int, relay: RelayProcess, ctx: ssl.SSLContext
+) -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    try:
+        for i in range(count):
+            socks.append(_connect("tls", tunnels.tls[i % len(tunnels.tls)], relay, ctx))
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_one(n: int, sizes: Sizes, workdir: Path, log: Any) -> dict[str, Any]:
+    """The four phases with `n` workers (1: one process, no supervisor)."""
+    plain = n == 1
+    here = workdir / f"n{n}"
+    here.mkdir()
+    servers, data_port = _start_data_server(here / "servers.log")
+    servers_tls, data_port_tls = _start_data_server(here / "servers.log")
+    extra = [] if plain else ["--workers", str(n)]
+    ports = (21000 + 200 * n, 21000 + 200 * n + 199)
+    relay = RelayProcess.start(
+        here / "relay.log", state_dir=here / "state", tcp_ports=ports, extra=extra
+    )
+    agents: list[AgentProcess] = []
+    result: dict[str, Any] = {"workers": n, "errors": []}
+    try:
+        log(f"workers: N={n}: {sizes.agents} agents")
+        for i in range(sizes.agents):
+            agents.append(
+                AgentProcess(
+                    here / f"agent{i}.log",
+                    relay=f"localhost:{relay.port}",
+                    ca=relay.ca,
+                    forwards=[f"{data_port}:tcp", f"{data_port_tls}"],
+                )
+            )
+        tunnels = Tunnels()
+        for agent in agents:
+            tcp = agent.tunnel(f"127.0.0.1:{data_port}")
+            tls = agent.tunnel(f"127.0.0.1:{data_port_tls}")
+            assert tcp.tcp_port is not None
+            tunnels.tcp.append(tcp.tcp_port)
+            tunnels.tls.append(tls.host)
+        relay.wait_status(
+            lambda s: s["tunnels"] >= 2 * sizes.agents, "every tunnel in the relay's /status"
+        )
+        ctx = ssl.create_default_context(cafile=str(relay.ca))
+        result["links"] = [
+            {k: w.get(k) for k in ("index", "pid", "links", "tunnels")}
+            for w in _workers(relay, plain)
+        ]
+        owners = _owners(relay, plain)
+        log(f"workers: N={n}: first bytes ({sizes.firsts} per kind)")
+        before = _handoffs(relay)
+        firsts = {}
+        for kind, targets in (("tcp", tunnels.tcp), ("tls", tunnels.tls)):
+            times = _first_bytes(kind, targets, sizes.firsts, relay, ctx)
+            firsts[kind] = {
+                "p50_ms": round(statistics.median(times) * 1e3, 3),
+                "p99_ms": round(_percentile(times, 0.99) * 1e3, 3),
+            }
+        result["first_byte"] = firsts
+        result["handoffs"] = {"before": before, "after": _handoffs(relay)}
+        log(f"workers: N={n}: {sizes.hold} TLS connections held")
+        with _held(tunnels, sizes.hold, relay, ctx):
+            status = relay.wait_status(
+                lambda s: s["public_connections"] >= sizes.hold, "the held connections"
+            )
+            del status
+            result["held"] = [
+                {k: w.get(k) for k in ("index", "public_connections")}
+                for w in _workers(relay, plain)
+            ]
+        log(f"workers: N={n}: {sizes.streams} streams of {sizes.megabytes} MB")
+        pids = {int(w["index"]): int(w["pid"]) for w in _workers(relay, plain)}
+        agent_pids = [a.pid for a in agents]
+        supervisor = [] if plain else [relay.pid]
+        cpu_before = {i: cpu_seconds([p]) for i, p in pids.items()}
+        # The supervisor's own CPU: its process alone (its workers are its children).
+        sup_before = _own_cpu(supervisor)
+        agents_before = cpu_seconds(agent_pids)
+        seconds, carried, errors = _throughput(tunnels, sizes, relay, ctx, owners)
+        cpu = {i: cpu_seconds([p]) - cpu_before[i] for i, p in pids.items()}
+        total = sum(carried.values())
+        result["throughput"] = {
+            "seconds": round(seconds, 3),
+            "mb": round(total / 1e6, 1),
+            "mb_per_s": round(total / 1e6 / seconds, 1) if seconds else None,
+            "per_worker": [
+                {
+                    "index": i,
+                    "cpu_s": round(cpu[i], 2),
+                    "mb": round(carried.get(i, 0) / 1e6, 1),
+                    "cpu_ms_per_mb": round(cpu[i] * 1e3 / (carried[i] / 1e6), 2)
+                    if carried.get(i)
+                    else None,
+                }
+                for i in sorted(pids)
+            ],
+            "relay_cpu_ms_per_mb": round(
+                (sum(cpu.values()) + _own_cpu(supervisor) - sup_before) * 1e3 / (total / 1e6), 2
+            )
+            if total
+            else None,
+            "supervisor_cpu_s": round(_own_cpu(supervisor) - sup_before, 2),
+            "agents_cpu_s": round(cpu_seconds(agent_pids) - agents_before, 2),
+        }
+        result["errors"] += errors
+    finally:
+        for agent in agents:
+            agent.stop()
+        relay.stop()
+        _stop(servers)
+        _stop(servers_tls)
+    return result
+
+
+def _own_cpu(pids: list[int]) -> float:
+    """utime+stime of `pids` themselves, without their descendants."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def run(
+    workers: list[int], sizes: Sizes, with_handoff: bool = True, log: Any = print
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"sizes": sizes.__dict__, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+        for n in workers:
+            try:
+                results["runs"].append(run_one(n, sizes, Path(tmp), log))
+            except Exception as e:  # one N failing leaves the others' figures
+                log(f"workers: N={n}: ERROR {e}")
+                results["runs"].append({"workers": n, "errors": [repr(e)]})
+    if with_handoff:
+        log("workers: the hand-off alone (bench.handoff)")
+        quick = sizes.firsts < Sizes().firsts
+        results["handoff"] = handoff.run(1000 if quick else 5000, 3)
+    return results
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join("-" if c is None else str(c) for c in cells) + " |"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["sizes"]
+    out = [
+        f"Workers: {s['agents']} agents (one raw TCP and one TLS tunnel each), "
+        f"{s['firsts']} first-byte connections per kind, {s['hold']} held TLS connections, "
+        f"{s['streams']} streams of {s['megabytes']} MB (`python -m bench.workers`). "
+        "Times, MB/s and CPU: noisy, shared machine; links, connections and hand-offs: "
+        "counts.",
+        "",
+        "| N | links per worker | held TLS connections per worker | first byte TCP p50/p99 ms "
+        "| first byte TLS p50/p99 ms | MB/s (noisy) | CPU ms per MB, per worker | relay CPU "
+        "ms per MB | hand-offs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        if "throughput" not in r:
+            out.append(_row([r["workers"], *["-"] * 7, "; ".join(r["errors"])]))
+            continue
+        tp = r["throughput"]
+        hand = r["handoffs"]["after"]
+        out.append(
+            _row(
+                [
+                    r["workers"],
+                    " / ".join(str(w["links"]) for w in r["links"]),
+                    " / ".join(str(w["public_connections"]) for w in r["held"]),
+                    f"{r['first_byte']['tcp']['p50_ms']} / {r['first_byte']['tcp']['p99_ms']}",
+                    f"{r['first_byte']['tls']['p50_ms']} / {r['first_byte']['tls']['p99_ms']}",
+                    tp["mb_per_s"],
+                    " / ".join(f"{w['cpu_ms_per_mb']} ({w['mb']} MB)" for w in tp["per_worker"]),
+                    tp["relay_cpu_ms_per_mb"],
+                    "; ".join(
+                        f"{w}: " + ", ".join(f"{k} {v:g}" for k, v in row.items())
+                        for w, row in sorted(hand.items())
+                    )
+                    or "-",
+                ]
+            )
+        )
+        if r["errors"]:
+            out.append(f"\nN={r['workers']} errors: " + "; ".join(r["errors"][:5]))
+    if "handoff" in results:
+        out += ["", handoff.markdown(results["handoff"])]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
+    parser.add_argument("--workers", default="1,2", help="comma-separated N (1: one process)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-handoff", action="store_true")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    a = parser.parse_args(argv)
+    try:
+        workers = [int(n) for n in a.workers.split(",")]
+    except ValueError:
+        parser.error("--workers: comma-separated numbers")
+    if not workers or any(not 1 <= n <= 16 for n in workers):
+        parser.error("--workers: each N in 1..16")
+    sizes = Sizes.quick() if a.quick else Sizes()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results = run(workers, sizes, not a.no_handoff, log)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "workers.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (a.out / "workers.md").write_text(text)
+    print(text)
+    return 1 if any(r["errors"] for r in results["runs"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
