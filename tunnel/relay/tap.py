@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -32,8 +34,16 @@ from tunnel.relay._certificate import CertificateRefused
 from tunnel.relay._certs import ensure_dev_certificates
 from tunnel.relay._certwatch import CertificateWatch, put_in_service
 from tunnel.relay._issuer import DevCAIssuer
+from tunnel.relay._supervisor import Supervisor
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import RevokedFile, TokenFile
+from tunnel.relay._worker import (
+    WORKER_ENV,
+    admin_path,
+    attach_worker,
+    check_listen,
+    parse_worker_env,
+)
 from tunnel.relay.registry import ReclaimKey
 from tunnel.relay.service import (
     Relay,
@@ -61,6 +71,15 @@ def _positive(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text} is not a positive number of workers")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -258,6 +277,13 @@ class Options(usage.Options):
         ["drain-grace", None, 30.0, "Seconds streams may finish after SIGTERM.", float],
         ["admin", None, None, "Endpoint for /metrics and /status (keep it on loopback)."],
         [
+            "workers",
+            None,
+            1,
+            "Worker processes sharing the listener (auto: one per core); 1: one process.",
+            _workers,
+        ],
+        [
             "max-window",
             None,
             16,
@@ -270,6 +296,12 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["token-key"] = []
+        #: The arguments as given (the supervisor starts its workers with them).
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_token_key(self, path: str) -> None:
         """PEM public key (Ed25519) whose signed tokens are accepted (repeatable: rotation)."""
@@ -349,7 +381,67 @@ def _listen_port(listen: str) -> int | None:
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     """
-    Build the relay's service from parsed options.
+    Build the relay's service from parsed options: the relay, or with ``--workers`` N > 1
+    the supervisor of N workers (`tunnel.relay._supervisor`), each of them the relay.
+    """
+    worker = os.environ.get(WORKER_ENV)
+    if worker is None and options["workers"] > 1:
+        return _supervisor(options, reactor)
+    relay_service = _relay_service(options, reactor)
+    if worker is not None:
+        try:
+            index, count = parse_worker_env(worker)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        attach_worker(
+            relay_service.reactor,
+            relay_service,
+            index,
+            count,
+            options["state-dir"],
+            options["listen"],
+        )
+    return relay_service
+
+
+def _supervisor(options: Options, reactor: Any) -> service.IService:
+    """
+    The supervisor of ``--workers`` workers. What the workers share is created here first
+    (the state directory, the reclaim key, the development certificates) by building the
+    relay's service once, which checks every option as a worker will; it is not started.
+    """
+    if options["acme"]:
+        raise usage.UsageError("--acme runs in one process: give --workers 1 with --acme")
+    try:
+        check_listen(options["listen"])
+    except ValueError as e:
+        raise usage.UsageError(f"--listen with --workers: {e}") from None
+    longest = admin_path(options["state-dir"], options["workers"] - 1)
+    if len(longest.encode()) > 100:
+        raise usage.UsageError(
+            f"--state-dir is too long for the workers' sockets ({longest!r}): give a shorter one"
+        )
+    relay_service = _relay_service(options, reactor)
+    try:
+        from tunnel.relay._workeradmin import (  # type: ignore[import-untyped,unused-ignore]
+            merged_admin_site,
+        )
+    except ImportError:  # pragma: no cover - the merged admin endpoint is a separate module
+        merged_admin_site = None
+    return Supervisor(
+        relay_service.reactor,
+        options["workers"],
+        options.arguments,
+        options["state-dir"],
+        options["drain-grace"],
+        admin=options["admin"],
+        admin_site=merged_admin_site,
+    )
+
+
+def _relay_service(options: Options, reactor: Any = None) -> RelayService:
+    """
+    The relay's service (one process, or one worker) from parsed options.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
