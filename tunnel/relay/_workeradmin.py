@@ -307,6 +307,17 @@ def merge_documents(docs: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, 
 # --- gathering from the workers ----------------------------------------------------------
 
 
+def _described(worker: Mapping[str, Any]) -> WorkerInfo:
+    """The fields of `WorkerInfo` from one entry of the supervisor's ``workers()``."""
+    return {
+        "index": int(worker["index"]),
+        "pid": worker.get("pid"),
+        "admin": str(worker["admin"]),
+        "state": str(worker["state"]),
+        "restarts": int(worker.get("restarts", 0)),
+    }
+
+
 @dataclass
 class _Gathered:
     """Each worker's description with what it answered (or why not)."""
@@ -319,14 +330,16 @@ class _Gathered:
 class _Workers:
     """The workers and a client to their admin sites; gathers one path from all of them."""
 
-    def __init__(self, reactor: Any, workers: Callable[[], Sequence[WorkerInfo]], client: Any):
+    def __init__(
+        self, reactor: Any, workers: Callable[[], Sequence[Mapping[str, Any]]], client: Any
+    ) -> None:
         self.reactor = reactor
         self.workers = workers
         self.client = client
 
     def gather(self, path: str) -> defer.Deferred[_Gathered]:
         """``GET path`` from every worker at once; never fails (errors are per worker)."""
-        workers = sorted(self.workers(), key=lambda w: w["index"])
+        workers = sorted((_described(w) for w in self.workers()), key=lambda w: w["index"])
         gathered = _Gathered(workers, {}, {})
 
         def one(worker: WorkerInfo) -> defer.Deferred[None]:
@@ -659,7 +672,7 @@ class _MergedEvents(Resource):
 
 def merged_admin_site(
     reactor: Any,
-    workers: Callable[[], Sequence[WorkerInfo]],
+    workers: Callable[[], Sequence[Mapping[str, Any]]],
     *,
     deadline: float = DEADLINE,
     cap: int = MAX_ANSWER_BYTES,

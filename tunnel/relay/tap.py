@@ -422,12 +422,8 @@ def _supervisor(options: Options, reactor: Any) -> service.IService:
             f"--state-dir is too long for the workers' sockets ({longest!r}): give a shorter one"
         )
     relay_service = _relay_service(options, reactor)
-    try:
-        from tunnel.relay._workeradmin import (  # type: ignore[import-untyped,unused-ignore]
-            merged_admin_site,
-        )
-    except ImportError:  # pragma: no cover - the merged admin endpoint is a separate module
-        merged_admin_site = None
+    from tunnel.relay._workeradmin import merged_admin_site
+
     return Supervisor(
         relay_service.reactor,
         options["workers"],
