@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import statistics
@@ -66,10 +67,10 @@ PHASE_DEADLINE = 300.0
 @dataclass
 class Sizes:
     agents: int = 8
-    firsts: int = 400
+    firsts: int = 1000
     hold: int = 64
     streams: int = 32
-    megabytes: int = 16
+    megabytes: int = 64
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -254,24 +255,41 @@ def _held(
             s.close()
 
 
-def run_one(n: int, sizes: Sizes, workdir: Path, log: Any) -> dict[str, Any]:
-    """The four phases with `n` workers (1: one process, no supervisor)."""
-    plain = n == 1
-    here = workdir / f"n{n}"
-    here.mkdir()
-    servers, data_port = _start_data_server(here / "servers.log")
-    servers_tls, data_port_tls = _start_data_server(here / "servers.log")
-    extra = [] if plain else ["--workers", str(n)]
-    ports = (21000 + 200 * n, 21000 + 200 * n + 199)
-    relay = RelayProcess.start(
-        here / "relay.log", state_dir=here / "state", tcp_ports=ports, extra=extra
-    )
-    agents: list[AgentProcess] = []
-    result: dict[str, Any] = {"workers": n, "errors": []}
-    try:
-        log(f"workers: N={n}: {sizes.agents} agents")
-        for i in range(sizes.agents):
-            agents.append(
+class _Setup:
+    """One relay of `n` workers (1: one process) with its agents and data servers."""
+
+    def __init__(self, n: int, sizes: Sizes, workdir: Path, log: Any) -> None:
+        self.n = n
+        self.plain = n == 1
+        self.sizes = sizes
+        here = workdir / f"n{n}"
+        here.mkdir()
+        self.servers: list[subprocess.Popen[bytes]] = []
+        self.agents: list[AgentProcess] = []
+        self.relay: RelayProcess | None = None
+        self.result: dict[str, Any] = {"workers": n, "errors": [], "rounds": []}
+        try:
+            self._start(here, log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, here: Path, log: Any) -> None:
+        servers, data_port = _start_data_server(here / "servers.log")
+        self.servers.append(servers)
+        servers_tls, data_port_tls = _start_data_server(here / "servers.log")
+        self.servers.append(servers_tls)
+        extra = [] if self.plain else ["--workers", str(self.n)]
+        ports = (21000 + 200 * self.n, 21000 + 200 * self.n + 199)
+        self.relay = relay = RelayProcess.start(
+            here / "relay.log", state_dir=here / "state", tcp_ports=ports, extra=extra
+        )
+        log(f"workers: N={self.n}: {self.sizes.agents} agents")
+        supervisor = [] if self.plain else [relay.pid]
+        tracer = _Tracer(supervisor[0], here / "strace-grants.txt") if supervisor else None
+        sup_before = _own_cpu(supervisor)
+        for i in range(self.sizes.agents):
+            self.agents.append(
                 AgentProcess(
                     here / f"agent{i}.log",
                     relay=f"localhost:{relay.port}",
@@ -279,55 +297,82 @@ def run_one(n: int, sizes: Sizes, workdir: Path, log: Any) -> dict[str, Any]:
                     forwards=[f"{data_port}:tcp", f"{data_port_tls}"],
                 )
             )
-        tunnels = Tunnels()
-        for agent in agents:
+        self.tunnels = Tunnels()
+        for agent in self.agents:
             tcp = agent.tunnel(f"127.0.0.1:{data_port}")
             tls = agent.tunnel(f"127.0.0.1:{data_port_tls}")
             assert tcp.tcp_port is not None
-            tunnels.tcp.append(tcp.tcp_port)
-            tunnels.tls.append(tls.host)
-        relay.wait_status(
-            lambda s: s["tunnels"] >= 2 * sizes.agents, "every tunnel in the relay's /status"
-        )
-        ctx = ssl.create_default_context(cafile=str(relay.ca))
-        result["links"] = [
+            self.tunnels.tcp.append(tcp.tcp_port)
+            self.tunnels.tls.append(tls.host)
+        granted = 2 * self.sizes.agents
+        relay.wait_status(lambda s: s["tunnels"] >= granted, "every tunnel in the relay's /status")
+        if tracer is not None:
+            calls = tracer.stop()
+            self.result["supervisor_per_grant"] = {
+                "cpu_ms": round((_own_cpu(supervisor) - sup_before) * 1e3 / granted, 2),
+                "syscalls": round(sum(calls.values()) / granted, 1),
+                "detail": {k: round(v / granted, 2) for k, v in sorted(calls.items())},
+            }
+        self.ctx = ssl.create_default_context(cafile=str(relay.ca))
+        self.result["links"] = [
             {k: w.get(k) for k in ("index", "pid", "links", "tunnels")}
-            for w in _workers(relay, plain)
+            for w in _workers(relay, self.plain)
         ]
-        owners = _owners(relay, plain)
-        log(f"workers: N={n}: first bytes ({sizes.firsts} per kind)")
-        before = _handoffs(relay)
-        firsts = {}
-        for kind, targets in (("tcp", tunnels.tcp), ("tls", tunnels.tls)):
-            times = _first_bytes(kind, targets, sizes.firsts, relay, ctx)
-            firsts[kind] = {
+        self.owners = _owners(relay, self.plain)
+        self.pids = {int(w["index"]): int(w["pid"]) for w in _workers(relay, self.plain)}
+
+    def first_bytes(self) -> dict[str, Any]:
+        """One round of sequential connections per kind: first-byte times, the relay's CPU
+        per connection, and the hand-offs it made."""
+        assert self.relay is not None
+        out: dict[str, Any] = {}
+        for kind, targets in (("tcp", self.tunnels.tcp), ("tls", self.tunnels.tls)):
+            before = _handoffs(self.relay)
+            cpu_before = self._relay_cpu()
+            times = _first_bytes(kind, targets, self.sizes.firsts, self.relay, self.ctx)
+            cpu = self._relay_cpu() - cpu_before
+            after = _handoffs(self.relay)
+            sent = sum(
+                v - before.get(w, {}).get(k, 0.0)
+                for w, row in after.items()
+                for k, v in row.items()
+                if k.endswith("sent")
+            )
+            out[kind] = {
                 "p50_ms": round(statistics.median(times) * 1e3, 3),
                 "p99_ms": round(_percentile(times, 0.99) * 1e3, 3),
+                "relay_cpu_us_per_connection": round(cpu / len(times) * 1e6, 1),
+                "handed_off": int(sent),
             }
-        result["first_byte"] = firsts
-        result["handoffs"] = {"before": before, "after": _handoffs(relay)}
-        log(f"workers: N={n}: {sizes.hold} TLS connections held")
-        with _held(tunnels, sizes.hold, relay, ctx):
-            status = relay.wait_status(
-                lambda s: s["public_connections"] >= sizes.hold, "the held connections"
+        return out
+
+    def held(self) -> list[dict[str, Any]]:
+        assert self.relay is not None
+        relay = self.relay
+        with _held(self.tunnels, self.sizes.hold, relay, self.ctx):
+            relay.wait_status(
+                lambda s: s["public_connections"] >= self.sizes.hold, "the held connections"
             )
-            del status
-            result["held"] = [
+            return [
                 {k: w.get(k) for k in ("index", "public_connections")}
-                for w in _workers(relay, plain)
+                for w in _workers(relay, self.plain)
             ]
-        log(f"workers: N={n}: {sizes.streams} streams of {sizes.megabytes} MB")
-        pids = {int(w["index"]): int(w["pid"]) for w in _workers(relay, plain)}
-        agent_pids = [a.pid for a in agents]
-        supervisor = [] if plain else [relay.pid]
-        cpu_before = {i: cpu_seconds([p]) for i, p in pids.items()}
-        # The supervisor's own CPU: its process alone (its workers are its children).
+
+    def throughput(self) -> dict[str, Any]:
+        assert self.relay is not None
+        agent_pids = [a.pid for a in self.agents]
+        supervisor = [] if self.plain else [self.relay.pid]
+        cpu_before = {i: cpu_seconds([p]) for i, p in self.pids.items()}
         sup_before = _own_cpu(supervisor)
         agents_before = cpu_seconds(agent_pids)
-        seconds, carried, errors = _throughput(tunnels, sizes, relay, ctx, owners)
-        cpu = {i: cpu_seconds([p]) - cpu_before[i] for i, p in pids.items()}
+        seconds, carried, errors = _throughput(
+            self.tunnels, self.sizes, self.relay, self.ctx, self.owners
+        )
+        cpu = {i: cpu_seconds([p]) - cpu_before[i] for i, p in self.pids.items()}
+        sup = _own_cpu(supervisor) - sup_before
         total = sum(carried.values())
-        result["throughput"] = {
+        self.result["errors"] += errors
+        return {
             "seconds": round(seconds, 3),
             "mb": round(total / 1e6, 1),
             "mb_per_s": round(total / 1e6 / seconds, 1) if seconds else None,
@@ -340,24 +385,28 @@ def run_one(n: int, sizes: Sizes, workdir: Path, log: Any) -> dict[str, Any]:
                     if carried.get(i)
                     else None,
                 }
-                for i in sorted(pids)
+                for i in sorted(self.pids)
             ],
-            "relay_cpu_ms_per_mb": round(
-                (sum(cpu.values()) + _own_cpu(supervisor) - sup_before) * 1e3 / (total / 1e6), 2
-            )
+            "relay_cpu_ms_per_mb": round((sum(cpu.values()) + sup) * 1e3 / (total / 1e6), 2)
             if total
             else None,
-            "supervisor_cpu_s": round(_own_cpu(supervisor) - sup_before, 2),
+            "supervisor_cpu_s": round(sup, 2),
             "agents_cpu_s": round(cpu_seconds(agent_pids) - agents_before, 2),
         }
-        result["errors"] += errors
-    finally:
-        for agent in agents:
+
+    def _relay_cpu(self) -> float:
+        """The CPU seconds of the workers and of the supervisor itself."""
+        assert self.relay is not None
+        own = [] if self.plain else [self.relay.pid]
+        return sum(cpu_seconds([p]) for p in self.pids.values()) + _own_cpu(own)
+
+    def stop(self) -> None:
+        for agent in self.agents:
             agent.stop()
-        relay.stop()
-        _stop(servers)
-        _stop(servers_tls)
-    return result
+        if self.relay is not None:
+            self.relay.stop()
+        for proc in self.servers:
+            _stop(proc)
 
 
 def _own_cpu(pids: list[int]) -> float:
@@ -371,17 +420,78 @@ def _own_cpu(pids: list[int]) -> float:
     return total
 
 
+class _Tracer:
+    """``strace -c -f`` attached to `pid` until `stop` (a window of counts)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            ["strace", "-c", "-f", "-p", str(pid), "-o", str(out)], stderr=subprocess.PIPE
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        if b"attached" not in line:
+            _stop(self.proc)
+            raise RuntimeError(f"strace did not attach to {pid}: {line!r}")
+
+    def stop(self) -> dict[str, int]:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=20)
+        return handoff.parse_strace_summary(self.out.read_text())
+
+
+def _median_of(rows: list[dict[str, Any]], *path: str) -> float | None:
+    values = []
+    for row in rows:
+        value: Any = row
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            values.append(float(value))
+    return round(statistics.median(values), 3) if values else None
+
+
 def run(
-    workers: list[int], sizes: Sizes, with_handoff: bool = True, log: Any = print
+    workers: list[int], sizes: Sizes, with_handoff: bool = True, log: Any = print, rounds: int = 3
 ) -> dict[str, Any]:
-    results: dict[str, Any] = {"sizes": sizes.__dict__, "runs": []}
+    """Every N set up at once, then `rounds` rounds of first bytes and of throughput, the
+    Ns alternating within each round; then the hand-off alone."""
+    results: dict[str, Any] = {"sizes": sizes.__dict__, "rounds": rounds, "runs": []}
+    setups: list[_Setup] = []
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
-        for n in workers:
-            try:
-                results["runs"].append(run_one(n, sizes, Path(tmp), log))
-            except Exception as e:  # one N failing leaves the others' figures
-                log(f"workers: N={n}: ERROR {e}")
-                results["runs"].append({"workers": n, "errors": [repr(e)]})
+        try:
+            for n in workers:
+                try:
+                    setups.append(_Setup(n, sizes, Path(tmp), log))
+                except Exception as e:  # one N failing leaves the others' figures
+                    log(f"workers: N={n}: ERROR {e}")
+                    results["runs"].append({"workers": n, "errors": [repr(e)]})
+            for setup in setups:
+                log(f"workers: N={setup.n}: {sizes.hold} TLS connections held")
+                setup.result["held"] = setup.held()
+            for r in range(rounds):
+                for setup in setups:
+                    log(f"workers: round {r + 1}/{rounds}, N={setup.n}: first bytes")
+                    firsts = setup.first_bytes()
+                    log(f"workers: round {r + 1}/{rounds}, N={setup.n}: streams")
+                    setup.result["rounds"].append(
+                        {"first_byte": firsts, "throughput": setup.throughput()}
+                    )
+        finally:
+            for setup in setups:
+                setup.stop()
+    for setup in setups:
+        res, rows = setup.result, setup.result["rounds"]
+        res["median"] = {
+            f"{kind}_{key}": _median_of(rows, "first_byte", kind, key)
+            for kind in ("tcp", "tls")
+            for key in ("p50_ms", "p99_ms", "relay_cpu_us_per_connection", "handed_off")
+        } | {
+            key: _median_of(rows, "throughput", key)
+            for key in ("mb_per_s", "relay_cpu_ms_per_mb", "supervisor_cpu_s")
+        }
+        results["runs"].append(res)
+    results["runs"].sort(key=lambda r: r["workers"])
     if with_handoff:
         log("workers: the hand-off alone (bench.handoff)")
         quick = sizes.firsts < Sizes().firsts
@@ -394,46 +504,59 @@ def _row(cells: list[Any]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The tables of `run`, each figure labelled noisy or a count."""
     s = results["sizes"]
     out = [
         f"Workers: {s['agents']} agents (one raw TCP and one TLS tunnel each), "
-        f"{s['firsts']} first-byte connections per kind, {s['hold']} held TLS connections, "
-        f"{s['streams']} streams of {s['megabytes']} MB (`python -m bench.workers`). "
-        "Times, MB/s and CPU: noisy, shared machine; links, connections and hand-offs: "
-        "counts.",
+        f"{s['firsts']} sequential first-byte connections per kind and round, {s['hold']} "
+        f"held TLS connections, {s['streams']} streams of {s['megabytes']} MB at once (half "
+        f"raw TCP, half TLS); {results['rounds']} rounds, the Ns alternating "
+        "(`python -m bench.workers`). Medians of the rounds. Times, MB/s and CPU: noisy, "
+        "shared machine; links, connections, hand-offs and system calls: counts.",
         "",
-        "| N | links per worker | held TLS connections per worker | first byte TCP p50/p99 ms "
-        "| first byte TLS p50/p99 ms | MB/s (noisy) | CPU ms per MB, per worker | relay CPU "
-        "ms per MB | hand-offs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | links per worker | held TLS connections per worker | TLS connections handed "
+        "off | first byte TCP p50 / p99 ms | first byte TLS p50 / p99 ms | relay CPU µs per "
+        "TCP / TLS connection | MB/s | relay CPU ms per MB | supervisor per grant |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        if "throughput" not in r:
-            out.append(_row([r["workers"], *["-"] * 7, "; ".join(r["errors"])]))
+        if "median" not in r:
+            out.append(_row([r["workers"], *["-"] * 8, "; ".join(r["errors"])]))
             continue
-        tp = r["throughput"]
-        hand = r["handoffs"]["after"]
+        md = r["median"]
+        grant = r.get("supervisor_per_grant")
         out.append(
             _row(
                 [
                     r["workers"],
                     " / ".join(str(w["links"]) for w in r["links"]),
                     " / ".join(str(w["public_connections"]) for w in r["held"]),
-                    f"{r['first_byte']['tcp']['p50_ms']} / {r['first_byte']['tcp']['p99_ms']}",
-                    f"{r['first_byte']['tls']['p50_ms']} / {r['first_byte']['tls']['p99_ms']}",
-                    tp["mb_per_s"],
-                    " / ".join(f"{w['cpu_ms_per_mb']} ({w['mb']} MB)" for w in tp["per_worker"]),
-                    tp["relay_cpu_ms_per_mb"],
-                    "; ".join(
-                        f"{w}: " + ", ".join(f"{k} {v:g}" for k, v in row.items())
-                        for w, row in sorted(hand.items())
-                    )
-                    or "-",
+                    f"{md['tls_handed_off']:g} of {s['firsts']}",
+                    f"{md['tcp_p50_ms']} / {md['tcp_p99_ms']}",
+                    f"{md['tls_p50_ms']} / {md['tls_p99_ms']}",
+                    f"{md['tcp_relay_cpu_us_per_connection']} / "
+                    f"{md['tls_relay_cpu_us_per_connection']}",
+                    md["mb_per_s"],
+                    md["relay_cpu_ms_per_mb"],
+                    f"{grant['syscalls']} system calls, {grant['cpu_ms']} ms CPU" if grant else "-",
                 ]
             )
         )
+    out += [
+        "",
+        "Per worker, each round: CPU ms per MB (MB through the tunnels it owns).",
+        "",
+    ]
+    for r in results["runs"]:
+        for i, row in enumerate(r.get("rounds", [])):
+            tp = row["throughput"]
+            per = " / ".join(f"{w['cpu_ms_per_mb']} ({w['mb']} MB)" for w in tp["per_worker"])
+            out.append(
+                f"- N={r['workers']}, round {i + 1}: {per}; {tp['mb_per_s']} MB/s; "
+                f"supervisor {tp['supervisor_cpu_s']} s, agents {tp['agents_cpu_s']} s CPU"
+            )
         if r["errors"]:
-            out.append(f"\nN={r['workers']} errors: " + "; ".join(r["errors"][:5]))
+            out.append(f"- N={r['workers']} errors: " + "; ".join(r["errors"][:5]))
     if "handoff" in results:
         out += ["", handoff.markdown(results["handoff"])]
     return "\n".join(out) + "\n"
@@ -444,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="comma-separated N (1: one process)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-handoff", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per N (default 3)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     a = parser.parse_args(argv)
     try:
@@ -457,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    results = run(workers, sizes, not a.no_handoff, log)
+    if not 1 <= a.rounds <= 20:
+        parser.error("--rounds: 1..20")
+    results = run(workers, sizes, not a.no_handoff, log, a.rounds)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "workers.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
