@@ -346,6 +346,42 @@ class _Setup:
             }
         return out
 
+    def traced_first_bytes(self, count: int, workdir: Path) -> dict[str, Any]:
+        """System calls per connection of the whole relay (every worker and the supervisor,
+        ``strace -c -f`` attached for the window of `count` connections per kind), with the
+        hand-offs made in that window: counts, whatever the machine's load."""
+        assert self.relay is not None
+        pids = list(self.pids.values()) + ([] if self.plain else [self.relay.pid])
+        out: dict[str, Any] = {}
+        for kind, targets in (("tcp", self.tunnels.tcp), ("tls", self.tunnels.tls)):
+            before = _handoffs(self.relay)
+            tracers = [_Tracer(pid, workdir / f"strace-n{self.n}-{kind}-{pid}.txt") for pid in pids]
+            try:
+                _first_bytes(kind, targets, count, self.relay, self.ctx)
+            finally:
+                calls = [t.stop() for t in tracers]
+            after = _handoffs(self.relay)
+            merged: dict[str, int] = {}
+            for c in calls:
+                for name, n in c.items():
+                    merged[name] = merged.get(name, 0) + n
+            out[kind] = {
+                "syscalls_per_connection": round(sum(merged.values()) / count, 2),
+                "detail": {
+                    k: round(v / count, 2) for k, v in sorted(merged.items()) if v >= count / 2
+                },
+                "handed_off": int(
+                    sum(
+                        v - before.get(w, {}).get(k, 0.0)
+                        for w, row in after.items()
+                        for k, v in row.items()
+                        if k.endswith("sent")
+                    )
+                ),
+                "connections": count,
+            }
+        return out
+
     def held(self) -> list[dict[str, Any]]:
         assert self.relay is not None
         relay = self.relay
@@ -477,6 +513,11 @@ def run(
                     setup.result["rounds"].append(
                         {"first_byte": firsts, "throughput": setup.throughput()}
                     )
+            for setup in setups:
+                log(f"workers: N={setup.n}: system calls (strace)")
+                setup.result["traced"] = setup.traced_first_bytes(
+                    max(100, sizes.firsts // 3), Path(tmp)
+                )
         finally:
             for setup in setups:
                 setup.stop()
@@ -519,6 +560,7 @@ def markdown(results: dict[str, Any]) -> str:
         "TCP / TLS connection | MB/s | relay CPU ms per MB | supervisor per grant |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    traced = []
     for r in results["runs"]:
         if "median" not in r:
             out.append(_row([r["workers"], *["-"] * 8, "; ".join(r["errors"])]))
@@ -542,6 +584,30 @@ def markdown(results: dict[str, Any]) -> str:
                 ]
             )
         )
+        if "traced" in r:
+            t = r["traced"]
+            traced.append(
+                _row(
+                    [
+                        r["workers"],
+                        t["tcp"]["syscalls_per_connection"],
+                        t["tls"]["syscalls_per_connection"],
+                        f"{t['tls']['handed_off']} of {t['tls']['connections']}",
+                        ", ".join(f"{k} {v}" for k, v in t["tls"]["detail"].items()),
+                    ]
+                )
+            )
+    if traced:
+        out += [
+            "",
+            "System calls of the whole relay per public connection (counts; `strace -c -f` "
+            "on every worker and the supervisor for the window of the connections):",
+            "",
+            "| N | per raw TCP connection | per TLS connection | TLS connections handed off "
+            "| per TLS connection, by call |",
+            "|---|---|---|---|---|",
+            *traced,
+        ]
     out += [
         "",
         "Per worker, each round: CPU ms per MB (MB through the tunnels it owns).",
