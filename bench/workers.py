@@ -320,6 +320,10 @@ class _Setup:
         ]
         self.owners = _owners(relay, self.plain)
         self.pids = {int(w["index"]): int(w["pid"]) for w in _workers(relay, self.plain)}
+        self.result["rss_mib"] = {
+            "workers": [round(_own_rss(p) / 2**20, 1) for _, p in sorted(self.pids.items())],
+            "supervisor": None if self.plain else round(_own_rss(relay.pid) / 2**20, 1),
+        }
 
     def first_bytes(self) -> dict[str, Any]:
         """One round of sequential connections per kind: first-byte times, the relay's CPU
@@ -454,6 +458,15 @@ def _own_cpu(pids: list[int]) -> float:
             fields = stat[stat.rindex(")") + 2 :].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def _own_rss(pid: int) -> int:
+    """The resident set of `pid` itself, in bytes (0 once it is gone)."""
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except OSError:
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 class _Tracer:
@@ -607,6 +620,19 @@ def markdown(results: dict[str, Any]) -> str:
             "| per TLS connection, by call |",
             "|---|---|---|---|---|",
             *traced,
+        ]
+    rss = [
+        f"N={r['workers']}: workers "
+        + " / ".join(str(m) for m in r["rss_mib"]["workers"])
+        + " MiB"
+        + (f", supervisor {r['rss_mib']['supervisor']} MiB" if r["rss_mib"]["supervisor"] else "")
+        for r in results["runs"]
+        if "rss_mib" in r
+    ]
+    if rss:
+        out += [
+            "",
+            "Resident memory with the agents linked, idle (counts): " + "; ".join(rss) + ".",
         ]
     out += [
         "",
