@@ -15,7 +15,7 @@ grant's limits add to this worker's own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +171,38 @@ class Directory:
         for principal in sorted(set(self._links) | set(self._members)):
             out.append((worker, self._counts_for(principal, worker)))
         return out
+
+    def handle(
+        self, worker: int, message: dict[str, Any], connected: Callable[[int], bool]
+    ) -> list[Outgoing]:
+        """
+        A checked message (`tunnel.relay._workermsg`) from `worker`: what to send to whom.
+        A probe goes to the holder's worker if it is `connected` and holds the id, else it
+        is answered at once: not alive.
+
+        @raise ValueError: `worker` may not send it (a type of the supervisor's, or an
+            answer to a worker that does not exist).
+        """
+        kind = message["t"]
+        if kind == "claim":
+            return self.claim(
+                worker, message["id"], message["named"], message["sig"], message["principal"]
+            )
+        if kind == "release":
+            return self.release(worker, message["id"], message["principal"])
+        if kind == "links":
+            return self.links(worker, message["principal"], message["n"])
+        if kind == "probe":
+            holder, probe = message["to"], message["probe"]
+            if holder != worker and holder in self.holders(message["id"]) and connected(holder):
+                return [(holder, {"t": "probe", "id": message["id"], "probe": probe, "to": worker})]
+            return [(worker, {"t": "probed", "probe": probe, "to": worker, "alive": False})]
+        if kind == "probed":
+            asker = message["to"]
+            self._check_worker(asker)
+            answer = {"t": "probed", "probe": message["probe"], "to": asker}
+            return [(asker, {**answer, "alive": message["alive"]})]
+        raise ValueError(f"a worker does not send {kind!r}")
 
     # -- what to tell ------------------------------------------------------------------------
 

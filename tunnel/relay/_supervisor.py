@@ -20,13 +20,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from tunnel.relay._directory import Directory, Outgoing
@@ -46,14 +48,22 @@ STOP_MARGIN = 10.0
 _TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 #: Options of the supervisor's command line that the workers do not get as they are.
-_NOT_FOR_WORKERS = ("--workers", "--admin")
+_NOT_FOR_WORKERS = ("--workers", "--admin", "--log-format")
+
+#: Octets of one line of a worker's output; a longer one is cut there.
+MAX_LOG_LINE = 65536
+
+#: What `tunnel._daemon.json_observer` adds to each event (the supervisor's own observer
+#: computes them again).
+_JSON_EXTRAS = ("time", "level", "namespace", "text")
 
 
 def worker_argv(args: Sequence[str], admin: str) -> list[str]:
     """
     The ``tunnelrelay`` arguments of a worker: the supervisor's `args` without
-    ``--workers`` and ``--admin`` (either spelling, ``--opt VALUE`` or ``--opt=VALUE``),
-    with ``--admin`` `admin` instead.
+    ``--workers``, ``--admin`` and ``--log-format`` (either spelling, ``--opt VALUE`` or
+    ``--opt=VALUE``), with ``--admin`` `admin` instead, and JSON logs (which the supervisor
+    reads and logs as its own, with the worker's index).
     """
     out: list[str] = []
     skip = False
@@ -67,13 +77,57 @@ def worker_argv(args: Sequence[str], admin: str) -> list[str]:
         if arg.startswith(tuple(f"{name}=" for name in _NOT_FOR_WORKERS)):
             continue
         out.append(arg)
-    return [*out, "--admin", admin]
+    return [*out, "--admin", admin, "--log-format", "json"]
+
+
+def worker_event(line: bytes, index: int) -> dict[str, Any]:
+    """
+    The log event of one line of worker `index`'s output (its JSON log), marked with the
+    worker; a line that is not an event becomes one that carries it as text.
+    """
+    text = line.decode("utf-8", "replace")
+    try:
+        event = eventFromJSON(text)
+        if not isinstance(event, dict) or not isinstance(event.get("log_format"), str):
+            raise ValueError("not an event")
+    except (ValueError, TypeError, AttributeError):
+        return {
+            "log_format": "worker {worker}: {line}",
+            "log_level": LogLevel.info,
+            "log_namespace": "tunnel.relay.worker",
+            "log_time": time.time(),
+            "worker": index,
+            "line": text.rstrip(),
+        }
+    for name in _JSON_EXTRAS:
+        event.pop(name, None)
+    event["log_format"] = "worker {worker}: " + event["log_format"]
+    event["worker"] = index
+    flattened = event.get("log_flattened")
+    if isinstance(flattened, dict):
+        # A flattened event is formatted from these (`twisted.logger.formatEvent`).
+        flattened["worker!:"] = flattened["worker!s:"] = str(index)
+    return event
 
 
 class _WorkerProcess(ProcessProtocol):
+    """A worker's process: its exit, and its output re-logged line by line."""
+
     def __init__(self, supervisor: Supervisor, index: int) -> None:
         self.supervisor = supervisor
         self.index = index
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._partial.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_LOG_LINE:
+            lines.append(rest[:MAX_LOG_LINE])
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            if line.strip():
+                globalLogPublisher(worker_event(line, self.index))
 
     def processEnded(self, reason: Failure) -> None:
         self.supervisor._ended(self.index, reason)
@@ -142,7 +196,8 @@ class Supervisor(service.Service):
         state_dir: str,
         drain_grace: float,
         admin: str | None = None,
-        admin_site: Callable[[Any, Callable[[], list[dict[str, Any]]]], Any] | None = None,
+        admin_site: Callable[..., Any] | None = None,
+        signals: bool = True,
     ) -> None:
         self.reactor = reactor
         self.count = count
@@ -151,6 +206,8 @@ class Supervisor(service.Service):
         self.drain_grace = drain_grace
         self.admin = admin
         self.admin_site = admin_site
+        #: Installs the SIGHUP handler (False: inside another program, such as a test).
+        self.signals = signals
         self.directory = Directory(count)
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
@@ -187,11 +244,11 @@ class Supervisor(service.Service):
             factory = _ControlFactory(self, slot.index)
             slot.port = self.reactor.listenUNIX(path, factory, mode=0o600)
             self._spawn(slot)
-        signal.signal(
-            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._forward_hup)
-        )
+        if self.signals:
+            signal.signal(
+                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._forward_hup)
+            )
         if self.admin and self.admin_site is not None:
-            from twisted.internet.endpoints import serverFromString
 
             def listening(port: Any) -> None:
                 self._admin_port = port
@@ -234,7 +291,7 @@ class Supervisor(service.Service):
             sys.executable,
             argv,
             env=env,
-            childFDs={0: "w", 1: 1, 2: 2},
+            childFDs={0: "w", 1: "r", 2: "r"},
         )
         _log.info("worker {i} started (pid {pid})", i=slot.index, pid=slot.process.pid)
 
@@ -257,51 +314,9 @@ class Supervisor(service.Service):
             slot.control = None
 
     def _message(self, index: int, message: dict[str, Any]) -> None:
-        kind = message["t"]
-        d = self.directory
-        if kind == "claim":
-            out = d.claim(
-                index, message["id"], message["named"], message["sig"], message["principal"]
-            )
-        elif kind == "release":
-            out = d.release(index, message["id"], message["principal"])
-        elif kind == "links":
-            out = d.links(index, message["principal"], message["n"])
-        elif kind == "probe":
-            holder = message["to"]
-            if (
-                holder != index
-                and holder in d.holders(message["id"])
-                and self.slots[holder].control is not None
-            ):
-                out = [
-                    (
-                        holder,
-                        {"t": "probe", "id": message["id"], "probe": message["probe"], "to": index},
-                    )
-                ]
-            else:
-                out = [
-                    (index, {"t": "probed", "probe": message["probe"], "to": index, "alive": False})
-                ]
-        elif kind == "probed":
-            asker = message["to"]
-            if not 0 <= asker < self.count:
-                raise ValueError(f"no worker {asker}")
-            out = [
-                (
-                    asker,
-                    {
-                        "t": "probed",
-                        "probe": message["probe"],
-                        "to": asker,
-                        "alive": message["alive"],
-                    },
-                )
-            ]
-        else:
-            raise ValueError(f"a worker does not send {kind!r}")
-        self._send(out)
+        self._send(
+            self.directory.handle(index, message, lambda w: self.slots[w].control is not None)
+        )
 
     def _send(self, out: list[Outgoing]) -> None:
         for index, message in out:

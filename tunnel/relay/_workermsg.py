@@ -14,7 +14,6 @@ Worker to supervisor:
 - ``probe`` {id, probe}: a link here reclaims `id`, which another worker holds: is its holder
   alive? (answered with ``probed``).
 - ``probed`` {probe, to, alive}: this worker's answer to a ``probe`` it was sent.
-- ``handoffs`` {sent, received, failed}: its hand-off counters (for the supervisor's view).
 
 Supervisor to worker:
 
@@ -59,7 +58,6 @@ FIELDS: dict[str, dict[str, Any]] = {
     "links": {"principal": _STR, "n": _INT},
     "probe": {"id": _STR, "probe": _INT, "to": _INT},
     "probed": {"probe": _INT, "to": _INT, "alive": _BOOL},
-    "handoffs": {"sent": _INT, "received": _INT, "failed": _INT},
     "owners": {"id": _STR, "workers": _INTS, "sig": _STR},
     "counts": {"principal": _STR, "links": _INT, "tunnels": _INT},
     "lost": {"id": _STR, "reason": _STR},
@@ -112,13 +110,12 @@ def check(message: Any) -> dict[str, Any]:
 
 def encode(message: dict[str, Any]) -> bytes:
     """
-    The frame of `message` (checked first).
+    The frame of `message` (checked first; the bounds of its fields keep it well under
+    `MAX_MESSAGE`).
 
-    @raise MessageError: it is not a well-formed message, or is too long.
+    @raise MessageError: it is not a well-formed message.
     """
     body = json.dumps(check(message), separators=(",", ":")).encode()
-    if len(body) > MAX_MESSAGE:
-        raise MessageError(f"a message of {len(body)} octets, over {MAX_MESSAGE}")
     return _LENGTH.pack(len(body)) + body
 
 

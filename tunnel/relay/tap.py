@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -44,6 +45,7 @@ from tunnel.relay._worker import (
     check_listen,
     parse_worker_env,
 )
+from tunnel.relay._workeradmin import merged_admin_site
 from tunnel.relay.registry import ReclaimKey
 from tunnel.relay.service import (
     Relay,
@@ -387,12 +389,15 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     worker = os.environ.get(WORKER_ENV)
     if worker is None and options["workers"] > 1:
         return _supervisor(options, reactor)
-    relay_service = _relay_service(options, reactor)
+    index = count = 0
     if worker is not None:
         try:
             index, count = parse_worker_env(worker)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+    # With --acme, worker 0 runs the orders; the others serve what it stores.
+    relay_service = _relay_service(options, reactor, acme_orders=index == 0)
+    if worker is not None:
         attach_worker(
             relay_service.reactor,
             relay_service,
@@ -410,8 +415,6 @@ def _supervisor(options: Options, reactor: Any) -> service.IService:
     (the state directory, the reclaim key, the development certificates) by building the
     relay's service once, which checks every option as a worker will; it is not started.
     """
-    if options["acme"]:
-        raise usage.UsageError("--acme runs in one process: give --workers 1 with --acme")
     try:
         check_listen(options["listen"])
     except ValueError as e:
@@ -422,8 +425,6 @@ def _supervisor(options: Options, reactor: Any) -> service.IService:
             f"--state-dir is too long for the workers' sockets ({longest!r}): give a shorter one"
         )
     relay_service = _relay_service(options, reactor)
-    from tunnel.relay._workeradmin import merged_admin_site
-
     return Supervisor(
         relay_service.reactor,
         options["workers"],
@@ -435,9 +436,11 @@ def _supervisor(options: Options, reactor: Any) -> service.IService:
     )
 
 
-def _relay_service(options: Options, reactor: Any = None) -> RelayService:
+def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = True) -> RelayService:
     """
-    The relay's service (one process, or one worker) from parsed options.
+    The relay's service (one process, or one worker) from parsed options. With --acme and
+    not `acme_orders`, the certificate is the one another process orders and stores (the
+    files of the ACME store are watched); passthrough certificates are ordered here.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -542,6 +545,7 @@ def _relay_service(options: Options, reactor: Any = None) -> RelayService:
     )
     relay_service = RelayService(reactor, relay, options["listen"], options["admin"])
     certificates: CertificateWatch | AcmeService | None = None
+    install = functools.partial(put_in_service, relay)
     if options["cert"]:
         certificates = CertificateWatch(
             reactor,
@@ -563,14 +567,24 @@ def _relay_service(options: Options, reactor: Any = None) -> RelayService:
         relay.issuer = AcmeCSRIssuer(
             lambda csr, names: issue_in_thread(reactor, issuer, csr, names)
         )
-        certificates = AcmeService(
-            reactor,
-            domain,
-            store,
-            lambda csr: issue_in_thread(reactor, issuer, csr),
-            lambda pair: put_in_service(relay, pair),
-            RenewalPolicy(options["acme-renew-before"], options["acme-check-interval"]),
-        )
+        if acme_orders:
+            certificates = AcmeService(
+                reactor,
+                domain,
+                store,
+                lambda csr: issue_in_thread(reactor, issuer, csr),
+                install,
+                RenewalPolicy(options["acme-renew-before"], options["acme-check-interval"]),
+            )
+        else:
+            certificates = CertificateWatch(
+                reactor, store.cert_path, store.key_path, domain, install
+            )
+            if os.path.exists(store.cert_path):
+                try:
+                    certificates.install_first()
+                except CertificateRefused as e:
+                    _log.warn("the stored ACME certificate is not served (yet): {e}", e=e)
     else:
         # Development mode: the local CA also signs the certificates of passthrough
         # tunnels (an agent's CSR for its tunnel's name; the key stays with the agent).
