@@ -293,6 +293,8 @@ async def test_status_is_the_workers_merged_with_the_workers_list(cluster: Clust
             "error": None,
             "links": 1,
             "tunnels": 2,
+            "streams": 3,
+            "public_connections": 4,
         },
         {
             "index": 1,
@@ -303,6 +305,8 @@ async def test_status_is_the_workers_merged_with_the_workers_list(cluster: Clust
             "error": None,
             "links": 2,
             "tunnels": 4,
+            "streams": 3,
+            "public_connections": 5,
         },
     ]
     # Live: a change in a worker is in the next answer.

@@ -8,9 +8,9 @@ serves on a UNIX socket (``<state-dir>/workers/<i>/admin.sock``).
 - ``/status``: one document in the shape of a single relay's (`tunnel.relay._status`):
   counts summed, lists concatenated with each entry tagged by its ``worker`` index, pools
   merged by name, the certificate taken from the first worker that answered; plus
-  ``workers``, one entry per worker (index, pid, state, restarts, links, tunnels, whether it
-  answered). A worker that does not answer within the deadline, or answers too much, is
-  marked so there and left out of the rest.
+  ``workers``, one entry per worker (index, pid, state, restarts, its links, tunnels,
+  streams and public connections, whether it answered). A worker that does not answer
+  within the deadline, or answers too much, is marked so there and left out of the rest.
 - ``/links`` and ``/events``: the status page's document merged the same way (with
   ``workers``), as JSON and as server-sent events (a snapshot a second while anyone
   follows, at most `MAX_FOLLOWERS` pages); ``/`` is the relay's status page.
@@ -307,6 +307,17 @@ def merge_documents(docs: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, 
 # --- gathering from the workers ----------------------------------------------------------
 
 
+def _described(worker: Mapping[str, Any]) -> WorkerInfo:
+    """The fields of `WorkerInfo` from one entry of the supervisor's ``workers()``."""
+    return {
+        "index": int(worker["index"]),
+        "pid": worker.get("pid"),
+        "admin": str(worker["admin"]),
+        "state": str(worker["state"]),
+        "restarts": int(worker.get("restarts", 0)),
+    }
+
+
 @dataclass
 class _Gathered:
     """Each worker's description with what it answered (or why not)."""
@@ -319,14 +330,16 @@ class _Gathered:
 class _Workers:
     """The workers and a client to their admin sites; gathers one path from all of them."""
 
-    def __init__(self, reactor: Any, workers: Callable[[], Sequence[WorkerInfo]], client: Any):
+    def __init__(
+        self, reactor: Any, workers: Callable[[], Sequence[Mapping[str, Any]]], client: Any
+    ) -> None:
         self.reactor = reactor
         self.workers = workers
         self.client = client
 
     def gather(self, path: str) -> defer.Deferred[_Gathered]:
         """``GET path`` from every worker at once; never fails (errors are per worker)."""
-        workers = sorted(self.workers(), key=lambda w: w["index"])
+        workers = sorted((_described(w) for w in self.workers()), key=lambda w: w["index"])
         gathered = _Gathered(workers, {}, {})
 
         def one(worker: WorkerInfo) -> defer.Deferred[None]:
@@ -384,6 +397,8 @@ class _Workers:
                     "error": errors.get(index),
                     "links": _count_of(doc, "links"),
                     "tunnels": _count_of(doc, "tunnels"),
+                    "streams": _count_of(doc, "streams"),
+                    "public_connections": _count_of(doc, "public_connections"),
                 }
             )
         merged["workers"] = rows
@@ -657,7 +672,7 @@ class _MergedEvents(Resource):
 
 def merged_admin_site(
     reactor: Any,
-    workers: Callable[[], Sequence[WorkerInfo]],
+    workers: Callable[[], Sequence[Mapping[str, Any]]],
     *,
     deadline: float = DEADLINE,
     cap: int = MAX_ANSWER_BYTES,
