@@ -1,6 +1,7 @@
 """``python -m bench`` (``make bench``): measure every registered path, write the report.
 
 python -m bench [--quick] [--only direct,ssh-R,...] [--runs N] [--out DIR] [--list] [--scale]
+                [--workers]
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also the scale figures (bench.scale: 10,000 links, 100,000 connections; "
         "minutes); with --only none, only them",
+    )
+    parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="also the figures of a relay of 1 and 2 workers and of the hand-off alone "
+        "(bench.workers; a few minutes); with --only none, only them",
     )
     a = parser.parse_args(argv)
     if a.list:
@@ -125,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         links, conns = (1000, 5000) if a.quick else (10_000, 100_000)
         results["scale"] = scale.run(links, conns, keepalive_s=10 if a.quick else 30, log_dir=a.out)
         reports["scale.md"] = scale.markdown(results["scale"])
+    if a.workers:
+        from bench import workers
+
+        _log("bench: workers figures (bench.workers)")
+        sizes = workers.Sizes.quick() if a.quick else workers.Sizes()
+        results["workers"] = workers.run([1, 2], sizes, log=_log)
+        reports["workers.md"] = workers.markdown(results["workers"])
     results["seconds"] = round(time.monotonic() - t_start, 1)
     files = report.write(results, a.out)
     for fname, text in reports.items():
@@ -134,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     for fname, text in reports.items():
         print(f"\n{fname}:\n\n{text}")
     _log(f"bench: {results['seconds']}s; wrote " + ", ".join(str(p) for p in files.values()))
-    return 1 if any(p["errors"] for p in results["paths"].values()) else 0
+    failed = any(p["errors"] for p in results["paths"].values())
+    failed |= any(r["errors"] for r in results.get("workers", {}).get("runs", []))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

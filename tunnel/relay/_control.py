@@ -381,7 +381,8 @@ class RelaySession:
             ]
         principal = permit.principal or self.principal
         whose = "token" if permit.principal else "address"
-        if relay.principal_links.count(principal) >= config.max_links_per_token:
+        links = relay.principal_links.count(principal) + relay.elsewhere.links(principal)
+        if links >= config.max_links_per_token:
             self._move(Input.HELLO_REFUSED)
             relay.refused["links_per_token"] += 1
             message = f"too many links with this {whose}: at most {config.max_links_per_token}"

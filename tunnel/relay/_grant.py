@@ -73,11 +73,14 @@ def requested(session: RelaySession, request: TunnelRequest) -> list[Effect]:
     return effects
 
 
-def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
+def grant(
+    session: RelaySession, request: TunnelRequest, probed_elsewhere: bool = False
+) -> list[Effect]:
     """
     Grant a tunnel, or say why not. A reclaim is verified against the identity this link
     was accepted with (the reclaim secret binds its token); of an id another link still
-    holds, the answer comes later (`reclaim_held`).
+    holds (here, or on another worker unless its holder was `probed_elsewhere` already),
+    the answer comes later (`reclaim_held`).
     """
     relay = session.relay
 
@@ -116,6 +119,9 @@ def grant(session: RelaySession, request: TunnelRequest) -> list[Effect]:
             if existing.owner is session.owner:
                 return [Send(granted(session, request, existing))]
             return reclaim_held(session, request, existing)
+        holder = None if probed_elsewhere else relay.elsewhere.holder(tunnel_id)
+        if holder is not None:
+            return reclaim_held(session, request, TunnelRecord(tunnel_id, kind, holder))
     else:
         tunnel_id = relay.registry.fresh_id()
     over = _over_limits(session)
@@ -174,7 +180,7 @@ def _over_limits(session: RelaySession) -> str | None:
         return f"an agent may hold at most {limit} tunnels"
     most = session.permit.max_tunnels
     if most is not None:
-        held = sum(
+        held = relay.elsewhere.tunnels(session.principal) + sum(
             len(relay.registry.owned_by(link))
             for link in relay.principal_links.of(session.principal)
         )
@@ -256,17 +262,15 @@ def grant_named(session: RelaySession, request: TunnelRequest) -> list[Effect]:
         return refuse(RefusalCode.LIMIT, over)
     signature = _signature(kind, request.options)
     existing = relay.registry.get(name)
+    served_elsewhere = relay.elsewhere.signature(name)
+    if served_elsewhere is not None and served_elsewhere != signature:
+        return refuse(RefusalCode.BAD_REQUEST, _other_options(name))
     if existing is not None:
         if existing.member(session.owner) is not None:
             return refuse(RefusalCode.BAD_REQUEST, f"this agent already serves {name!r}")
         if existing.signature != signature:
-            return refuse(
-                RefusalCode.BAD_REQUEST,
-                f"{name!r} is served with other options: every agent serving a name must ask "
-                "for the same kind (tcp, h2, passthrough), restrictions (allow, deny, "
-                "client_ca) and rate limit",
-            )
-        existing.join(session.owner)
+            return refuse(RefusalCode.BAD_REQUEST, _other_options(name))
+        relay.registry.join(existing, session.owner)
         return [
             _granted_log(session, existing, joined=True),
             Send(granted(session, request, existing)),
@@ -280,6 +284,14 @@ def grant_named(session: RelaySession, request: TunnelRequest) -> list[Effect]:
         return refuse(RefusalCode.NO_PORTS, "no free port in the relay's TCP range")
     relay.registry.add(record)
     return [_granted_log(session, record), Send(granted(session, request, record))]
+
+
+def _other_options(name: str) -> str:
+    return (
+        f"{name!r} is served with other options: every agent serving a name must ask "
+        "for the same kind (tcp, h2, passthrough), restrictions (allow, deny, "
+        "client_ca) and rate limit"
+    )
 
 
 def reclaim_held(
@@ -321,25 +333,32 @@ def decide_reclaim(
     """
     The holder of the tunnel that `request` reclaims answered its probe (`alive`) or did
     not: an alive holder keeps it (``reclaim_refused``); a silent one loses it, and the
-    request is granted afresh.
+    request is granted afresh. A holder on another worker (``holder.remote``) was probed
+    there, and a silent one closed there.
     """
     relay = session.relay
     tunnel_id = existing.tunnel_id
+    remote = getattr(holder, "remote", False)
+    if alive and (
+        remote or (relay.registry.get(tunnel_id) is existing and existing.owner is holder)
+    ):
+        return [
+            log("warn", "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id),
+            Send(
+                TunnelRefused(
+                    request.request_id,
+                    RefusalCode.RECLAIM_REFUSED,
+                    "the tunnel is held by another link, which is alive",
+                )
+            ),
+        ]
+    if remote:
+        # Held on another worker, whose silent link lost it there: decided here without
+        # asking again (a claim the supervisor still finds in conflict is closed then).
+        reclaimed = log("info", "tunnel {id} reclaimed from another worker's link", id=tunnel_id)
+        return [reclaimed, *grant(session, request, probed_elsewhere=True)]
     effects: list[Effect] = []
     if relay.registry.get(tunnel_id) is existing and existing.owner is holder:
-        if alive:
-            return [
-                log(
-                    "warn", "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id
-                ),
-                Send(
-                    TunnelRefused(
-                        request.request_id,
-                        RefusalCode.RECLAIM_REFUSED,
-                        "the tunnel is held by another link, which is alive",
-                    )
-                ),
-            ]
         effects.append(log("info", "tunnel {id} reclaimed from an older link", id=tunnel_id))
         relay.close_tunnel(existing, "reclaimed by another link")
     # Whatever changed meanwhile (the holder gone, the relay draining, a third link

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from tunnel.link import Stream
 from tunnel.relay._auth import Permit, authenticate
 from tunnel.relay._clienthello import ClientHello
+from tunnel.relay._directory import Elsewhere
 from tunnel.relay._info import info_factory
 from tunnel.relay._issuer import CertificateIssuer
 from tunnel.relay._link import RelayLink
@@ -105,6 +106,10 @@ class Relay:
         self.link_factory = Factory.forProtocol(lambda: RelayLink(self))
         self.link_factory.noisy = False
         self.info_factory = info_factory()
+        #: What the other workers hold (``--workers N``): nothing, in a relay of one process.
+        self.elsewhere = Elsewhere()
+        #: A worker's own ``/status`` fields (its index, its hand-off counts), or None.
+        self.worker_status: Any = None
 
     # -- routing of public TLS connections ----------------------------------------------------
 
@@ -330,7 +335,7 @@ class Relay:
         if len(record.members) <= 1:
             self.close_tunnel(record, reason, notify)
             return
-        record.leave(link)
+        self.registry.leave(record, link)
         self._abort_streams(link, record.tunnel_id)
         _log.info(
             "{peer} left the pool of {name} ({n} left)",

@@ -106,6 +106,9 @@ def relay_status(relay: Relay, front: Any = None) -> dict[str, Any]:
             1 for p in pools.values() for m in p["members"] if m["in_rotation"]
         ),
         "pools": pools,
+        # A worker of several (``--workers N``): its connections handed to and taken from
+        # the others (`tunnel.relay._worker`).
+        **(relay.worker_status.counts() if relay.worker_status is not None else {}),
     }
 
 
@@ -115,7 +118,10 @@ def relay_status_document(relay: Relay, front: Any = None) -> dict[str, Any]:
     certificate in service (its names, issuer, validity and serial; null before the first).
     """
     pair = relay.tls.pair
-    return {**relay_status(relay, front), "certificate": pair.status() if pair else None}
+    document = {**relay_status(relay, front), "certificate": pair.status() if pair else None}
+    if relay.worker_status is not None:
+        document["worker"] = relay.worker_status.identity()
+    return document
 
 
 def _shown_principal(principal: str) -> str:

@@ -374,6 +374,13 @@ class TunnelRegistry:
 
     def __init__(self) -> None:
         self._tunnels: dict[str, TunnelRecord] = {}
+        #: Told of every member that joins (True) or leaves (False) a tunnel, with the
+        #: record and the member's link (the relay's workers report them; None: nobody).
+        self.on_member: Callable[[TunnelRecord, Any, bool], None] | None = None
+
+    def _told(self, record: TunnelRecord, link: Any, joined: bool) -> None:
+        if self.on_member is not None:
+            self.on_member(record, link, joined)
 
     def __len__(self) -> int:
         return len(self._tunnels)
@@ -402,12 +409,35 @@ class TunnelRegistry:
         if record.tunnel_id in self._tunnels:
             raise KeyError(record.tunnel_id)
         self._tunnels[record.tunnel_id] = record
+        for member in record.members:
+            self._told(record, member.link, True)
+
+    def join(self, record: TunnelRecord, link: Any) -> Member:
+        """
+        Add `link` to those serving live tunnel `record` (`TunnelRecord.join`).
+        """
+        member = record.join(link)
+        self._told(record, link, True)
+        return member
+
+    def leave(self, record: TunnelRecord, link: Any) -> Member | None:
+        """
+        Remove `link` from those serving live tunnel `record` (`TunnelRecord.leave`).
+        """
+        member = record.leave(link)
+        if member is not None:
+            self._told(record, link, False)
+        return member
 
     def remove(self, tunnel_id: str) -> TunnelRecord | None:
         """
         Forget a tunnel; returns it, or None when it was not live.
         """
-        return self._tunnels.pop(tunnel_id, None)
+        record = self._tunnels.pop(tunnel_id, None)
+        if record is not None:
+            for member in record.members:
+                self._told(record, member.link, False)
+        return record
 
     def owned_by(self, owner: Any) -> list[TunnelRecord]:
         """

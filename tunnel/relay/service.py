@@ -112,7 +112,9 @@ class RelayService(service.MultiService):
                 self.admin_port = port
                 address = port.getHost()
                 _log.info(
-                    "admin on http://{host}:{port}/metrics", host=address.host, port=address.port
+                    "admin on http://{host}:{port}/metrics",
+                    host=getattr(address, "host", address),
+                    port=getattr(address, "port", ""),
                 )
 
             serverFromString(self.reactor, self.admin).listen(

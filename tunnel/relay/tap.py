@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -32,8 +35,17 @@ from tunnel.relay._certificate import CertificateRefused
 from tunnel.relay._certs import ensure_dev_certificates
 from tunnel.relay._certwatch import CertificateWatch, put_in_service
 from tunnel.relay._issuer import DevCAIssuer
+from tunnel.relay._supervisor import Supervisor
 from tunnel.relay._tls import RelayTLS
 from tunnel.relay._tokens import RevokedFile, TokenFile
+from tunnel.relay._worker import (
+    WORKER_ENV,
+    admin_path,
+    attach_worker,
+    check_listen,
+    parse_worker_env,
+)
+from tunnel.relay._workeradmin import merged_admin_site
 from tunnel.relay.registry import ReclaimKey
 from tunnel.relay.service import (
     Relay,
@@ -61,6 +73,15 @@ def _positive(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text} is not a positive number of workers")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -258,6 +279,13 @@ class Options(usage.Options):
         ["drain-grace", None, 30.0, "Seconds streams may finish after SIGTERM.", float],
         ["admin", None, None, "Endpoint for /metrics and /status (keep it on loopback)."],
         [
+            "workers",
+            None,
+            1,
+            "Worker processes sharing the listener (auto: one per core); 1: one process.",
+            _workers,
+        ],
+        [
             "max-window",
             None,
             16,
@@ -270,6 +298,12 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["token-key"] = []
+        #: The arguments as given (the supervisor starts its workers with them).
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_token_key(self, path: str) -> None:
         """PEM public key (Ed25519) whose signed tokens are accepted (repeatable: rotation)."""
@@ -349,8 +383,67 @@ def _listen_port(listen: str) -> int | None:
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     """
-    Build the relay's service from parsed options.
+    Build the relay's service from parsed options: the relay, or with ``--workers`` N > 1
+    the supervisor of N workers (`tunnel.relay._supervisor`), each of them the relay.
     """
+    worker = os.environ.get(WORKER_ENV)
+    if worker is None and options["workers"] > 1:
+        return _supervisor(options, reactor)
+    index = count = 0
+    if worker is not None:
+        try:
+            index, count = parse_worker_env(worker)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+    # With --acme, worker 0 runs the orders; the others serve what it stores.
+    relay_service = _relay_service(options, reactor, acme_orders=index == 0)
+    if worker is not None:
+        attach_worker(
+            relay_service.reactor,
+            relay_service,
+            index,
+            count,
+            options["state-dir"],
+            options["listen"],
+        )
+    return relay_service
+
+
+def _supervisor(options: Options, reactor: Any) -> service.IService:
+    """
+    The supervisor of ``--workers`` workers. What the workers share is created here first
+    (the state directory, the reclaim key, the development certificates) by building the
+    relay's service once, which checks every option as a worker will; it is not started.
+    """
+    try:
+        check_listen(options["listen"])
+    except ValueError as e:
+        raise usage.UsageError(f"--listen with --workers: {e}") from None
+    longest = admin_path(options["state-dir"], options["workers"] - 1)
+    if len(longest.encode()) > 100:
+        raise usage.UsageError(
+            f"--state-dir is too long for the workers' sockets ({longest!r}): give a shorter one"
+        )
+    relay_service = _relay_service(options, reactor)
+    return Supervisor(
+        relay_service.reactor,
+        options["workers"],
+        options.arguments,
+        options["state-dir"],
+        options["drain-grace"],
+        admin=options["admin"],
+        admin_site=merged_admin_site,
+    )
+
+
+def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = True) -> RelayService:
+    """
+    The relay's service (one process, or one worker) from parsed options. With --acme and
+    not `acme_orders`, the certificate is the one another process orders and stores (the
+    files of the ACME store are watched); passthrough certificates are ordered here. A
+    worker does not repeat the start-up warnings that its supervisor gave.
+    """
+    warn = _log.warn if WORKER_ENV not in os.environ else lambda *a, **k: None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -367,7 +460,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     if not (options["acme"] or options["cert"]):
         dev = ensure_dev_certificates(state_dir, domain)
         tls = RelayTLS(dev.cert_path, dev.key_path)
-        _log.warn(
+        warn(
             "development mode: certificate for {domain} and *.{domain} signed by a local CA; "
             "trust it with: curl --cacert {ca} / TUNNEL_CA={ca}",
             domain=domain,
@@ -375,7 +468,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         )
     overlap = _ephemeral_overlap(*options["tcp-ports"])
     if overlap is not None:
-        _log.warn(
+        warn(
             "--tcp-ports {low}-{high} overlaps the ephemeral port range {first}-{last}: a port "
             "held by an outgoing connection cannot be listened on, so tunnels may not get "
             "their ports back after a reconnect",
@@ -408,7 +501,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         except OSError as e:
             raise usage.UsageError(str(e)) from None
     if tokens is None and verifier is None:
-        _log.warn(
+        warn(
             "NO --tokens OR --token-key GIVEN: THIS RELAY ACCEPTS ANY AGENT, AND LETS IT HOLD "
             "ANY TUNNEL NAME. Use --tokens or --token-key in production."
         )
@@ -454,6 +547,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     )
     relay_service = RelayService(reactor, relay, options["listen"], options["admin"])
     certificates: CertificateWatch | AcmeService | None = None
+    install = functools.partial(put_in_service, relay)
     if options["cert"]:
         certificates = CertificateWatch(
             reactor,
@@ -475,14 +569,24 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         relay.issuer = AcmeCSRIssuer(
             lambda csr, names: issue_in_thread(reactor, issuer, csr, names)
         )
-        certificates = AcmeService(
-            reactor,
-            domain,
-            store,
-            lambda csr: issue_in_thread(reactor, issuer, csr),
-            lambda pair: put_in_service(relay, pair),
-            RenewalPolicy(options["acme-renew-before"], options["acme-check-interval"]),
-        )
+        if acme_orders:
+            certificates = AcmeService(
+                reactor,
+                domain,
+                store,
+                lambda csr: issue_in_thread(reactor, issuer, csr),
+                install,
+                RenewalPolicy(options["acme-renew-before"], options["acme-check-interval"]),
+            )
+        else:
+            certificates = CertificateWatch(
+                reactor, store.cert_path, store.key_path, domain, install
+            )
+            if os.path.exists(store.cert_path):
+                try:
+                    certificates.install_first()
+                except CertificateRefused as e:
+                    _log.warn("the stored ACME certificate is not served (yet): {e}", e=e)
     else:
         # Development mode: the local CA also signs the certificates of passthrough
         # tunnels (an agent's CSR for its tunnel's name; the key stays with the agent).

@@ -286,6 +286,7 @@ class RelayProcess(_Admin):
         tcp_ports: tuple[int, int] | None = None,
         domain: str = DOMAIN,
         listen_options: str = "",
+        workers: int = 1,
         extra: Sequence[str] = (),
         prefix: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
@@ -304,12 +305,17 @@ class RelayProcess(_Admin):
         ]
         if tcp_ports is not None:
             args += ["--tcp-ports", f"{tcp_ports[0]}-{tcp_ports[1]}", "--tcp-interface", LOOPBACK]
+        #: Worker processes (``--workers``; 1: the relay is one process).
+        self.workers = workers
+        if workers != 1:
+            args += ["--workers", str(workers)]
         #: What `restart` starts the same relay with again.
         self.launch: dict[str, Any] = dict(
             state_dir=state_dir,
             tcp_ports=tcp_ports,
             domain=domain,
             listen_options=listen_options,
+            workers=workers,
             extra=list(extra),
             prefix=list(prefix),
             env=env,
@@ -328,6 +334,31 @@ class RelayProcess(_Admin):
     def ca(self) -> Path:
         """The development CA (in the state directory) that clients and agents trust."""
         return self.state_dir / "ca.pem"
+
+    def worker_status(self, index: int, timeout: float = 5.0) -> dict[str, Any]:
+        """
+        The ``/status`` document of worker `index` itself (with ``--workers``), from its
+        admin socket in the state directory.
+
+        @raise OSError: it does not answer.
+        """
+        path = self.state_dir / "workers" / str(index) / "admin.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(b"GET /status HTTP/1.0\r\nHost: worker\r\n\r\n")
+            answer = bytearray()
+            while chunk := s.recv(65536):
+                answer += chunk
+        head, _, body = bytes(answer).partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.") or head.split(b" ", 2)[1] != b"200":
+            raise ConnectionError(f"/status of worker {index} answered {head[:40]!r}")
+        value: dict[str, Any] = json.loads(body)
+        return value
+
+    def worker_pids(self) -> list[int | None]:
+        """The PID of each worker (None while one is not running), from ``/status``."""
+        return [w.get("pid") for w in self.status().get("workers", [])]
 
     @classmethod
     def start(
