@@ -8,17 +8,21 @@ both workers (the workers' own ``/status`` counters say so).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.e2e.harness import (
@@ -28,6 +32,7 @@ from tests.e2e.harness import (
     Endpoint,
     Procs,
     curl,
+    free_port,
     random_file,
     require_tool,
     tcp_port_range,
@@ -35,6 +40,7 @@ from tests.e2e.harness import (
 )
 from tests.e2e.pebble import AcmeWorld
 from tests.e2e.test_certificates import CertFiles, acme, sans, served_certificate
+from tests.e2e.test_passthrough import SCRIPT as PASSTHROUGH_AGENT
 from tunnel import _signedtokens as signed
 from tunnel.testing._daemons import RelayProcess
 
@@ -458,3 +464,75 @@ def test_a_named_pool_spans_the_workers(procs: Procs) -> None:
             break
     else:
         raise AssertionError("60 requests and none handed from worker 0 to worker 1")
+
+
+def test_a_revoked_subject_loses_its_links_on_every_worker(procs: Procs) -> None:
+    public, token = _signed_token(procs.dir, max_tunnels=10)
+    revoked = procs.dir / "revoked.txt"
+    revoked.write_text("# revoked subjects and token ids\n")
+    relay = start_relay(procs, ["--token-key", str(public), "--revoked", str(revoked)])
+    backend = procs.backend("echo")
+    agents_on_both_workers(procs, relay, [str(backend.port)], token=token)
+    mark = relay.size()
+    revoked.write_text("alice\n")
+    relay.signal(signal.SIGHUP)
+    relay.wait_status(lambda s: s.get("agents") == 0, "the revoked subject's links closed")
+    assert relay.text().count("revoked list reloaded", mark) == WORKERS
+    assert [relay.worker_status(i)["agents"] for i in range(WORKERS)] == [0, 0]
+
+
+def test_a_passthrough_tunnel_is_handed_over_untouched(procs: Procs) -> None:
+    openssl = require_tool("openssl")
+    relay = start_relay(procs)
+    port = free_port()
+    script = procs.dir / "passthrough_agent.py"
+    script.write_text(PASSTHROUGH_AGENT)
+    agent = procs.start(
+        "agent-api",
+        [
+            sys.executable,
+            str(script),
+            str(port),
+            _relay_address(relay),
+            str(relay.ca),
+            str(procs.dir),
+        ],
+    )
+    host = json.loads(agent.wait_log(r"READY (\{.*\})").group(1))["host"]
+    leaf, issuer = re.findall(
+        r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
+        (procs.dir / "chain.pem").read_text(),
+        re.S,
+    )
+    (procs.dir / "leaf.pem").write_text(leaf)
+    (procs.dir / "issuer.pem").write_text(issuer)
+    server = procs.start(
+        "s_server",
+        [
+            openssl,
+            "s_server",
+            "-accept",
+            f"{LOOPBACK}:{port}",
+            "-www",
+            *("-cert", str(procs.dir / "leaf.pem")),
+            *("-cert_chain", str(procs.dir / "issuer.pem")),
+            *("-key", str(procs.dir / "key.pem")),
+        ],
+    )
+    server.wait_log(r"ACCEPT")
+    holder = worker_of_links(relay).index(1)
+    wanted = x509.load_pem_x509_certificate(leaf.encode()).serial_number
+    ctx = ssl.create_default_context(cafile=str(relay.ca))
+    # The local server's own certificate, also through the worker that does not hold it.
+    for _ in range(60):
+        with (
+            socket.create_connection((LOOPBACK, relay.port), timeout=DEADLINE) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            assert x509.load_der_x509_certificate(der).serial_number == wanted
+        if relay.worker_status(1 - holder)["handoffs_sent"]:
+            break
+    else:
+        raise AssertionError("60 connections and none handed over")

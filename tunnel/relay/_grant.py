@@ -333,45 +333,32 @@ def decide_reclaim(
     """
     The holder of the tunnel that `request` reclaims answered its probe (`alive`) or did
     not: an alive holder keeps it (``reclaim_refused``); a silent one loses it, and the
-    request is granted afresh.
+    request is granted afresh. A holder on another worker (``holder.remote``) was probed
+    there, and a silent one closed there.
     """
     relay = session.relay
     tunnel_id = existing.tunnel_id
+    remote = getattr(holder, "remote", False)
+    if alive and (
+        remote or (relay.registry.get(tunnel_id) is existing and existing.owner is holder)
+    ):
+        return [
+            log("warn", "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id),
+            Send(
+                TunnelRefused(
+                    request.request_id,
+                    RefusalCode.RECLAIM_REFUSED,
+                    "the tunnel is held by another link, which is alive",
+                )
+            ),
+        ]
+    if remote:
+        # Held on another worker, whose silent link lost it there: decided here without
+        # asking again (a claim the supervisor still finds in conflict is closed then).
+        reclaimed = log("info", "tunnel {id} reclaimed from another worker's link", id=tunnel_id)
+        return [reclaimed, *grant(session, request, probed_elsewhere=True)]
     effects: list[Effect] = []
-    if getattr(holder, "remote", False):
-        # Held on another worker: an alive holder keeps it; a silent one was closed there
-        # (its worker was told), and the request is decided here without asking again.
-        if alive:
-            return [
-                log(
-                    "warn", "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id
-                ),
-                Send(
-                    TunnelRefused(
-                        request.request_id,
-                        RefusalCode.RECLAIM_REFUSED,
-                        "the tunnel is held by another link, which is alive",
-                    )
-                ),
-            ]
-        effects.append(
-            log("info", "tunnel {id} reclaimed from another worker's link", id=tunnel_id)
-        )
-        return effects + grant(session, request, probed_elsewhere=True)
     if relay.registry.get(tunnel_id) is existing and existing.owner is holder:
-        if alive:
-            return [
-                log(
-                    "warn", "refused a reclaim of {id}: the link holding it is alive", id=tunnel_id
-                ),
-                Send(
-                    TunnelRefused(
-                        request.request_id,
-                        RefusalCode.RECLAIM_REFUSED,
-                        "the tunnel is held by another link, which is alive",
-                    )
-                ),
-            ]
         effects.append(log("info", "tunnel {id} reclaimed from an older link", id=tunnel_id))
         relay.close_tunnel(existing, "reclaimed by another link")
     # Whatever changed meanwhile (the holder gone, the relay draining, a third link

@@ -440,8 +440,10 @@ def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = Tr
     """
     The relay's service (one process, or one worker) from parsed options. With --acme and
     not `acme_orders`, the certificate is the one another process orders and stores (the
-    files of the ACME store are watched); passthrough certificates are ordered here.
+    files of the ACME store are watched); passthrough certificates are ordered here. A
+    worker does not repeat the start-up warnings that its supervisor gave.
     """
+    warn = _log.warn if WORKER_ENV not in os.environ else lambda *a, **k: None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -458,7 +460,7 @@ def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = Tr
     if not (options["acme"] or options["cert"]):
         dev = ensure_dev_certificates(state_dir, domain)
         tls = RelayTLS(dev.cert_path, dev.key_path)
-        _log.warn(
+        warn(
             "development mode: certificate for {domain} and *.{domain} signed by a local CA; "
             "trust it with: curl --cacert {ca} / TUNNEL_CA={ca}",
             domain=domain,
@@ -466,7 +468,7 @@ def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = Tr
         )
     overlap = _ephemeral_overlap(*options["tcp-ports"])
     if overlap is not None:
-        _log.warn(
+        warn(
             "--tcp-ports {low}-{high} overlaps the ephemeral port range {first}-{last}: a port "
             "held by an outgoing connection cannot be listened on, so tunnels may not get "
             "their ports back after a reconnect",
@@ -499,7 +501,7 @@ def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = Tr
         except OSError as e:
             raise usage.UsageError(str(e)) from None
     if tokens is None and verifier is None:
-        _log.warn(
+        warn(
             "NO --tokens OR --token-key GIVEN: THIS RELAY ACCEPTS ANY AGENT, AND LETS IT HOLD "
             "ANY TUNNEL NAME. Use --tokens or --token-key in production."
         )
