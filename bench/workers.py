@@ -1,32 +1,32 @@
 """A relay run as several workers, against the same relay as one process.
 
-    python -m bench.workers [--workers 1,2] [--quick] [--no-handoff] [--out bench/results]
-    python -m bench --workers       # the same, after (or instead of) the paths
+    python -m bench.workers [--workers 1,2] [--quick] [--rounds 3] [--no-handoff]
+                            [--out bench/results]
+    python -m bench --workers       # N = 1 and 2, after (or instead of) the paths
 
-For each N of ``--workers`` (1: today's relay, one process, no supervisor; N > 1:
-``twistd -n tunnelrelay --workers N``), on loopback only, with every process started here
-and ended by PID:
+Every N of ``--workers`` (1: today's relay, one process, no supervisor; N > 1:
+``twistd -n tunnelrelay --workers N``) is started at once, on loopback only, each with its
+own agents (``twistd -n tunnelagent``, one raw TCP and one TLS tunnel each, to data servers
+of ``bench.servers``); every process is started here and ended by PID. Then:
 
-1. **Links.** ``--agents`` agents (``twistd -n tunnelagent``), each with one raw TCP and one
-   TLS tunnel to a data server (``bench.servers``). Reported: links and tunnels per worker
-   (the supervisor's ``/status``, its ``workers`` list).
-2. **First byte.** ``--firsts`` connections one after the other, spread over the tunnels,
-   each asking the data server for one byte: connect (+ TLS handshake) to first byte, p50
-   and p99, for raw TCP and for TLS. With N > 1 a TLS connection the kernel gives to a
-   worker that does not own its tunnel is handed to the owner: the hand-off counters
-   (every count of the workers' ``/metrics`` whose name says ``handoff``,
-   ``hand_off`` or ``handed``) before and after.
-3. **Spread.** ``--hold`` TLS connections held open at once, spread over the tunnels:
-   public connections per worker (``/status``).
-4. **Throughput.** ``--streams`` downloads of ``--megabytes`` MB each at once, half over raw
-   TCP and half over TLS, spread over the tunnels (bounded: a deadline per socket). Reported:
-   MB/s over all (noisy), and per worker its CPU seconds (``/proc/<pid>/stat``, pids from
-   ``/status``), the MB through the tunnels it owns, and ms of CPU per MB; the supervisor's
-   and the agents' CPU too.
+1. **Links** (once): links and tunnels per worker (the supervisor's ``/status``, its
+   ``workers`` list), the supervisor's system calls (``strace -c -f``) and CPU per tunnel
+   granted while the agents link, and each process's resident memory.
+2. **Spread** (once): TLS connections held open at once, spread over the tunnels: public
+   connections per worker.
+3. **Rounds** (``--rounds``, the Ns alternating within each round): sequential connections
+   asking the data server for one byte, raw TCP and TLS (connect, + handshake, to first
+   byte, p50 / p99; the relay's CPU per connection; the TLS connections handed off to the
+   worker owning their tunnel, from the workers' hand-off counts in ``/metrics``); then
+   streams downloading at once, half raw TCP, half TLS (bounded: a deadline per socket and
+   for the phase): MB/s, and per worker its CPU (``/proc/<pid>/stat``, pids from
+   ``/status``), the MB through the tunnels it owns and its CPU per MB.
+4. **System calls** (once): of the whole relay per raw TCP and per TLS connection, with
+   the hand-offs in the same window (``strace -c -f`` on every worker and the supervisor).
 
 Then the hand-off mechanism alone (`bench.handoff`) unless ``--no-handoff``. Writes
 ``workers.json`` and ``workers.md`` into ``--out``. CPU, times and MB/s on a shared machine
-are noisy; counts (links, connections, hand-offs, system calls) are not.
+are noisy; counts (links, connections, hand-offs, system calls, memory) are not.
 """
 
 from __future__ import annotations
