@@ -142,6 +142,27 @@ def test_tunnels_are_served_whichever_worker_accepts(procs: Procs) -> None:
         assert relay.worker_status(i)["worker"]["index"] == i
 
 
+def test_by_default_a_relay_runs_one_worker_per_core(procs: Procs) -> None:
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: the default is one process")
+    n = procs.next_id()
+    relay = RelayProcess.start(
+        procs.dir / f"{n:02d}-relay.log",
+        state_dir=procs.dir / f"relay-state-{n}",
+        workers=None,
+        cwd=procs.dir,
+    )
+    procs.procs.append(relay)
+    assert len(relay.worker_pids()) == cores
+    assert {w["state"] for w in relay.status()["workers"]} == {"running"}
+    backend = procs.backend("http", "--root", str(procs.dir))
+    agent = procs.agent(_relay_address(relay), [str(backend.port)], ca=relay.ca)
+    tunnel = agent.ready(str(backend.port))
+    for _ in range(8):
+        hello(relay, tunnel)
+
+
 def test_raw_tcp_tunnel_is_listened_on_by_its_worker_only(procs: Procs) -> None:
     relay = start_relay(procs)
     backend = procs.backend("echo")

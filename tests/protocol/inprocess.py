@@ -81,6 +81,8 @@ async def running_relay(state: Path) -> AsyncIterator[RelayService]:
             "24000-24999",
             "--tcp-interface",
             "127.0.0.1",
+            "--workers",
+            "1",
         ]
     )
     service = relay_tap.makeService(options, reactor)

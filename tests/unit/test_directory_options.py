@@ -1,11 +1,13 @@
 """
-``twistd tunnelrelay --workers``: the option, what the supervisor refuses at start, and that
-``--workers 1`` (the default) builds the relay of one process as before.
+``twistd tunnelrelay --workers``: the option and its default (one per core where the
+listener can be shared), what the supervisor refuses at start, and that ``--workers 1``
+builds the relay of one process as before.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,70 @@ def options(tmp_path: Path, *args: str) -> tap.Options:
 
 
 def test_workers_is_a_count_or_auto(tmp_path: Path) -> None:
-    assert options(tmp_path)["workers"] == 1
+    assert options(tmp_path)["workers"] is None
     assert options(tmp_path, "--workers", "3")["workers"] == 3
     assert options(tmp_path, "--workers", "auto")["workers"] == (os.cpu_count() or 1)
     for bad in ("0", "-1", "many"):
         with pytest.raises(usage.UsageError):
             options(tmp_path, "--workers", bad)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_by_default_one_worker_per_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    listen = f"tcp:{_free_port()}:interface=127.0.0.1"
+    service = tap.makeService(options(tmp_path, "--listen", listen), MemoryReactorClock())
+    assert isinstance(service, Supervisor) and service.count == 3
+
+
+@pytest.mark.parametrize(
+    ("cores", "listen"),
+    [
+        (1, "tcp:8443:interface=127.0.0.1"),
+        (4, "tcp:0"),
+        (4, "unix:/tmp/x.sock"),
+    ],
+)
+def test_by_default_one_process_where_workers_cannot_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int, listen: str
+) -> None:
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    service = tap.makeService(options(tmp_path, "--listen", listen), MemoryReactorClock())
+    assert isinstance(service, RelayService)
+    assert not any(isinstance(s, Worker) for s in service)
+
+
+def test_by_default_one_process_with_a_state_dir_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    parsed = tap.Options()
+    parsed.parseOptions(
+        ["--state-dir", str(tmp_path / ("d" * 100)), "--listen", "tcp:8443:interface=127.0.0.1"]
+    )
+    assert isinstance(tap.makeService(parsed, MemoryReactorClock()), RelayService)
+
+
+def test_a_port_another_program_holds_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        parsed = options(tmp_path, "--workers", "2", "--listen", f"tcp:{port}:interface=127.0.0.1")
+        with pytest.raises(usage.UsageError, match="cannot listen"):
+            tap.makeService(parsed, MemoryReactorClock())
 
 
 def test_the_arguments_are_kept_for_the_workers(tmp_path: Path) -> None:
@@ -49,7 +109,8 @@ def test_one_worker_is_the_relay_of_one_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(WORKER_ENV, raising=False)
-    service = tap.makeService(options(tmp_path, "--listen", "tcp:0"), MemoryReactorClock())
+    parsed = options(tmp_path, "--workers", "1", "--listen", "tcp:8443:interface=127.0.0.1")
+    service = tap.makeService(parsed, MemoryReactorClock())
     assert isinstance(service, RelayService)
     assert not any(isinstance(s, Worker) for s in service)
     assert service.relay.worker_status is None
@@ -59,7 +120,8 @@ def test_several_workers_are_a_supervisor_with_the_state_made_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(WORKER_ENV, raising=False)
-    parsed = options(tmp_path, "--workers", "2", "--listen", "tcp:8443:interface=127.0.0.1")
+    listen = f"tcp:{_free_port()}:interface=127.0.0.1"
+    parsed = options(tmp_path, "--workers", "2", "--listen", listen)
     service = tap.makeService(parsed, MemoryReactorClock())
     assert isinstance(service, Supervisor) and service.count == 2
     # What the workers share exists before they start.

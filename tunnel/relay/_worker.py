@@ -60,6 +60,7 @@ __all__ = [
     "handoff_path",
     "listen_reuseport",
     "parse_worker_env",
+    "probe_listen",
     "worker_dir",
 ]
 
@@ -126,6 +127,22 @@ def check_listen(description: str) -> None:
     @raise ValueError: they cannot, and why.
     """
     _listen_address(None, description)
+
+
+def probe_listen(description: str) -> None:
+    """
+    Bind the address of endpoint string `description` as the workers will (with
+    ``SO_REUSEPORT``), and let it go: so that an address another program holds is said at
+    start, not found by every worker in turn.
+
+    @raise ValueError: it is another kind of endpoint, or has no port.
+    @raise OSError: the address cannot be had.
+    """
+    family, interface, port, _ = _listen_address(None, description)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface or ("::" if family == socket.AF_INET6 else ""), port))
 
 
 def listen_reuseport(reactor: Any, description: str, factory: Factory) -> IListeningPort:

@@ -44,6 +44,7 @@ from tunnel.relay._worker import (
     attach_worker,
     check_listen,
     parse_worker_env,
+    probe_listen,
 )
 from tunnel.relay._workeradmin import merged_admin_site
 from tunnel.relay.registry import ReclaimKey
@@ -281,8 +282,9 @@ class Options(usage.Options):
         [
             "workers",
             None,
-            1,
-            "Worker processes sharing the listener (auto: one per core); 1: one process.",
+            None,
+            "Worker processes sharing the listener (default auto: one per core, where the "
+            "listener can be shared); 1: one process.",
             _workers,
         ],
         [
@@ -387,6 +389,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     the supervisor of N workers (`tunnel.relay._supervisor`), each of them the relay.
     """
     worker = os.environ.get(WORKER_ENV)
+    if worker is None and options["workers"] is None:
+        options["workers"] = _default_workers(options)
     if worker is None and options["workers"] > 1:
         return _supervisor(options, reactor)
     index = count = 0
@@ -409,6 +413,30 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     return relay_service
 
 
+def _default_workers(options: Options) -> int:
+    """
+    The number of workers when ``--workers`` is not given: one per core, or one process
+    where workers cannot share the listener (an endpoint other than ``tcp:``/``tcp6:`` with
+    a fixed port, or a state directory too long for their sockets); said in the log.
+    """
+    cores = os.cpu_count() or 1
+    if cores == 1:
+        return 1
+    try:
+        check_listen(options["listen"])
+    except ValueError as e:
+        _log.info("one relay process, not one per core: {why}", why=str(e))
+        return 1
+    if len(admin_path(options["state-dir"], cores - 1).encode()) > _SOCKET_PATH_MAX:
+        _log.info("one relay process, not one per core: --state-dir is too long for sockets")
+        return 1
+    return cores
+
+
+#: The longest path of a UNIX socket (``sun_path`` is 108 octets on Linux, with a margin).
+_SOCKET_PATH_MAX = 100
+
+
 def _supervisor(options: Options, reactor: Any) -> service.IService:
     """
     The supervisor of ``--workers`` workers. What the workers share is created here first
@@ -420,10 +448,14 @@ def _supervisor(options: Options, reactor: Any) -> service.IService:
     except ValueError as e:
         raise usage.UsageError(f"--listen with --workers: {e}") from None
     longest = admin_path(options["state-dir"], options["workers"] - 1)
-    if len(longest.encode()) > 100:
+    if len(longest.encode()) > _SOCKET_PATH_MAX:
         raise usage.UsageError(
             f"--state-dir is too long for the workers' sockets ({longest!r}): give a shorter one"
         )
+    try:
+        probe_listen(options["listen"])
+    except OSError as e:
+        raise usage.UsageError(f"cannot listen on {options['listen']}: {e}") from None
     relay_service = _relay_service(options, reactor)
     return Supervisor(
         relay_service.reactor,

@@ -286,7 +286,7 @@ class RelayProcess(_Admin):
         tcp_ports: tuple[int, int] | None = None,
         domain: str = DOMAIN,
         listen_options: str = "",
-        workers: int = 1,
+        workers: int | None = 1,
         extra: Sequence[str] = (),
         prefix: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
@@ -305,9 +305,11 @@ class RelayProcess(_Admin):
         ]
         if tcp_ports is not None:
             args += ["--tcp-ports", f"{tcp_ports[0]}-{tcp_ports[1]}", "--tcp-interface", LOOPBACK]
-        #: Worker processes (``--workers``; 1: the relay is one process).
+        #: Worker processes (``--workers``; 1: the relay is one process). Given unless None
+        #: (the relay's default, one per core), so that a relay started here does not
+        #: depend on the machine's cores unless asked to.
         self.workers = workers
-        if workers != 1:
+        if workers is not None:
             args += ["--workers", str(workers)]
         #: What `restart` starts the same relay with again.
         self.launch: dict[str, Any] = dict(

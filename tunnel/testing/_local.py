@@ -165,6 +165,8 @@ def start_local_relay(
             *("--listen", f"tcp:0:interface={LOOPBACK}", "--state-dir", directory),
             *("--tcp-ports", f"{low}-{low + 499}", "--tcp-interface", LOOPBACK),
             *("--drain-grace", "0", "--domain", DOMAIN),
+            # In this process: one relay process, never a supervisor of workers.
+            *("--workers", "1"),
             *options,
         ]
     )
