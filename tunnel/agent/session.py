@@ -28,7 +28,7 @@ from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure,
 from tunnel.agent._events import EventLog
 from tunnel.agent._httpconnect import ProxyAddress
 from tunnel.agent._link import AgentLink
-from tunnel.agent._local import LocalFactory
+from tunnel.agent._local import LocalFactory, connect_local
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
 from tunnel.errors import TunnelClosedError
 from tunnel.link import Stream
@@ -502,11 +502,12 @@ class Agent:
         connection = self.events.opened(
             info.tunnel_id, spec.target, info.client_host, info.client_port
         )
-        self.reactor.connectTCP(
+        connect_local(
+            self.reactor,
             spec.host,
             spec.port,
             LocalFactory(
                 stream, spec, info, self.events, connection, timeout=self.local_connect_timeout
             ),
-            timeout=self.local_connect_timeout,
+            self.local_connect_timeout,
         )
