@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import address, error, interfaces, main, tcp
+from twisted.internet import abstract, address, error, interfaces, main, tcp
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -57,13 +57,18 @@ def set_nodelay(transport: Any) -> None:
 class ConnectedTCP(tcp.Connection):
     """
     Twisted's TCP transport (`tcp.Connection`: reads, buffered writes, producers, close,
-    half-close, abort) over a socket that is already connected, for connections made
-    without Twisted's connector (`tunnel.agent._local.connect_local`). It reads from
-    construction on; its protocol's `makeConnection` is the caller's to call.
+    half-close, abort) over a non-blocking socket that is already connected, for
+    connections made without Twisted's connector (`tunnel.agent._local.connect_local`).
+    It reads from construction on; its protocol's `makeConnection` is the caller's to call.
     """
 
     def __init__(self, skt: socket.socket, protocol: Any, reactor: Any, peer: tuple[Any, ...]):
-        super().__init__(skt, protocol, reactor)
+        # tcp.Connection.__init__, less its setblocking(False) (an ioctl): `skt` is
+        # non-blocking already.
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.protocol = protocol
         self._peer = peer
         self._address_type = (
             address.IPv6Address if skt.family == socket.AF_INET6 else address.IPv4Address

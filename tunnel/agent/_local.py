@@ -157,18 +157,23 @@ def connect_local(
     else:
         family, target = socket.AF_INET, (host, port)
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Non-blocking from its creation: no ioctl to make it so.
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as e:
         factory.clientConnectionFailed(None, Failure(error.getConnectError(e)))
         return
-    sock.setblocking(False)
     code = sock.connect_ex(target)
     if code in _IN_PROGRESS:
-        _, writable, _ = select.select((), (sock,), (), 0)
-        if not writable:
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        ready = poller.poll(0)
+        if not ready:
             _Connecting(reactor, sock, target, factory, timeout)
             return
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable alone: connected. With an error or hang-up, SO_ERROR says which.
+        code = 0
+        if ready[0][1] & (select.POLLERR | select.POLLHUP):
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
     _connected(reactor, sock, target, factory, code)
 
 
