@@ -47,6 +47,17 @@ METRICS: list[Metric] = [
     Metric("tcp100_cpu_ms_per_MB", "CPU per MB (TCP 100)", "ms/MB", False),
     Metric("connect_p50_ms", "connect+1st byte p50", "ms", False),
     Metric("connect_p99_ms", "connect+1st byte p99", "ms", False),
+    Metric("newconn_rate", "new connections/s (full TLS handshake)", "conn/s", True),
+    Metric("newconn_p50_ms", "new connection p50, under load", "ms", False),
+    Metric("newconn_p99_ms", "new connection p99, under load", "ms", False),
+    Metric("newconn_cpu_us_per_conn", "CPU per new connection", "µs/conn", False),
+    Metric("resumed_rate", "new connections/s, TLS session resumed", "conn/s", True),
+    Metric("resumed_cpu_us_per_conn", "CPU per resumed connection", "µs/conn", False),
+    Metric("resumed_p50_ms", "connect+resumed TLS+1st byte p50", "ms", False),
+    Metric("resumed_p99_ms", "connect+resumed TLS+1st byte p99", "ms", False),
+    Metric("http_close_rps", "HTTP, a connection per request", "req/s", True),
+    Metric("http_close_p99_ms", "HTTP p99, a connection per request", "ms", False),
+    Metric("http_close_cpu_us_per_req", "CPU per request, a connection each", "µs/req", False),
     Metric("wan1_MBps", "WAN 1 stream", "MB/s", True),
     Metric("wan1_cap_pct", "WAN 1 stream, share of the cap", "%", True),
     Metric("wan1_cpu_ms_per_MB", "CPU per MB (WAN 1)", "ms/MB", False),
@@ -71,6 +82,9 @@ class Settings:
     tcp100_streams: int = 100
     tcp100_bytes: int = 16 << 20
     connect_count: int = 1000
+    #: Seconds, and concurrent clients, of each new-connection rate measurement.
+    rate_seconds: float = 5.0
+    rate_concurrency: int = 32
     #: Seconds of transfer at the cap for each WAN download (1 stream, and 8 together).
     wan_seconds: float = 6.0
     #: Link cuts timed on each path that can be cut.
@@ -86,6 +100,7 @@ class Settings:
             tcp1_bytes=256 << 20,
             tcp100_bytes=4 << 20,
             connect_count=200,
+            rate_seconds=2.0,
             wan_seconds=2.0,
             cut_count=2,
         )
@@ -169,15 +184,22 @@ def parse_wrk(out: str) -> dict[str, float]:
     return res
 
 
-def http_rps(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None:
-    """``wrk -tT -cC -dDs --latency`` on ``/small``."""
+def http_rps(
+    path: BenchPath, t: HttpTarget, s: Settings, r: PathResult, close: bool = False
+) -> None:
+    """``wrk -tT -cC -dDs --latency`` on ``/small``; with `close`, with ``-H 'Connection:
+    close'``: a new connection per request (wrk offers the previous TLS session again on
+    each reconnect, so on TLS paths these are resumed handshakes)."""
     hosts = hosts_file([t.hostname], path.dir) if t.needs_resolve else None
     argv = [
         "wrk", f"-t{s.wrk_threads}", f"-c{s.wrk_connections}", f"-d{s.wrk_seconds}s",
         "--timeout", "10s", "--latency", f"{t.base_url}/small",
     ]  # fmt: skip
+    if close:
+        argv[1:1] = ["-H", "Connection: close"]
     cmd = with_hosts(argv, hosts)
-    r.commands["http"] = " ".join(argv)
+    prefix = "http_close" if close else "http"
+    r.commands[prefix] = " ".join(a if " " not in a else repr(a) for a in argv)
     box: dict[str, float] = {}
 
     def go() -> float:
@@ -189,13 +211,14 @@ def http_rps(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None
 
     requests, cpu = _cpu(path, go)
     if box["errors"]:
-        r.errors.append(f"wrk: {box['errors']:.0f} errors")
-    r.add("http_rps", box["rps"])
-    r.add("http_p50_ms", box["p50"])
-    r.add("http_p99_ms", box["p99"])
+        r.errors.append(f"wrk{' (close)' if close else ''}: {box['errors']:.0f} errors")
+    r.add(f"{prefix}_rps", box["rps"])
+    if not close:
+        r.add("http_p50_ms", box["p50"])
+    r.add(f"{prefix}_p99_ms", box["p99"])
     if path.pids():
-        r.add("http_cpu_us_per_req", cpu / requests * 1e6)
-        _add_roles(path, r, "http_cpu_us_per_req", 1e6 / requests)
+        r.add(f"{prefix}_cpu_us_per_req", cpu / requests * 1e6)
+        _add_roles(path, r, f"{prefix}_cpu_us_per_req", 1e6 / requests)
 
 
 def download(path: BenchPath, t: HttpTarget, s: Settings, r: PathResult) -> None:
@@ -341,6 +364,55 @@ def connect_latency(path: BenchPath, e: Endpoint, count: int, r: PathResult) -> 
     r.add("connect_p99_ms", _percentile(samples, 0.99))
 
 
+def connection_rate(
+    path: BenchPath, e: Endpoint, s: Settings, r: PathResult, resume: bool = False
+) -> None:
+    """``rate_concurrency`` clients opening connections to the echo target one after another
+    for ``rate_seconds``: new connections per second, their p50/p99 under that load, and
+    forwarding CPU per connection. Without `resume` every TLS handshake is a full one; with
+    it each client offers its previous session, and the server must resume nearly all."""
+    args = ["rate", e.host, str(e.port), f"--seconds={s.rate_seconds:g}"]
+    args += [f"--concurrency={s.rate_concurrency}", *_tls_args(e)]
+    if resume:
+        args.append("--resume")
+    key = "resumed" if resume else "newconn"
+    r.commands[key] = "python -m bench.client " + " ".join(args)
+    box: dict[str, object] = {}
+
+    def go() -> float:
+        box.update(_client(args, s.rate_seconds + 60))
+        return float(box["connections"])  # type: ignore[arg-type]
+
+    connections, cpu = _cpu(path, go)
+    if not connections:
+        raise RuntimeError("no connection completed")
+    reused = float(box["reused"])  # type: ignore[arg-type]
+    if resume and reused < 0.9 * (connections - s.rate_concurrency):
+        r.errors.append(f"{key}: the server resumed {reused:.0f} of {connections:.0f} sessions")
+    r.add(f"{key}_rate", float(box["per_second"]))  # type: ignore[arg-type]
+    if not resume:
+        samples: list[float] = box["samples_ms"]  # type: ignore[assignment]
+        r.add("newconn_p50_ms", _percentile(samples, 0.50))
+        r.add("newconn_p99_ms", _percentile(samples, 0.99))
+    if path.pids():
+        r.add(f"{key}_cpu_us_per_conn", cpu / connections * 1e6)
+        _add_roles(path, r, f"{key}_cpu_us_per_conn", 1e6 / connections)
+
+
+def resumed_latency(path: BenchPath, e: Endpoint, count: int, r: PathResult) -> None:
+    """``count`` sequential connections, each offering the session of the one before
+    (connect + abbreviated TLS handshake + 1-byte echo); p50 and p99."""
+    args = ["connect", e.host, str(e.port), f"--count={count}", "--resume", *_tls_args(e)]
+    r.commands["resumed_connect"] = "python -m bench.client " + " ".join(args)
+    out = _client(args, 30 + count * 0.5)
+    samples: list[float] = out["samples_ms"]  # type: ignore[assignment]
+    reused = int(out["reused"])  # type: ignore[call-overload]
+    if reused < 0.9 * count:
+        r.errors.append(f"resumed connect: the server resumed {reused} of {count} sessions")
+    r.add("resumed_p50_ms", _percentile(samples, 0.50))
+    r.add("resumed_p99_ms", _percentile(samples, 0.99))
+
+
 def measure_path(path: BenchPath, s: Settings, log: Callable[[str], None]) -> PathResult:
     """Run every measurement the path supports ``s.runs`` times; errors are recorded."""
     r = PathResult()
@@ -354,6 +426,7 @@ def measure_path(path: BenchPath, s: Settings, log: Callable[[str], None]) -> Pa
         return _run_steps(path, steps, s, r, log)
     if (t := path.http) is not None:
         steps.append(("http", lambda: http_rps(path, t, s, r)))
+        steps.append(("http_close", lambda: http_rps(path, t, s, r, close=True)))
         steps.append(("download", lambda: download(path, t, s, r)))
     if (e := path.tcp) is not None:
         steps.append(("tcp1", lambda: tcp_download(path, e, 1, s.tcp1_bytes, "tcp1", r)))
@@ -362,6 +435,10 @@ def measure_path(path: BenchPath, s: Settings, log: Callable[[str], None]) -> Pa
     if (ec := path.echo) is not None:
         count = min(s.connect_count, path.connect_count or s.connect_count)
         steps.append(("connect", lambda: connect_latency(path, ec, count, r)))
+        steps.append(("newconn", lambda: connection_rate(path, ec, s, r)))
+        if ec.sni:
+            steps.append(("resumed", lambda: connection_rate(path, ec, s, r, resume=True)))
+            steps.append(("resumed_connect", lambda: resumed_latency(path, ec, count, r)))
     return _run_steps(path, steps, s, r, log)
 
 

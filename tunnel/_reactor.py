@@ -14,6 +14,10 @@ of one reactor instance with one that calls the handler directly. What changes:
 - an exception raised by a handler is still caught, logged under the prefix, and the
   descriptor disconnected, as before (`_do_read_or_write` is Twisted's, but for that).
 
+It also runs what a handler asked for with `after_events` once every event of the poll has
+been handled: the link's one write per turn, without a delayed call (its allocation, heap
+insertion and run) per turn.
+
 It is applied only where this project owns the reactor (the daemons, and the background
 reactor of the plain-Python API), never to a reactor passed in by a caller.
 """
@@ -23,13 +27,31 @@ from __future__ import annotations
 import errno
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.python import log
 
-__all__ = ["lean_dispatch"]
+__all__ = ["after_events", "lean_dispatch"]
+
+
+def after_events(reactor: Any, fn: Callable[[], object]) -> bool:
+    """
+    Call `fn` once the events of the reactor's current poll have all been handled, if this
+    is called from the handler of one of them on a `lean_dispatch` reactor (it runs before
+    the reactor's timed calls of this iteration, as ``callLater(0, fn)`` would run among
+    them). An exception from `fn` is logged.
+
+    @return: whether `fn` was queued so; False (nothing done) anywhere else: the caller
+        falls back to ``reactor.callLater(0, fn)``.
+    """
+    pending: list[Callable[[], object]] | None = getattr(reactor, "_tunnel_after_events", None)
+    if pending is None:
+        return False
+    pending.append(fn)
+    return True
 
 
 def lean_dispatch(reactor: Any) -> bool:
@@ -67,16 +89,28 @@ def _lean_do_poll(self: Any, timeout: float | None) -> None:
             return
         raise
     selectables = self._selectables
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is None:
-            continue
+    pending: list[Callable[[], object]] = []
+    self._tunnel_after_events = pending
+    try:
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                _do_read_or_write(self, selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                _log_failure(selectable)
+    finally:
+        self._tunnel_after_events = None
+    for fn in pending:
         try:
-            _do_read_or_write(self, selectable, fd, event)
+            fn()
         except KeyboardInterrupt:
             raise
         except BaseException:
-            _log_failure(selectable)
+            log.err(None, "error in a call after the reactor's events")
 
 
 def _do_read_or_write(reactor: Any, selectable: Any, fd: int, event: int) -> None:

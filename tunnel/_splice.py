@@ -1,15 +1,17 @@
 """
 Moving bytes between a stream and a socket: the transport helpers of the data path
-(`set_nodelay`, `write_now`, `half_close`, `close_now`, `release_connector`) and
+(`set_nodelay`, `write_now`, `half_close`, `close_now`, `release_connector`),
+`ConnectedTCP` (Twisted's TCP transport over a socket connected without its connector) and
 `SpliceProtocol`, which joins one transport to another with producers registered both ways
 and half-close passed on.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
-from twisted.internet import error, interfaces, main, tcp
+from twisted.internet import abstract, address, error, interfaces, main, tcp
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -19,6 +21,7 @@ from tunnel._stream import Stream
 
 __all__ = [
     "SOCKET_READ",
+    "ConnectedTCP",
     "SpliceProtocol",
     "close_now",
     "half_close",
@@ -51,7 +54,40 @@ def set_nodelay(transport: Any) -> None:
             return
 
 
-_TCP_TYPES = (tcp.Server, tcp.Client)
+class ConnectedTCP(tcp.Connection):
+    """
+    Twisted's TCP transport (`tcp.Connection`: reads, buffered writes, producers, close,
+    half-close, abort) over a non-blocking socket that is already connected, for
+    connections made without Twisted's connector (`tunnel.agent._local.connect_local`).
+    It reads from construction on; its protocol's `makeConnection` is the caller's to call.
+    """
+
+    def __init__(self, skt: socket.socket, protocol: Any, reactor: Any, peer: tuple[Any, ...]):
+        # tcp.Connection.__init__, less its setblocking(False) (an ioctl): `skt` is
+        # non-blocking already.
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.protocol = protocol
+        self._peer = peer
+        self._address_type = (
+            address.IPv6Address if skt.family == socket.AF_INET6 else address.IPv4Address
+        )
+        self.logstr = f"{type(protocol).__name__},client"
+        self.connected = 1
+        self.startReading()
+
+    def getPeer(self) -> Any:
+        return self._address_type("TCP", *self._peer[:2])
+
+    def getHost(self) -> Any:
+        return self._address_type("TCP", *self.socket.getsockname()[:2])
+
+    def __repr__(self) -> str:
+        return f"<ConnectedTCP to {self._peer[:2]} at {id(self):x}>"
+
+
+_TCP_TYPES = (tcp.Server, tcp.Client, ConnectedTCP)
 
 
 def _idle_tcp(transport: Any) -> bool:

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 # The stream and the splice live in their own modules; their names are this module's too.
+from tunnel._reactor import after_events
 from tunnel._splice import SOCKET_READ as SOCKET_READ
 from tunnel._splice import SpliceProtocol as SpliceProtocol
 from tunnel._splice import close_now as close_now
@@ -120,6 +121,8 @@ class LinkProtocol(Protocol):
         self._keepalive: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         self._flush_call: IDelayedCall | None = None
+        #: A flush is queued to run after the reactor's current events (`after_events`).
+        self._flush_queued = False
         self._lost = False
         self._lost_waiters: list[defer.Deferred[None]] = []
         #: `probe` callers waiting for a ping to be answered, and the probe's deadline.
@@ -330,11 +333,24 @@ class LinkProtocol(Protocol):
         every stream that had data in this turn share one TLS write and one system call.
         The delay is the rest of the turn, not a timer.
         """
-        if self._flush_call is None and not self._receiving and not self._lost:
-            self._flush_call = self.reactor.callLater(0, self._scheduled_flush)
+        if (
+            self._flush_call is None
+            and not self._flush_queued
+            and not self._receiving
+            and not self._lost
+        ):
+            if after_events(self.reactor, self._queued_flush):
+                # The daemons' reactor runs it once this poll's events are handled.
+                self._flush_queued = True
+            else:
+                self._flush_call = self.reactor.callLater(0, self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_call = None
+        self.flush()
+
+    def _queued_flush(self) -> None:
+        self._flush_queued = False
         self.flush()
 
     def flush(self) -> None:

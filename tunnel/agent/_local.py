@@ -9,13 +9,18 @@ their side finished sending or ended, and why.
 
 from __future__ import annotations
 
+import errno
+import os
+import select
+import socket
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import abstract, address, error, posixbase, tcp
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tunnel._splice import ConnectedTCP
 from tunnel.agent._dial import describe_failure
 from tunnel.agent._events import Connection, ConnectionState, EventLog, Side
 from tunnel.agent._proxyheader import proxy_header
@@ -25,7 +30,7 @@ from tunnel.wire import ErrorCode
 from tunnel.wire.control import StreamInfo
 from tunnel.wire.errors import describe
 
-__all__ = ["LocalFactory", "refusal", "stream_end"]
+__all__ = ["LocalFactory", "connect_local", "refusal", "stream_end"]
 
 _log = Logger()
 
@@ -120,6 +125,129 @@ class LocalFactory(ClientFactory):
             why = refusal(self.spec.target, reason, self.timeout)
             self.events.ended(self.connection, ConnectionState.FAILED, Side.TARGET, why)
         self.stream.abortConnection(code)
+
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
+
+
+def connect_local(
+    reactor: Any, host: str, port: int, factory: LocalFactory, timeout: float
+) -> None:
+    """
+    Connect to ``host:port`` and give the connection a protocol from `factory`, as
+    ``reactor.connectTCP(host, port, factory, timeout=timeout)`` does: `factory`'s
+    ``buildProtocol`` and the protocol's ``makeConnection`` once connected, or its
+    ``clientConnectionFailed`` with Twisted's error (``ConnectionRefusedError``, another
+    ``ConnectError``, or ``TimeoutError`` after `timeout` seconds).
+
+    For an IP address on a POSIX reactor the socket is connected here, without Twisted's
+    connector (its delayed call, Deferred and four epoll updates): a loopback connect is
+    complete as soon as ``connect`` returns, so one ``poll`` with no wait sees it, and the
+    protocol is connected at once, in the caller's reactor turn. A connect still in progress
+    waits for the socket to be writable. Host names go through ``connectTCP`` (they need a
+    resolver). A failure is reported within this call when it is known at once.
+    """
+    if not isinstance(reactor, posixbase.PosixReactorBase) or not (
+        abstract.isIPAddress(host) or abstract.isIPv6Address(host)
+    ):
+        reactor.connectTCP(host, port, factory, timeout=timeout)
+        return
+    if ":" in host:
+        family, target = socket.AF_INET6, tcp._resolveIPv6(host, port)
+    else:
+        family, target = socket.AF_INET, (host, port)
+    try:
+        # Non-blocking from its creation: no ioctl to make it so.
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as e:
+        factory.clientConnectionFailed(None, Failure(error.getConnectError(e)))
+        return
+    code = sock.connect_ex(target)
+    if code in _IN_PROGRESS:
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        ready = poller.poll(0)
+        if not ready:
+            _Connecting(reactor, sock, target, factory, timeout)
+            return
+        # Writable alone: connected. With an error or hang-up, SO_ERROR says which.
+        code = 0
+        if ready[0][1] & (select.POLLERR | select.POLLHUP):
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+    _connected(reactor, sock, target, factory, code)
+
+
+def _connected(
+    reactor: Any, sock: socket.socket, target: tuple[Any, ...], factory: LocalFactory, code: int
+) -> None:
+    """The connect of `sock` ended with `code` (0: connected): connect a protocol, or fail."""
+    if code and code != errno.EISCONN:
+        sock.close()
+        failure = error.getConnectError((code, os.strerror(code)))
+        factory.clientConnectionFailed(None, Failure(failure))
+        return
+    peer_type = address.IPv6Address if sock.family == socket.AF_INET6 else address.IPv4Address
+    protocol = factory.buildProtocol(peer_type("TCP", *target[:2]))
+    transport = ConnectedTCP(sock, protocol, reactor, target)
+    protocol.makeConnection(transport)
+
+
+class _Connecting:
+    """
+    A connect in progress: waits (an epoll writer) until the socket is writable, or
+    `timeout` seconds, whichever comes first, then hands over to `_connected`.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        target: tuple[Any, ...],
+        factory: LocalFactory,
+        timeout: float,
+    ) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.target = target
+        self.factory = factory
+        self._fd = sock.fileno()
+        self._timer: Any = reactor.callLater(timeout, self._timed_out)
+        reactor.addWriter(self)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "LocalConnect"
+
+    def doWrite(self) -> None:
+        self._finish(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw an error or hang-up on the socket before it was writable.
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._finish(code or errno.ECONNREFUSED)
+
+    def _stop(self) -> None:
+        self.reactor.removeWriter(self)
+        self._fd = -1
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _finish(self, code: int) -> None:
+        if self._fd == -1:
+            return
+        self._stop()
+        _connected(self.reactor, self.sock, self.target, self.factory, code)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._fd == -1:
+            return
+        self._stop()
+        self.sock.close()
+        self.factory.clientConnectionFailed(None, Failure(error.TimeoutError()))
 
 
 class _LocalProtocol(SpliceProtocol):

@@ -27,7 +27,7 @@ from tunnel.agent import _control as control
 from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
 from tunnel.agent._events import EventLog
 from tunnel.agent._link import AgentLink
-from tunnel.agent._local import LocalFactory
+from tunnel.agent._local import LocalFactory, connect_local
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
 from tunnel.errors import TunnelClosedError
 from tunnel.link import Stream
@@ -504,11 +504,12 @@ class Agent:
         connection = self.events.opened(
             info.tunnel_id, spec.target, info.client_host, info.client_port
         )
-        self.reactor.connectTCP(
+        connect_local(
+            self.reactor,
             spec.host,
             spec.port,
             LocalFactory(
                 stream, spec, info, self.events, connection, timeout=self.local_connect_timeout
             ),
-            timeout=self.local_connect_timeout,
+            self.local_connect_timeout,
         )

@@ -9,9 +9,11 @@ stream's side, counting traffic for the idle timeout.
 
 from __future__ import annotations
 
+import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import error
+from twisted.internet import error, tcp
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -20,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel.link import (
+    SOCKET_READ,
     SpliceProtocol,
     Stream,
     StreamResetError,
@@ -94,10 +97,13 @@ class PublicProtocol(SpliceProtocol):
         transport = self.transport
         assert transport is not None
         self._tls = isinstance(transport, TLSMemoryBIOProtocol)
-        set_nodelay(transport)
-        set_keepalive(socket_of(transport))
+        if self._tls or not _tuned_by_listener(transport):
+            set_nodelay(transport)
+            set_keepalive(socket_of(transport))
         if not self._tls:
             self._open()
+            if self.other is not None and not self._holds and type(transport) is tcp.Server:
+                _read_now(transport)
         # A TLS connection's stream opens in handshakeCompleted; the relay's handshake
         # timeout bounds the wait.
 
@@ -299,6 +305,48 @@ class PublicProtocol(SpliceProtocol):
         self.relay.public_connections.discard(self)
         self.relay.public_closed(self.tunnel_id, self)
         super().connectionLost(reason)
+
+
+#: Whether accepted TCP sockets inherit the listening socket's TCP_NODELAY and keepalive
+#: options (Linux copies them at accept).
+_INHERITED_OPTIONS = sys.platform.startswith("linux")
+
+
+def _tuned_by_listener(transport: Any) -> bool:
+    """
+    For a raw TCP tunnel's connection: whether its socket already has TCP_NODELAY and the
+    keepalive options, inherited from its tunnel's listening socket, so that setting them
+    again (six system calls per connection) can be skipped. The first connection of a
+    listener sets them on the listening socket too, and is answered False. Whatever else
+    `set_nodelay` does to a transport (its read size) is done here in either case.
+    """
+    port = getattr(transport, "server", None)
+    listening = getattr(port, "socket", None)
+    if not _INHERITED_OPTIONS or type(transport) is not tcp.Server or listening is None:
+        return False
+    if getattr(port, "_tunnel_tuned", False):
+        transport.bufferSize = SOCKET_READ
+        return True
+    try:
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    set_keepalive(listening)
+    port._tunnel_tuned = True  # type: ignore[union-attr]
+    return False
+
+
+def _read_now(transport: tcp.Server) -> None:
+    """
+    Read what a raw TCP client sent with its connect, in the turn that accepted it, as
+    the reactor would in the next one: a client that speaks first (HTTP, most protocols)
+    has its first bytes sent with the stream's OPEN, a reactor turn sooner. Nothing there
+    costs one ``recv`` that finds nothing. An end of input or an error found so is handled
+    as the reactor handles it.
+    """
+    why = transport.doRead()
+    if why:
+        transport.reactor._disconnectSelectable(transport, why, True)  # type: ignore[attr-defined]
 
 
 #: Stream reset codes meaning that the agent could not reach the tunnel's target: nothing was

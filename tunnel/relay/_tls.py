@@ -2,7 +2,14 @@
 pyOpenSSL server contexts for the relay: one certificate, one context per ALPN preference.
 
 Settings follow Mozilla's "intermediate" profile: TLS 1.2 and 1.3 only, AEAD ciphers with
-AES-GCM first, no compression, no renegotiation; session tickets stay on.
+AES-GCM first, no compression, no renegotiation; session tickets stay on (a returning client
+resumes its session with the context that made it, and only with that one).
+
+A peer that closes its TCP connection (FIN) without a TLS close_notify, as most clients do
+(curl, browsers, Python's `ssl`), has closed cleanly, as HAProxy and nginx take it: its
+stream ends with a FIN, not a reset (a reset counts against the agent's rapid-reset bound,
+so clients that close so, many a second, would otherwise end the agent's link). A TCP
+reset is still a reset.
 
 ALPN: the select callback picks the first of *our* protocols that the client offered.  When
 the client offered ALPN but nothing overlaps it answers "no overlap" (the server sends no
@@ -60,6 +67,7 @@ _OPTIONS = (
     | SSL.OP_NO_RENEGOTIATION
     | SSL.OP_SINGLE_ECDH_USE
     | getattr(SSL, "OP_NO_CLIENT_RENEGOTIATION", 0)
+    | getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 0)
 )
 
 

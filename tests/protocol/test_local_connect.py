@@ -1,0 +1,118 @@
+"""
+`connect_local`, the agent's connect to a local target without Twisted's connector, in this
+process's reactor against loopback servers: connected within the call, the same errors as
+``connectTCP`` (refused, timed out), a connect still in progress waited for, host names
+through ``connectTCP``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import error, protocol, tcp
+from twisted.python.failure import Failure
+
+from tests.protocol.inprocess import Echo, get_reactor, wait_until
+from tunnel._splice import ConnectedTCP
+from tunnel.agent._local import connect_local
+
+
+class _Received(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class _Factory(protocol.ClientFactory):
+    def __init__(self) -> None:
+        self.protocol_made: _Received | None = None
+        self.failure: Failure | None = None
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        self.protocol_made = _Received()
+        return self.protocol_made
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.failure = reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loopback_target_is_connected_within_the_call() -> None:
+    reactor = get_reactor()
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    try:
+        factory = _Factory()
+        number = port.getHost().port
+        connect_local(reactor, "127.0.0.1", number, factory, 5.0)
+        # No reactor turn has run: the connection is already up.
+        made = factory.protocol_made
+        assert made is not None and made.transport is not None
+        assert type(made.transport) is ConnectedTCP
+        assert made.transport.getPeer().port == number
+        assert made.transport.getHost().host == "127.0.0.1"
+        made.transport.write(b"there and back")
+        await wait_until(lambda: made.received == b"there and back", "the echo")
+        made.transport.loseConnection()
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_listening_fails_as_connect_tcp_does() -> None:
+    reactor = get_reactor()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    factory = _Factory()
+    connect_local(reactor, "127.0.0.1", free, factory, 5.0)
+    await wait_until(lambda: factory.failure is not None, "the refusal")
+    assert factory.failure is not None and factory.failure.check(error.ConnectionRefusedError)
+    assert factory.protocol_made is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_still_in_progress_times_out() -> None:
+    """A listener that accepts nothing, its queue full: the kernel drops further SYNs, so
+    a connect stays in progress until the timeout."""
+    reactor = get_reactor()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        factory = _Factory()
+        connect_local(reactor, "127.0.0.1", listener.getsockname()[1], factory, 0.3)
+        assert factory.failure is None and factory.protocol_made is None
+        await wait_until(lambda: factory.failure is not None, "the timeout")
+        assert factory.failure is not None and factory.failure.check(error.TimeoutError)
+        assert factory.protocol_made is None
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_name_goes_through_connect_tcp() -> None:
+    reactor = get_reactor()
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    try:
+        factory = _Factory()
+        connect_local(reactor, "localhost", port.getHost().port, factory, 5.0)
+        await wait_until(lambda: factory.protocol_made is not None, "the connection")
+        made = factory.protocol_made
+        assert made is not None and isinstance(made.transport, tcp.Client)
+        made.transport.write(b"by name")
+        await wait_until(lambda: made.received == b"by name", "the echo")
+        made.transport.loseConnection()
+    finally:
+        await port.stopListening()
