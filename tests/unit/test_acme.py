@@ -23,11 +23,13 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.servercerts import TestCA
 from tunnel.relay._acme import (
+    BAD_NONCE_RETRIES,
     RETRY_INITIAL,
     AcmeError,
     AcmeService,
     AcmeStore,
     DNSHook,
+    PatientNetwork,
     RenewalPolicy,
     _directory_slug,
     describe_error,
@@ -384,3 +386,41 @@ def test_failures_are_described_in_one_line() -> None:
     assert text == (
         "the ACME server rejected the DNS-01 challenge: tunnel.example: Incorrect TXT record found"
     )
+
+
+class _Refusing(PatientNetwork):
+    """A network whose first `refusals` posts are refused with `code`."""
+
+    def __init__(self, refusals: int, code: str = "badNonce") -> None:
+        self.refusals = refusals
+        self.code = code
+        self.posts = 0
+
+    def _post_once(self, *args: object, **kwargs: object) -> requests.Response:
+        self.posts += 1
+        if self.posts <= self.refusals:
+            raise messages.Error.with_code(self.code, detail="refused")
+        response = requests.Response()
+        response.status_code = 200
+        return response
+
+
+def test_a_refused_nonce_is_retried_several_times() -> None:
+    # The library alone retries once: two refusals in a row would fail the order.
+    net = _Refusing(BAD_NONCE_RETRIES)
+    assert net.post("https://acme.test/order", None).status_code == 200
+    assert net.posts == BAD_NONCE_RETRIES + 1
+
+
+def test_refused_nonces_end_after_the_retries() -> None:
+    net = _Refusing(BAD_NONCE_RETRIES + 1)
+    with pytest.raises(messages.Error) as refused:
+        net.post("https://acme.test/order", None)
+    assert refused.value.code == "badNonce" and net.posts == BAD_NONCE_RETRIES + 1
+
+
+def test_other_errors_are_not_retried() -> None:
+    net = _Refusing(1, code="unauthorized")
+    with pytest.raises(messages.Error):
+        net.post("https://acme.test/order", None)
+    assert net.posts == 1

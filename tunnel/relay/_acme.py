@@ -228,6 +228,27 @@ class AcmeStore:
         _atomic_write(self.dir.child("fullchain.pem"), fullchain_pem, 0o644)
 
 
+#: Times a request refused with ``badNonce`` is sent again, each time with the fresh nonce
+#: that came with the refusal (RFC 8555, 6.5: the client should retry). The ACME library
+#: retries once; CAs may refuse a few nonces in a row (pebble refuses 5 % of them).
+BAD_NONCE_RETRIES = 5
+
+
+class PatientNetwork(client.ClientNetwork):
+    """`acme.client.ClientNetwork` that retries a ``badNonce`` refusal `BAD_NONCE_RETRIES`
+    times, not once."""
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for _ in range(BAD_NONCE_RETRIES):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as error:
+                if error.code != "badNonce":
+                    raise
+                _log.debug("ACME: a nonce was refused; sending again with the fresh one")
+        return self._post_once(*args, **kwargs)
+
+
 class AcmeIssuer:
     """
     One ACME account at `directory_url`, obtaining certificates through DNS-01 with `hook`.
@@ -262,7 +283,7 @@ class AcmeIssuer:
         if self._client is not None:
             return self._client
         jwk = JWKEC(key=self.store.account_key())
-        net = client.ClientNetwork(
+        net = PatientNetwork(
             jwk,
             alg=ES256,
             # requests takes a CA file where the annotation says bool.
