@@ -4,7 +4,9 @@ Several relays: the agent ranks them by connect time, uses the nearest, and fail
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,27 +50,46 @@ def test_a_relay_that_does_not_answer_is_ranked_last(procs: Procs, tmp_path: Pat
 
 def test_the_nearest_relay_is_used(procs: Procs, tmp_path: Path) -> None:
     """
-    Two relays sharing a state directory (the same certificate); the first listed sits behind
-    a 25 ms-each-way delay proxy: the agent links to the second.
+    The first relay listed answers a TCP connection a second late (a listener whose accept
+    queue is full drops the SYN, which the agent's kernel sends again after its 1 s
+    retransmission timeout: a far relay's round trip, which no user-space delay proxy can
+    give, since the kernel completes a handshake before the proxy accepts); the agent
+    links to the second, listed after it.
     """
     web = procs.backend("http")
     state = tmp_path / "state"
-    far_relay, far_port = _relay(procs, state)
     near_relay, near_port = _relay(procs, state)
-    delayed = free_port()
-    delay = procs.start(
-        "delay",
-        [sys.executable, "-m", "bench.delayproxy", "--delay-ms=25", f"{delayed}:{far_port}"],
-    )
-    _wait_port(delay, delayed)
-    agent = _agent(
-        procs, f"localhost:{delayed},localhost:{near_port}", state / "ca.pem", str(web.port)
-    )
-    agent.proc.wait_log(rf"relays by connect time: localhost:{near_port} ")
-    tunnel = agent.ready(str(web.port))
-    near_relay.wait_log(r"agent 127\.0\.0\.1:\d+ connected")
-    assert "connected (tunnels/" not in far_relay.text()
-    assert curl_ok(near_relay, near_port, tunnel, tmp_path)
+    with _full_listener() as far_port:
+        agent = _agent(
+            procs, f"127.0.0.1:{far_port},localhost:{near_port}", state / "ca.pem", str(web.port)
+        )
+        agent.proc.wait_log(rf"relays by connect time: localhost:{near_port} ")
+        tunnel = agent.ready(str(web.port))
+        near_relay.wait_log(r"agent 127\.0\.0\.1:\d+ connected")
+        assert curl_ok(near_relay, near_port, tunnel, tmp_path)
+
+
+@contextlib.contextmanager
+def _full_listener() -> Iterator[int]:
+    """A loopback port whose listener never accepts and whose accept queue is already full,
+    so that the kernel drops new SYNs (the client retransmits them after ~1 s)."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        # A backlog of 0 queues one connection; the next ones fill the queue of SYNs answered.
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex((LOOPBACK, port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 def curl_ok(relay: Proc, port: int, tunnel: object, tmp_path: Path) -> bool:
@@ -76,17 +97,3 @@ def curl_ok(relay: Proc, port: int, tunnel: object, tmp_path: Path) -> bool:
 
     result = curl(Relay(relay, port, tmp_path / "state/ca.pem"), tunnel, tunnel.url + "/hello")  # type: ignore[attr-defined]
     return bool(result.returncode == 0)
-
-
-def _wait_port(proc: Proc, port: int) -> None:
-    import socket
-
-    from tests.e2e.harness import wait_for
-
-    def check() -> bool | None:
-        assert proc.alive(), proc.text()
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            return True if s.connect_ex((LOOPBACK, port)) == 0 else None
-
-    wait_for(check, f"the delay proxy on {port}")
