@@ -28,6 +28,7 @@ from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure,
 from tunnel.agent._events import EventLog
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory
+from tunnel.agent._records import AgentForward
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
 from tunnel.errors import TunnelClosedError
 from tunnel.link import Stream
@@ -49,18 +50,8 @@ __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward",
 _log = Logger()
 
 
-class _Forward(control.ForwardRecord):
-    """
-    The core's record of one forward, with the adapter's objects: the caller's Deferred
-    and the `Tunnel` value.
-    """
-
-    def __init__(self, spec: ForwardSpec) -> None:
-        super().__init__(spec)
-        self.tunnel: Tunnel | None = None
-        self.deferred: defer.Deferred[Tunnel] | None = None
-        #: The rate limit the relay last said it enforces (octets per second), or None.
-        self.granted_rate: int | None = None
+#: The record of one forward (`tunnel.agent._records.AgentForward`).
+_Forward = AgentForward
 
 
 class Agent:
