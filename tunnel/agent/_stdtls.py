@@ -285,10 +285,26 @@ class StdTLSFactory(WrappingFactory[StdTLSProtocol]):
     protocol = StdTLSProtocol
     noisy = False
 
-    def __init__(self, context: ssl.SSLContext, hostname: str, wrappedFactory: Any) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        hostname: str,
+        wrappedFactory: Any,
+        session: tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None = None,
+    ) -> None:
         super().__init__(wrappedFactory)
         self.context = context
         self.hostname = hostname
+        #: A session to continue (`StdTLSProtocol.adopt`) for the next protocol built.
+        self.session = session
+
+    def buildProtocol(self, addr: Any) -> StdTLSProtocol:
+        protocol = super().buildProtocol(addr)
+        assert protocol is not None
+        session, self.session = self.session, None
+        if session is not None:
+            protocol.adopt(*session)
+        return protocol
 
 
 def std_client_tls(context: ssl.SSLContext, hostname: str, wrapped_endpoint: Any) -> Any:

@@ -29,6 +29,7 @@ from tunnel.agent._events import EventLog
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory
 from tunnel.agent._records import AgentForward
+from tunnel.agent._stdtls import StdTLSFactory
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
 from tunnel.errors import TunnelClosedError
 from tunnel.link import Stream
@@ -43,6 +44,7 @@ from tunnel.wire.control import (
 from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
 
 if TYPE_CHECKING:
+    from tunnel.agent._bootstrap import Bootstrapped
     from tunnel.agent._httpconnect import ProxyAddress
 
 __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward", "parse_relays"]
@@ -124,6 +126,8 @@ class Agent:
         )
         self._ranked = False
         self._ranking = False
+        #: A link made elsewhere, being adopted (`adopt`).
+        self._boot: Bootstrapped | None = None
         #: Called with the reason when the relay refuses this agent's token.
         self.on_refused: list[Callable[[str], object]] = []
         #: Links the relay accepted (the first one, then one per reconnect).
@@ -299,6 +303,45 @@ class Agent:
         for waiting in self._closing.pop(tunnel_id, []):
             waiting.callback(None)
 
+    # -- adopting a link made elsewhere ------------------------------------------------------
+
+    def adopt(self, boot: Bootstrapped) -> AgentLink:
+        """
+        Take over a link made without Twisted (`tunnel.agent._bootstrap`), welcomed and
+        answered: its socket, TLS session, multiplexer and control core (with its forwards)
+        continue here, and the core's effects it kept (the welcome, the grants, log lines)
+        are carried out. Streams the relay opened meanwhile are served. When this link is
+        lost, the agent reconnects as usual.
+
+        @raise RuntimeError: the agent has started a link of its own already.
+        """
+        if self.control.state is not control.SessionState.IDLE:
+            raise RuntimeError("the agent is connecting already: it cannot adopt a link")
+        self.control = boot.control
+        self.control.describe_relays = self._relay_names
+        self._boot = boot
+        link = AgentLink(self, boot.mux)
+        factory = StdTLSFactory(
+            self._trust,
+            boot.relay.host,
+            Factory.forProtocol(lambda: link),
+            (boot.tls, boot.incoming, boot.outgoing),
+        )
+        sock = boot.sock
+        try:
+            # Twisted duplicates the descriptor: ours is closed, the connection stays.
+            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        finally:
+            sock.close()
+        return link
+
+    def _adopted(self, link: AgentLink) -> None:
+        boot, self._boot = self._boot, None
+        assert boot is not None
+        self._connecting = link
+        self._apply(boot.effects, link)
+        link._dispatch(boot.leftover)
+
     # -- inputs from the link adapter --------------------------------------------------------
 
     def _connected(self, link: AgentLink) -> None:
@@ -323,6 +366,9 @@ class Agent:
         self.link = None
         self._connecting = None
         self._apply(self.control.link_lost(describe_failure(reason)))
+        if link.adopted and self.control.state is control.SessionState.CONNECTING:
+            # The adopted link was not the ClientService's: it reconnects from now on.
+            self._dial()
 
     def _tick(self) -> None:
         self._deadline = None
