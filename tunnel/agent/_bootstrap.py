@@ -48,6 +48,9 @@ __all__ = ["Bootstrapped", "LinkLostEarly", "bootstrap", "dial_address", "link_s
 _READ = 256 * 1024
 #: Plaintext read from the TLS session at once (a record is at most 16 KiB).
 _RECV = 2**15
+#: How a connection's end reads (Twisted's words, as the Twisted path reports it).
+_CLOSED = "Connection was closed cleanly."
+_LOST = "Connection to the other side was lost in a non-clean fashion."
 
 
 class LinkLostEarly(Exception):
@@ -313,10 +316,12 @@ class _Loop:
                 data = sock.recv(_READ)
             except BlockingIOError:
                 continue
+            except ConnectionResetError:
+                self.lost(_LOST)
             except OSError as e:
                 self.lost(describe_error(e))
             if not data:
-                self.lost("Connection was closed cleanly.")
+                self.lost(_CLOSED)
             self.incoming.write(data)
             return
 
@@ -333,7 +338,7 @@ class _Loop:
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self.lost("Connection was closed cleanly.")
+                self.lost(_CLOSED)
             except ssl.SSLError as e:
                 self.lost(describe_error(e))
             if not self.incoming.pending and not self.tls.pending():
