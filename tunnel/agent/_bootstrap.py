@@ -334,13 +334,16 @@ class _Loop:
         chunks = []
         while True:
             try:
-                chunks.append(self.tls.read(_RECV))
+                data = self.tls.read(_RECV)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self.lost(_CLOSED)
+                data = b""
             except ssl.SSLError as e:
                 self.lost(describe_error(e))
+            if not data:
+                self.lost(_CLOSED)  # the relay's close_notify
+            chunks.append(data)
             if not self.incoming.pending and not self.tls.pending():
                 break
         events = self.mux.receive_data(b"".join(chunks))

@@ -201,17 +201,18 @@ class StdTLSProtocol(ProtocolWrapper):
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                # The peer's close_notify: what came before it is delivered, then answered.
-                self._deliver(chunks)
-                chunks, size = [], 0
-                self._peer_closed()
-                break
+                data = b""
             except ssl.SSLError as e:
                 self._deliver(chunks)
                 chunks, size = [], 0
                 self._fail(e)
                 break
             if not data:
+                # The peer's close_notify (`SSLObject.read` returns nothing for it): what came
+                # before it is delivered, then it is answered.
+                self._deliver(chunks)
+                chunks, size = [], 0
+                self._peer_closed()
                 break
             chunks.append(data)
             size += len(data)
