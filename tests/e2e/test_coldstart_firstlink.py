@@ -264,3 +264,96 @@ def test_relay_drops_during_the_handshake(relay: Relay, dropper: int) -> None:
         "Connection to the other side was lost in a non-clean fashion.",
     }
     assert got["first"] in words and got["twisted"] in words, got
+
+
+#: argv: relay, CA, local port. Prints the URL; after a line on stdin, waits (with a
+#: deadline) for the agent's second link and prints its state.
+RECONNECT_CHILD = r"""
+import json, sys, time
+import tunnel
+from tunnel import client
+with tunnel.forward(int(sys.argv[3]), relay=sys.argv[1], ca=sys.argv[2]) as t:
+    print(json.dumps({"url": t.url, "host": t.host, "port": t.port}), flush=True)
+    sys.stdin.readline()
+    deadline = time.monotonic() + 20
+    agent = None
+    while time.monotonic() < deadline:
+        agents = list(client._agents.values())
+        agent = agents[0] if agents else None
+        if agent is not None and agent.links_made >= 2 and agent._regranting is None:
+            break
+        time.sleep(0.05)
+    print(json.dumps({
+        "links_made": agent.links_made if agent else 0,
+        "adopted": bool(agent and agent.link and agent.link.adopted),
+        "urls": [f.tunnel.url for f in agent.forwards if f.tunnel] if agent else [],
+    }), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _curl_hello(relay_ca: Path, info: dict[str, Any]) -> Any:
+    return run(
+        [
+            require_tool("curl"),
+            "-sS",
+            "--max-time",
+            str(DEADLINE),
+            "--cacert",
+            str(relay_ca),
+            "--resolve",
+            f"{info['host']}:{info['port']}:{LOOPBACK}",
+            info["url"] + "/hello",
+        ],
+        timeout=DEADLINE * 2,
+    )
+
+
+def test_the_adopted_link_reconnects_after_a_relay_restart(procs: Procs, tmp_path: Path) -> None:
+    from tunnel.testing import RelayProcess
+
+    backend = procs.backend("http")
+    state = tmp_path / "relay-state"
+    relay = RelayProcess.start(tmp_path / "relay-1.log", state_dir=state)
+    port, admin = relay.port, relay.admin_port
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RECONNECT_CHILD,
+            f"localhost:{port}",
+            str(relay.ca),
+            str(backend.port),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    again = None
+    try:
+        first = _line(proc)
+        assert _curl_hello(relay.ca, first).stdout.startswith(b"hello")
+        relay.stop()
+        again = RelayProcess.start(
+            tmp_path / "relay-2.log", state_dir=state, port=port, admin_port=admin
+        )
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        state_now = _line(proc)
+        # A new link, made by the agent's own reconnect (not adopted), and the tunnel back
+        # under the same URL (reclaimed).
+        assert state_now == {"links_made": 2, "adopted": False, "urls": [first["url"]]}, state_now
+        assert _curl_hello(again.ca, first).stdout.startswith(b"hello")
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(DEADLINE) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for r in (relay, again):
+            if r is not None:
+                r.stop()

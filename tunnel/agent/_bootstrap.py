@@ -332,6 +332,8 @@ class _Loop:
         assert self.tls is not None and self.mux is not None
         self.receive()
         chunks = []
+        #: Why the connection ends after what was decrypted (handled first), if it does.
+        ended: str | None = None
         while True:
             try:
                 data = self.tls.read(_RECV)
@@ -340,13 +342,24 @@ class _Loop:
             except ssl.SSLZeroReturnError:
                 data = b""
             except ssl.SSLError as e:
-                self.lost(describe_error(e))
+                ended = describe_error(e)
+                break
             if not data:
-                self.lost(_CLOSED)  # the relay's close_notify
+                ended = _CLOSED  # the relay's close_notify
+                break
             chunks.append(data)
             if not self.incoming.pending and not self.tls.pending():
                 break
-        events = self.mux.receive_data(b"".join(chunks))
+        self.handle(self.mux.receive_data(b"".join(chunks)))
+        if ended is not None and not self.done():
+            self.lost(ended)
+        self.write_frames()
+
+    def handle(self, events: list[Event]) -> None:
+        """
+        Handle link events until every forward is answered; keep the rest for the adopter.
+        """
+        assert self.mux is not None
         for n, event in enumerate(events):
             if self.done():
                 self.leftover = events[n:]
@@ -368,9 +381,12 @@ class _Loop:
                 self.write_frames()
                 self.lost(event.message or "link ended")
             elif kind is GoAwayReceived:
-                # Draining before we had our answers: ask again elsewhere, the Twisted way.
-                self.write_frames()
-                raise LinkLostEarly("the relay is draining")
+                assert isinstance(event, GoAwayReceived)
+                if event.code == ErrorCode.NO_ERROR:
+                    # Draining before we had our answers: ask again elsewhere, the Twisted way.
+                    self.write_frames()
+                    raise LinkLostEarly("the relay is draining")
+                # An error GOAWAY ends the link: its LinkTerminated follows.
             elif kind in (HelloReceived, PingAcknowledged):
                 pass
             else:
@@ -378,7 +394,6 @@ class _Loop:
                 self.mux.go_away(ErrorCode.PROTOCOL_ERROR, f"unexpected {kind.__name__}")
                 self.write_frames()
                 self.lost(f"unexpected {kind.__name__} before the tunnels were granted")
-        self.write_frames()
 
     def lost(self, reason: str) -> None:
         """
