@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunnel.agent._bootstrap import dial_address
 from tunnel.agent._stdtls import std_client_tls
 from tunnel.agent._tlscontext import client_context, describe_error
 from tunnel.agent.settings import RelayAddress
@@ -35,7 +36,7 @@ def describe_failure(reason: Failure) -> str:
 
 def trust_root(ca: str | None) -> ssl.SSLContext:
     """
-    The TLS client context of the agent's links (`tunnel.agent._stdtls.client_context`).
+    The TLS client context of the agent's links (`tunnel.agent._tlscontext.client_context`).
 
     @raise ValueError: `ca` holds no PEM certificate.
     """
@@ -47,8 +48,7 @@ def _tcp_endpoint(reactor: Any, relay: RelayAddress, timeout: float) -> Any:
     A TCP endpoint for `relay`; ``*.localhost`` names are loopback (RFC 6761), as curl and
     browsers treat them.
     """
-    host = relay.host
-    dial = "127.0.0.1" if host == "localhost" or host.endswith(".localhost") else host
+    dial = dial_address(relay)
     if isIPAddress(dial):
         # No resolver round trip (and no thread pool start) for an address.
         return TCP4ClientEndpoint(reactor, dial, relay.port, timeout=timeout)

@@ -24,6 +24,7 @@ from tunnel import __version__
 from tunnel._rate import format_rate
 from tunnel._tunnel import Tunnel
 from tunnel.agent import _control as control
+from tunnel.agent._bootstrap import link_settings
 from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
 from tunnel.agent._events import EventLog
 from tunnel.agent._link import AgentLink
@@ -97,7 +98,7 @@ class Agent:
         self.local_connect_timeout = local_connect_timeout
         self.fail_fast = fail_fast
         # The relay opens one stream per public connection: allow many.
-        self.settings = settings or LinkSettings(max_streams=16384)
+        self.settings = settings or link_settings()
         self.control = control.AgentControl(
             token=token,
             agent_name=f"tunnels/{__version__}",
