@@ -8,14 +8,19 @@ Without ``--relay`` it starts its own ``twistd tunnelrelay`` (development mode, 
 each run::
 
     import tunnel                                   # phase "import"
-    with tunnel.forward(port) as t: t.url           # phase "first forward" (to the URL)
+    with tunnel.forward(port) as t: t.url           # phase "first forward" (to the URL),
+        <a TLS request through t.url at once>       #   then "URL → first byte"
     with tunnel.forward(port) as t: t.url           # x (--forwards - 1): "later forward"
 
 and report, in milliseconds on the system-wide monotonic clock: spawn → the script's
 first line (``interpreter``: CPython start-up and ``site``), the import, the first
-``forward()`` (the reactor thread, the imports it triggers, the link's TCP + TLS handshake,
-hello, grant), each later ``forward()`` in the same process, and spawn → URL in all
-(``total``).  p50 and p99 over the processes.
+``forward()`` to its URL (the link, which the plain API makes with the standard library
+before Twisted is imported), spawn → URL in all (``total``), then a public client's request
+made at once through that URL: URL → the first byte of its response (it waits until the
+reactor runs and has adopted the link: a URL the first visitor must wait on is reported as
+such) and spawn → that first byte; each later ``forward()`` in the same process (from the
+call to the tunnel closed).  p50 and p99 over the processes.  The forwarded port is a small
+HTTP server of the benchmark's own.
 
 Bytecode: the report says whether ``tunnel/``'s modules had current bytecode caches
 (``make venv`` compiles them; an editable install ships none, and ``PYTHONDONTWRITEBYTECODE``
@@ -43,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,16 +77,29 @@ port, forwards = int(sys.argv[1]), int(sys.argv[2])
 if sys.argv[3] == "preimport":
     import tunnel.client, tunnel._tunnel, twisted.internet.reactor, twisted.internet.ssl
 t_preimported = time.monotonic()
+def request(tun):
+    # A public client's request through the URL, at once: until its response's first byte.
+    import os, socket, ssl
+    ctx = ssl.create_default_context(cafile=os.environ["TUNNEL_CA"])
+    with socket.create_connection(("127.0.0.1", tun.port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname=tun.host) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert s.recv(1), "no response"
 laps, url = [], None
-for _ in range(forwards):
+for n in range(forwards):
     t = time.monotonic()
     with tunnel.forward(port) as tun:
         url = tun.url
-    laps.append((time.monotonic() - t) * 1e3)
-    if len(laps) == 1:
-        t_url = time.monotonic()
+        if n == 0:
+            t_url = time.monotonic()
+            request(tun)
+            t_byte = time.monotonic()
+    if n == 0:
+        laps.append((t_url - t) * 1e3)
+    else:
+        laps.append((time.monotonic() - t) * 1e3)
 print(json.dumps({"first_line": t_first, "imported": t_import, "preimported": t_preimported,
-                  "url_at": t_url,
+                  "url_at": t_url, "byte_at": t_byte,
                   "laps_ms": laps, "url": url}))
 """
 
@@ -98,6 +117,9 @@ PHASES = (
     "first_forward_preimported",
     "later_forward",
     "total",
+    "url_to_first_byte",
+    "total_first_byte",
+    "total_first_byte_preimported",
 )
 
 
@@ -152,7 +174,8 @@ def one_process(
     bytecode: bool = True,
 ) -> dict[str, Any]:
     """One fresh interpreter: its phases in milliseconds.  With ``preimport`` the modules
-    the first ``forward()`` would import lazily are imported before it is timed; without
+    the first ``forward()`` would import lazily are imported before it is timed (so it
+    takes the Twisted path: a reactor is imported already); without
     ``bytecode`` the package's bytecode caches are not read (it is compiled from source)."""
     spawn = time.monotonic()
     mode = "preimport" if preimport else "plain" if bytecode else "nobytecode"
@@ -171,6 +194,7 @@ def one_process(
         return {
             "lazy_imports": (d["preimported"] - d["imported"]) * 1e3,
             "first_forward_preimported": d["laps_ms"][0],
+            "total_first_byte_preimported": (d["byte_at"] - spawn) * 1e3,
         }
     return {
         "interpreter": (d["first_line"] - spawn) * 1e3,
@@ -178,6 +202,8 @@ def one_process(
         "first_forward": d["laps_ms"][0],
         "later_forward": d["laps_ms"][1:],
         "total": (d["url_at"] - spawn) * 1e3,
+        "url_to_first_byte": (d["byte_at"] - d["url_at"]) * 1e3,
+        "total_first_byte": (d["byte_at"] - spawn) * 1e3,
     }
 
 
@@ -234,16 +260,49 @@ def _phases(runs: list[dict[str, Any]], phases: tuple[str, ...]) -> dict[str, An
     return out
 
 
+class _Responder:
+    """
+    A local HTTP server for the forwarded port, on loopback, in a thread: to each connection
+    a fixed response once its request has arrived, then a close.
+    """
+
+    def __enter__(self) -> int:
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self._srv.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        return int(self._srv.getsockname()[1])
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                except OSError:
+                    pass
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._srv.close()
+
+
 def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
     """``count`` fresh processes with the package's bytecode caches (compiled first if they
     were missing) and, interleaved with them, ``count`` without; ``count`` more that import
     what the first forward() needs before timing it, to split its time (after one unmeasured
     warm-up, for the page cache); and the import-time profiles."""
     bytecode = ensure_bytecode()
-    with socket.socket() as srv:  # a local port to forward; nothing connects to it
-        srv.bind(("127.0.0.1", 0))
-        srv.listen()
-        port = srv.getsockname()[1]
+    with _Responder() as port:  # the local server of the forwarded port
         one_process(relay, ca, port, 2)
         runs: list[dict[str, Any]] = []
         cold: list[dict[str, Any]] = []
@@ -271,12 +330,17 @@ def measure(relay: str, ca: str, count: int, forwards: int) -> dict[str, Any]:
 LABELS = {
     "interpreter": "spawn → first line (CPython start-up, site)",
     "import": "`import tunnel`",
-    "first_forward": "first `tunnel.forward()` → URL (reactor thread, lazy imports, link)",
-    "lazy_imports": "of which: the modules it imports (`tunnel.client`, Twisted's reactor, TLS)",
-    "first_forward_preimported": "of which: the rest, timed with those imported beforehand "
-    "(reactor thread, link TCP + TLS + hello, grant)",
-    "later_forward": "later `tunnel.forward()` in the same process",
-    "total": "spawn → URL",
+    "first_forward": "first `tunnel.forward()` → URL (the link, made before Twisted is imported)",
+    "lazy_imports": "for comparison: importing `tunnel.client` and Twisted's reactor",
+    "first_forward_preimported": "for comparison: first `forward()` → URL with those imported "
+    "beforehand (the Twisted path: reactor thread, link TCP + TLS + hello, grant)",
+    "later_forward": "later `tunnel.forward()` in the same process (call to closed)",
+    "total": "**spawn → URL**",
+    "url_to_first_byte": "URL → first byte of a request made at once (waits for the reactor: "
+    "Twisted's imports, the adoption of the link)",
+    "total_first_byte": "**spawn → first byte** of that request",
+    "total_first_byte_preimported": "for comparison: spawn → first byte, the Twisted path "
+    "(reactor imported before the first `forward()`)",
 }
 
 

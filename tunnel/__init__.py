@@ -63,10 +63,67 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from tunnel._tunnel import Tunnel
+    from tunnel.agent._firstlink import FirstLink
     from tunnel.agent.settings import ForwardArgs
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+#: Set once the background reactor runs (and has adopted the first link, if one was made).
+_started = threading.Event()
+
+
+def _first_link(
+    entries: list[int | str], kwargs: ForwardArgs, api: str
+) -> tuple[FirstLink, dict[int, Tunnel]] | None:
+    """
+    For the process's first forward: make its link with the standard library, before
+    Twisted is imported (`tunnel.agent._firstlink`), and return its tunnels; None where the
+    Twisted path is taken (a reactor already, several relays, an HTTP proxy, the inspector,
+    or a link lost before its answers).
+
+    @raise ValueError, RelayUnavailable, AuthenticationError, TunnelRefused: as `forward`.
+    """
+    global _thread
+    import sys
+
+    if _thread is not None or "twisted.internet.reactor" in sys.modules:
+        return None
+    from tunnel.agent.settings import ForwardArgs, connection_settings, forward_spec, forward_specs
+
+    unknown = sorted(set(kwargs) - set(ForwardArgs.__annotations__))
+    if unknown:
+        raise TypeError(f"{api}() got an unexpected keyword argument {unknown[0]!r}")
+    if api == "forward":
+        specs = [forward_spec(entries[0], kwargs)]  # type: ignore[arg-type]
+    else:
+        specs = forward_specs(entries, kwargs)
+    settings = connection_settings(
+        kwargs.get("relay"), kwargs.get("token"), kwargs.get("ca"), kwargs.get("proxy")
+    )
+    if len(settings.relays) != 1 or settings.proxy is not None or kwargs.get("inspect"):
+        return None
+    from tunnel.agent._firstlink import FirstLink
+
+    def failed() -> None:
+        global _thread
+        with _lock:
+            if _thread is first.thread:
+                _thread = None
+
+    with _lock:
+        if _thread is not None:  # another thread's, meanwhile
+            return None  # type: ignore[unreachable]
+        connection = {
+            "relay": kwargs.get("relay"),
+            "token": settings.token,
+            "ca": settings.ca,
+        }
+        first = FirstLink(settings.relays[0], connection, specs, _started, failed)
+        _thread = first.thread
+    tunnels = first.tunnels()
+    if tunnels is None:
+        return None
+    return first, tunnels
 
 
 def _running_reactor() -> Any:
@@ -76,6 +133,10 @@ def _running_reactor() -> Any:
     @raise RuntimeError: called from the reactor's own thread, where blocking would deadlock.
     """
     global _thread
+    thread = _thread
+    # Started (perhaps by a first link still importing Twisted): wait until it runs.
+    if thread is not None and thread is not threading.current_thread() and not _started.wait(30):
+        raise RuntimeError("the Twisted reactor did not start")
     from twisted.internet import reactor
     from twisted.python import threadable
 
@@ -92,7 +153,7 @@ def _running_reactor() -> Any:
 
             # This module runs the reactor, so it may trim the reactor's event dispatch.
             lean_dispatch(reactor)
-            started = threading.Event()
+            started = _started
             reactor.callWhenRunning(started.set)
             _thread = threading.Thread(
                 target=reactor.run,
@@ -133,6 +194,14 @@ def forward(port: int, **kwargs: Unpack[ForwardArgs]) -> Iterator[Tunnel]:
     @raise AuthenticationError: the relay refused the token.
     @raise TunnelRefused: the relay refused the tunnel.
     """
+    first = _first_link([port], kwargs, "forward")
+    if first is not None:
+        link, tunnels = first
+        try:
+            yield tunnels[port]
+        finally:
+            link.close()
+        return
     from twisted.internet import defer
     from twisted.internet.threads import blockingCallFromThread
 

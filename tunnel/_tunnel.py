@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from twisted.internet import defer
+from typing import TYPE_CHECKING, Any
 
 from tunnel.errors import TunnelError
+
+if TYPE_CHECKING:
+    from twisted.internet import defer
 
 __all__ = ["Tunnel"]
 
@@ -91,6 +92,9 @@ class Tunnel:
         Close the tunnel; the Deferred fires when the relay has been told.
         """
         if self._close is None:
+            # Imported here: a `Tunnel` is made before Twisted is (the plain API's first).
+            from twisted.internet import defer
+
             return defer.succeed(None)
         return self._close()
 

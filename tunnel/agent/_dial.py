@@ -5,6 +5,7 @@ round-trip probe that ranks several relays, and the endpoint that fails over bet
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, interfaces
@@ -15,18 +16,13 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import (
-    Certificate,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnel._fasttls import fast_client_tls
+from tunnel.agent._bootstrap import dial_address
+from tunnel.agent._stdtls import std_client_tls
+from tunnel.agent._tlscontext import client_context, describe_error
 from tunnel.agent.settings import RelayAddress
-from tunnel.wire import LINK_ALPN
 
 if TYPE_CHECKING:
     from tunnel.agent.session import Agent
@@ -35,25 +31,16 @@ __all__ = ["FailoverEndpoint", "connect_time", "describe_failure", "trust_root"]
 
 
 def describe_failure(reason: Failure) -> str:
-    value = reason.value
-    text = str(value) or type(value).__name__
-    if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
-        return f"the relay's certificate is not trusted ({text}); pass --ca / TUNNEL_CA"
-    return text
+    return describe_error(reason.value)
 
 
-def trust_root(ca: str | None) -> Any:
-    if ca is None:
-        return platformTrust()
-    with open(ca, "rb") as f:
-        pem = f.read()
-    blocks = [
-        b"-----BEGIN CERTIFICATE-----" + part
-        for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-    ]
-    if not blocks:
-        raise ValueError(f"{ca} holds no PEM certificate")
-    return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+def trust_root(ca: str | None) -> ssl.SSLContext:
+    """
+    The TLS client context of the agent's links (`tunnel.agent._tlscontext.client_context`).
+
+    @raise ValueError: `ca` holds no PEM certificate.
+    """
+    return client_context(ca)
 
 
 def _tcp_endpoint(reactor: Any, relay: RelayAddress, timeout: float) -> Any:
@@ -61,8 +48,7 @@ def _tcp_endpoint(reactor: Any, relay: RelayAddress, timeout: float) -> Any:
     A TCP endpoint for `relay`; ``*.localhost`` names are loopback (RFC 6761), as curl and
     browsers treat them.
     """
-    host = relay.host
-    dial = "127.0.0.1" if host == "localhost" or host.endswith(".localhost") else host
+    dial = dial_address(relay)
     if isIPAddress(dial):
         # No resolver round trip (and no thread pool start) for an address.
         return TCP4ClientEndpoint(reactor, dial, relay.port, timeout=timeout)
@@ -105,9 +91,6 @@ class FailoverEndpoint:
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         agent = self.agent
         relay = agent.relays[agent._relay_index % len(agent.relays)]
-        creator = optionsForClientTLS(
-            relay.host, trustRoot=agent._trust, acceptableProtocols=[LINK_ALPN]
-        )
         if agent.proxy is None:
             inner = _tcp_endpoint(agent.reactor, relay, agent.connect_timeout)
         else:
@@ -124,7 +107,7 @@ class FailoverEndpoint:
                 relay.port,
                 agent.connect_timeout,
             )
-        d: defer.Deferred[Any] = fast_client_tls(creator, inner).connect(factory)
+        d: defer.Deferred[Any] = std_client_tls(agent._trust, relay.host, inner).connect(factory)
 
         def failed(reason: Failure) -> Failure:
             agent._dial_failed(f"cannot connect to {relay}: {describe_failure(reason)}")

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tunnel.link import LinkProtocol, Stream
+from tunnel.link import LinkProtocol, Stream, set_nodelay
 from tunnel.wire import ErrorCode
 from tunnel.wire.control import (
     ControlError,
@@ -24,6 +24,7 @@ from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
 
 if TYPE_CHECKING:
     from tunnel.agent.session import Agent
+    from tunnel.wire import Multiplexer
 
 __all__ = ["AgentLink"]
 
@@ -35,15 +36,33 @@ class AgentLink(LinkProtocol):
     The agent's end of its link.
     """
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, mux: Multiplexer | None = None) -> None:
         super().__init__(agent.reactor, client=True, settings=agent.settings)
         self.agent = agent
         self.draining = False
         self._idle_waiters: list[defer.Deferred[None]] = []
+        #: The link was made elsewhere and adopted with its multiplexer (`Agent.adopt`).
+        self.adopted = mux is not None
+        if mux is not None:
+            self.mux = mux
 
     def connectionMade(self) -> None:
-        super().connectionMade()
-        self.agent._connected(self)
+        if not self.adopted:
+            super().connectionMade()
+            self.agent._connected(self)
+            return
+        # LinkProtocol.connectionMade, but for the multiplexer, which is already running
+        # (hello and ping sent), and the session, which the agent takes over.
+        transport = self.transport
+        assert transport is not None
+        self.host = transport.getHost()
+        self.peer = transport.getPeer()
+        set_nodelay(transport)
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._last_received = self._last_ping = self.reactor.seconds()
+        self._schedule_keepalive()
+        self.agent._adopted(self)
+        self.flush()
 
     def send(self, message: ControlMessage) -> None:
         """

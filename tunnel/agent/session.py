@@ -24,10 +24,13 @@ from tunnel import __version__
 from tunnel._rate import format_rate
 from tunnel._tunnel import Tunnel
 from tunnel.agent import _control as control
+from tunnel.agent._bootstrap import link_settings
 from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
 from tunnel.agent._events import EventLog
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory, connect_local
+from tunnel.agent._records import AgentForward
+from tunnel.agent._stdtls import StdTLSFactory
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
 from tunnel.errors import TunnelClosedError
 from tunnel.link import Stream
@@ -42,6 +45,7 @@ from tunnel.wire.control import (
 from tunnel.wire.control import TunnelRefused as TunnelRefusedMessage
 
 if TYPE_CHECKING:
+    from tunnel.agent._bootstrap import Bootstrapped
     from tunnel.agent._httpconnect import ProxyAddress
 
 __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward", "parse_relays"]
@@ -49,18 +53,8 @@ __all__ = ["Agent", "AgentLink", "ForwardSpec", "RelayAddress", "parse_forward",
 _log = Logger()
 
 
-class _Forward(control.ForwardRecord):
-    """
-    The core's record of one forward, with the adapter's objects: the caller's Deferred
-    and the `Tunnel` value.
-    """
-
-    def __init__(self, spec: ForwardSpec) -> None:
-        super().__init__(spec)
-        self.tunnel: Tunnel | None = None
-        self.deferred: defer.Deferred[Tunnel] | None = None
-        #: The rate limit the relay last said it enforces (octets per second), or None.
-        self.granted_rate: int | None = None
+#: The record of one forward (`tunnel.agent._records.AgentForward`).
+_Forward = AgentForward
 
 
 class Agent:
@@ -104,7 +98,7 @@ class Agent:
         self.local_connect_timeout = local_connect_timeout
         self.fail_fast = fail_fast
         # The relay opens one stream per public connection: allow many.
-        self.settings = settings or LinkSettings(max_streams=16384)
+        self.settings = settings or link_settings()
         self.control = control.AgentControl(
             token=token,
             agent_name=f"tunnels/{__version__}",
@@ -133,6 +127,8 @@ class Agent:
         )
         self._ranked = False
         self._ranking = False
+        #: A link made elsewhere, being adopted (`adopt`).
+        self._boot: Bootstrapped | None = None
         #: Called with the reason when the relay refuses this agent's token.
         self.on_refused: list[Callable[[str], object]] = []
         #: Links the relay accepted (the first one, then one per reconnect).
@@ -308,6 +304,45 @@ class Agent:
         for waiting in self._closing.pop(tunnel_id, []):
             waiting.callback(None)
 
+    # -- adopting a link made elsewhere ------------------------------------------------------
+
+    def adopt(self, boot: Bootstrapped) -> AgentLink:
+        """
+        Take over a link made without Twisted (`tunnel.agent._bootstrap`), welcomed and
+        answered: its socket, TLS session, multiplexer and control core (with its forwards)
+        continue here, and the core's effects it kept (the welcome, the grants, log lines)
+        are carried out. Streams the relay opened meanwhile are served. When this link is
+        lost, the agent reconnects as usual.
+
+        @raise RuntimeError: the agent has started a link of its own already.
+        """
+        if self.control.state is not control.SessionState.IDLE:
+            raise RuntimeError("the agent is connecting already: it cannot adopt a link")
+        self.control = boot.control
+        self.control.describe_relays = self._relay_names
+        self._boot = boot
+        link = AgentLink(self, boot.mux)
+        factory = StdTLSFactory(
+            self._trust,
+            boot.relay.host,
+            Factory.forProtocol(lambda: link),
+            (boot.tls, boot.incoming, boot.outgoing),
+        )
+        sock = boot.sock
+        try:
+            # Twisted duplicates the descriptor: ours is closed, the connection stays.
+            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        finally:
+            sock.close()
+        return link
+
+    def _adopted(self, link: AgentLink) -> None:
+        boot, self._boot = self._boot, None
+        assert boot is not None
+        self._connecting = link
+        self._apply(boot.effects, link)
+        link._dispatch(boot.leftover)
+
     # -- inputs from the link adapter --------------------------------------------------------
 
     def _connected(self, link: AgentLink) -> None:
@@ -332,6 +367,9 @@ class Agent:
         self.link = None
         self._connecting = None
         self._apply(self.control.link_lost(describe_failure(reason)))
+        if link.adopted and self.control.state is control.SessionState.CONNECTING:
+            # The adopted link was not the ClientService's: it reconnects from now on.
+            self._dial()
 
     def _tick(self) -> None:
         self._deadline = None
