@@ -27,7 +27,7 @@ from tunnel.agent.settings import RelayAddress
 if TYPE_CHECKING:
     from tunnel.agent.session import Agent
 
-__all__ = ["FailoverEndpoint", "connect_time", "describe_failure", "trust_root"]
+__all__ = ["FailoverEndpoint", "connect_time", "describe_failure", "rank_times", "trust_root"]
 
 
 def describe_failure(reason: Failure) -> str:
@@ -72,6 +72,56 @@ def connect_time(reactor: Any, relay: RelayAddress, timeout: float) -> defer.Def
         return float(reactor.seconds() - started)
 
     return d.addCallbacks(connected, lambda _: float("inf"))
+
+
+#: Once one relay has answered, how long the others have, as a multiple of its time...
+RANK_PATIENCE = 4.0
+#: ...plus this many seconds: a relay slower than that is not the nearest, and one that
+#: drops the probe's packets does not hold the first link up for the whole connect timeout.
+RANK_SLACK = 0.05
+
+
+def rank_times(
+    reactor: Any, relays: list[RelayAddress], timeout: float
+) -> defer.Deferred[list[float]]:
+    """
+    The connect time of each of `relays` (`connect_time`), in their order; infinity for one
+    that failed, or that had not answered within ``RANK_PATIENCE`` times the first answer
+    plus ``RANK_SLACK`` (its probe is then cancelled).
+    """
+    times = [float("inf")] * len(relays)
+    pending = set(range(len(relays)))
+    done: defer.Deferred[list[float]] = defer.Deferred()
+    probes: list[defer.Deferred[float]] = []
+    deadline: list[Any] = []
+    finished: list[bool] = []
+
+    def finish() -> None:
+        if finished:
+            return
+        finished.append(True)
+        for call in deadline:
+            if call.active():
+                call.cancel()
+        for i in list(pending):
+            probes[i].cancel()
+        done.callback(times)
+
+    def answered(seconds: float, i: int) -> None:
+        if finished:
+            return
+        pending.discard(i)
+        times[i] = seconds
+        if not pending:
+            finish()
+        elif seconds != float("inf") and not deadline:
+            deadline.append(reactor.callLater(seconds * RANK_PATIENCE + RANK_SLACK, finish))
+
+    probes.extend(connect_time(reactor, relay, timeout) for relay in relays)
+    for i, probe in enumerate(probes):
+        # A cancelled probe ends in a failure that `connect_time` turns into infinity.
+        probe.addCallback(answered, i)
+    return done
 
 
 @implementer(interfaces.IStreamClientEndpoint)

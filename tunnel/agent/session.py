@@ -25,7 +25,7 @@ from tunnel._rate import format_rate
 from tunnel._tunnel import Tunnel
 from tunnel.agent import _control as control
 from tunnel.agent._bootstrap import link_settings
-from tunnel.agent._dial import FailoverEndpoint, connect_time, describe_failure, trust_root
+from tunnel.agent._dial import FailoverEndpoint, describe_failure, rank_times, trust_root
 from tunnel.agent._events import EventLog
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory, connect_local
@@ -177,10 +177,10 @@ class Agent:
             return
         if len(self.relays) > 1 and not self._ranked and self.proxy is None:
             # The nearest relay first: connect to each (TCP only) and sort by the time it
-            # took; one that does not answer goes last. Failover then follows this order.
+            # took; one that does not answer (soon after the first did) goes last. Failover
+            # then follows this order.
             self._ranked = self._ranking = True
-            probes = [connect_time(self.reactor, r, self.connect_timeout) for r in self.relays]
-            d = defer.gatherResults(probes, consumeErrors=True)
+            d = rank_times(self.reactor, self.relays, self.connect_timeout)
 
             def ranked(times: list[float]) -> None:
                 self._ranking = False
