@@ -232,8 +232,10 @@ def test_a_killed_worker_takes_only_its_own_links(procs: Procs) -> None:
 def test_agent_links_are_spread_evenly_whatever_the_kernels_hash(procs: Procs) -> None:
     relay = start_relay(procs)
     backend = procs.backend("http", "--root", str(procs.dir))
+    # Started at once: links arrive while others are still being authenticated.
     agents = [
-        procs.agent(_relay_address(relay), [str(backend.port)], ca=relay.ca) for _ in range(8)
+        procs.agent(_relay_address(relay), [str(backend.port)], ca=relay.ca, wait=False)
+        for _ in range(8)
     ]
     relay.wait_status(lambda s: s.get("agents") == 8, "eight links")
     assert worker_of_links(relay) == [4, 4]

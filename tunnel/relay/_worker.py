@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import weakref
 from typing import Any
 
 from twisted.application import service
@@ -46,6 +47,7 @@ from tunnel.relay._handoff import (
     HandoffSender,
     replay,
 )
+from tunnel.relay._link import RelayLink
 from tunnel.relay._shares import Holdings
 from tunnel.relay._sni import Route, SNIDispatchFactory
 from tunnel.relay._state import Relay
@@ -281,6 +283,8 @@ class Worker(Elsewhere, service.Service):
         relay.registry.on_member = self._member
         self.links_here = _ReportedHoldings(self._links_changed)
         relay.principal_links = self.links_here
+        #: Links made here (accepted or handed here) that may not be authenticated yet.
+        self._linking: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -- setting up ------------------------------------------------------------------------
 
@@ -289,6 +293,20 @@ class Worker(Elsewhere, service.Service):
         config = self.relay.config
         relay_service.endpoint = ReusePortEndpoint(self.reactor, listen)
         relay_service.front.router = self.route
+        links, linking = self.relay.link_factory, self._linking
+
+        class _Linking(Factory[RelayLink]):
+            """The relay's link factory, noting each link it builds."""
+
+            noisy = False
+
+            def buildProtocol(inner, addr: Any) -> RelayLink | None:
+                proto = links.buildProtocol(addr)
+                if proto is not None:
+                    linking.add(proto)
+                return proto
+
+        self.relay.link_factory = _Linking()
         # Connections handed here are served from what this worker holds, never handed on.
         self.handed_front = SNIDispatchFactory(
             self.relay.route,
@@ -473,11 +491,20 @@ class Worker(Elsewhere, service.Service):
                         factory = HandoffFactory(self.sender, target, hello)
                         return Route(None, factory, passthrough=True)
             elif tunnel_id is None and LINK_ALPN in hello.alpn:
-                target = self.replica.link_target(self.links_here.total)
+                target = self.replica.link_target(self.links_here.total + self._unauthenticated())
                 if target is not None:
                     factory = HandoffFactory(self.sender, target, hello, self._serve_here)
                     return Route(None, factory, passthrough=True)
         return relay.route(hello)
+
+    def _unauthenticated(self) -> int:
+        """Links here whose hello is not accepted yet (and not lost): they count among this
+        worker's links already, so that links arriving at once are spread too."""
+        return sum(
+            1
+            for link in self._linking
+            if not getattr(link, "authenticated", True) and not getattr(link, "lost", True)
+        )
 
     def _serve_here(self, transport: Any, data: bytes, hello: ClientHello) -> None:
         """A link that could not be handed over: served here after all, as one handed
