@@ -192,7 +192,9 @@ class _Peer:
                 self._broken(e)
                 self._fail(waiting)
                 return
-        waiting.timer = self.sender.reactor.callLater(HANDOFF_TIMEOUT, self._timed_out, waiting)
+        if waiting.offset == 0:
+            # (Partly sent, it is the owner's already: no deadline of ours.)
+            waiting.timer = self.sender.reactor.callLater(HANDOFF_TIMEOUT, self._timed_out, waiting)
         self.queue.append(waiting)
         if len(self.queue) == 1 and self.owner is not None:
             self.sender.reactor.addWriter(self.owner)
