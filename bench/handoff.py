@@ -9,6 +9,11 @@ Two ways of serving the same trivial protocol (write one byte, close) on loopbac
   over a UNIX socket with ``SCM_RIGHTS`` (``socket.send_fds``, one byte of data with it) and
   closes its copy; a Twisted "worker" process receives it (``IFileDescriptorReceiver``),
   adopts it with ``reactor.adoptStreamConnection`` and answers.
+- **relay**: the same through the relay's own code (`tunnel.relay._handoff`): a Twisted TCP
+  listener whose protocol hands each connection with `HandoffSender` (one ``sendmsg`` with
+  the descriptor and a frame holding the client's address and a ClientHello), and a worker
+  that takes it with `HandoffReceiverFactory` (a TCP transport built from the frame's
+  address, no duplicate descriptor) and answers.
 
 A client in this process opens ``--connections`` connections one after the other and times
 connect + first byte. Per mode and round (modes alternate, ``--rounds`` each) it reports the
@@ -38,7 +43,7 @@ from typing import Any
 
 from bench.util import LOOPBACK, cpu_seconds
 
-_MODES = ("direct", "handoff")
+_MODES = ("direct", "handoff", "relay")
 
 
 # --- the serving processes (run as ``python -m bench.handoff --role ...``) ---------------
@@ -125,6 +130,52 @@ def _serve_supervisor(unix_path: str, tcp_port_file: str) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
+def _serve_relay_worker(unix_path: str) -> None:
+    """A worker taking hand-offs as the relay's workers do (`HandoffReceiverFactory`)."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from tunnel.relay._handoff import HandoffCounts, HandoffReceiverFactory
+
+    class Greeter(Protocol):
+        def connectionMade(self) -> None:
+            assert self.transport is not None
+            self.transport.write(b"x")
+            self.transport.loseConnection()
+
+    receiver = HandoffReceiverFactory(reactor, Factory.forProtocol(Greeter), HandoffCounts())
+    reactor.listenUNIX(unix_path, receiver)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def _serve_relay_sender(unix_path: str, tcp_port_file: str) -> None:
+    """A Twisted TCP listener handing every connection as the relay's workers do
+    (`HandoffSender`), with a ClientHello as a worker would have parsed."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from tunnel.relay._clienthello import ClientHello
+    from tunnel.relay._handoff import HandoffCounts, HandoffSender
+
+    hello = ClientHello("abcdefghijklmnop.tunnel.localhost", (b"h2", b"http/1.1"), 0x0303, ())
+    counts = HandoffCounts()
+
+    def log(format: str, **fields: object) -> None:
+        print(format.format(**fields), file=sys.stderr)
+
+    sender = HandoffSender(reactor, lambda w: unix_path, counts, log)
+
+    class Hand(Protocol):
+        def connectionMade(self) -> None:
+            assert self.transport is not None
+            self.transport.stopReading()  # type: ignore[attr-defined]
+            sender.hand(0, self.transport, b"", hello)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Hand), interface=LOOPBACK)  # type: ignore[attr-defined]
+    Path(tcp_port_file).write_text(str(port.getHost().port))
+    reactor.run()  # type: ignore[attr-defined]
+
+
 # --- the driver --------------------------------------------------------------------------
 
 
@@ -159,7 +210,8 @@ def _start(mode: str, workdir: Path) -> tuple[list[subprocess.Popen[bytes]], dic
         worker = subprocess.Popen([*me, "--role", "worker", "--tcp-port-file", str(port_file)])
         return [worker], {"worker": worker.pid}, int(_wait_file(port_file, worker))
     unix_path = workdir / f"w-{time.monotonic_ns()}.sock"
-    worker = subprocess.Popen([*me, "--role", "worker", "--unix", str(unix_path)])
+    roles = ("worker", "supervisor") if mode == "handoff" else ("relay-worker", "relay-sender")
+    worker = subprocess.Popen([*me, "--role", roles[0], "--unix", str(unix_path)])
     deadline = time.monotonic() + 20
     while not unix_path.exists():
         if time.monotonic() > deadline or worker.poll() is not None:
@@ -167,7 +219,7 @@ def _start(mode: str, workdir: Path) -> tuple[list[subprocess.Popen[bytes]], dic
             raise RuntimeError("the worker did not listen on its UNIX socket")
         time.sleep(0.02)
     supervisor = subprocess.Popen(
-        [*me, "--role", "supervisor", "--unix", str(unix_path), "--tcp-port-file", str(port_file)]
+        [*me, "--role", roles[1], "--unix", str(unix_path), "--tcp-port-file", str(port_file)]
     )
     procs = [supervisor, worker]
     try:
@@ -286,16 +338,18 @@ def run(connections: int = 3000, rounds: int = 3, strace: bool = True) -> dict[s
             "median_first_byte_us_p99": statistics.median(r["first_byte_us_p99"] for r in rows),
             "syscalls_per_connection": traced.get(mode, {}),
         }
-    d, h = summary["modes"]["direct"], summary["modes"]["handoff"]
-    summary["handoff_cpu_us_per_connection"] = round(
-        h["median_cpu_us_per_connection_total"] - d["median_cpu_us_per_connection_total"], 1
-    )
-    if traced:
-        summary["handoff_syscalls_per_connection"] = round(
-            sum(v["total"] for v in h["syscalls_per_connection"].values())
-            - d["syscalls_per_connection"]["worker"]["total"],
-            2,
+    d = summary["modes"]["direct"]
+    for mode in ("handoff", "relay"):
+        h = summary["modes"][mode]
+        summary[f"{mode}_cpu_us_per_connection"] = round(
+            h["median_cpu_us_per_connection_total"] - d["median_cpu_us_per_connection_total"], 1
         )
+        if traced:
+            summary[f"{mode}_syscalls_per_connection"] = round(
+                sum(v["total"] for v in h["syscalls_per_connection"].values())
+                - d["syscalls_per_connection"]["worker"]["total"],
+                2,
+            )
     return summary
 
 
@@ -322,16 +376,17 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{calls or '-'} |"
         )
     lines.append("")
-    lines.append(
-        f"Hand-off cost: {summary['handoff_cpu_us_per_connection']} µs CPU per connection "
-        "(handoff minus direct, both processes; noisy)"
-        + (
-            f", {summary['handoff_syscalls_per_connection']} more system calls per "
-            "connection (counts)."
-            if "handoff_syscalls_per_connection" in summary
-            else "."
+    for mode in ("handoff", "relay"):
+        lines.append(
+            f"Hand-off cost ({mode}): {summary[f'{mode}_cpu_us_per_connection']} µs CPU per "
+            f"connection ({mode} minus direct, both processes; noisy)"
+            + (
+                f", {summary[f'{mode}_syscalls_per_connection']} more system calls per "
+                "connection (counts)."
+                if f"{mode}_syscalls_per_connection" in summary
+                else "."
+            )
         )
-    )
     for mode, row in summary["modes"].items():
         for role, per in row["syscalls_per_connection"].items():
             detail = ", ".join(f"{k} {v}" for k, v in per.items() if k != "total")
@@ -345,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-strace", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the JSON, not Markdown")
-    parser.add_argument("--role", choices=["worker", "supervisor"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role",
+        choices=["worker", "supervisor", "relay-worker", "relay-sender"],
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--unix", help=argparse.SUPPRESS)
     parser.add_argument("--tcp-port-file", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
@@ -354,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.role == "supervisor":
         _serve_supervisor(a.unix, a.tcp_port_file)
+        return 0
+    if a.role == "relay-worker":
+        _serve_relay_worker(a.unix)
+        return 0
+    if a.role == "relay-sender":
+        _serve_relay_sender(a.unix, a.tcp_port_file)
         return 0
     if not 1 <= a.connections <= 100_000 or not 1 <= a.rounds <= 20:
         parser.error("--connections 1..100000, --rounds 1..20")

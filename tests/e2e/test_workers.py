@@ -229,6 +229,43 @@ def test_a_killed_worker_takes_only_its_own_links(procs: Procs) -> None:
     assert agents[1].proc.status()["links_made"] == 1
 
 
+def test_agent_links_are_spread_evenly_whatever_the_kernels_hash(procs: Procs) -> None:
+    relay = start_relay(procs)
+    backend = procs.backend("http", "--root", str(procs.dir))
+    # Started at once: links arrive while others are still being authenticated.
+    agents = [
+        procs.agent(_relay_address(relay), [str(backend.port)], ca=relay.ca, wait=False)
+        for _ in range(8)
+    ]
+    relay.wait_status(lambda s: s.get("agents") == 8, "eight links")
+    assert worker_of_links(relay) == [4, 4]
+    tunnels = [agent.ready(str(backend.port)) for agent in agents]
+    # Every tunnel is served, whichever worker holds its link and whichever accepts.
+    for tunnel in tunnels:
+        hello(relay, tunnel)
+    # Worker 1 killed: its agents link again to the worker that is up, keep their ids, and
+    # the links made once it is back go to it, the worker with the fewest.
+    pid = relay.worker_pids()[1]
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    relay.wait_status(
+        lambda s: s["workers"][1]["state"] == "running" and s["workers"][1]["restarts"] == 1,
+        "worker 1 started again",
+    )
+    relay.wait_status(lambda s: s.get("agents") == 8, "every agent linked again")
+    relay.wait_ready()
+    for agent, tunnel in zip(agents, tunnels, strict=True):
+        assert agent.ready(str(backend.port)).host == tunnel.host
+    for _ in range(4):
+        before = worker_of_links(relay)
+        procs.agent(_relay_address(relay), [str(backend.port)], ca=relay.ca)
+        n = sum(before) + 1
+        relay.wait_status(lambda s, n=n: s.get("agents") == n, "the new agent's link")
+        after = worker_of_links(relay)
+        gained = [i for i in range(WORKERS) if after[i] > before[i]]
+        assert len(gained) == 1 and before[gained[0]] == min(before), (before, after)
+
+
 def test_drain_on_sigterm_lets_a_download_finish(procs: Procs) -> None:
     curl_path = require_tool("curl")
     root = procs.dir / "files"
@@ -472,10 +509,12 @@ def test_a_named_pool_spans_the_workers(procs: Procs) -> None:
     tunnels = [agent.ready(forward) for agent in agents]
     assert {t.host for t in tunnels} == {f"web.{relay.domain}"}
     assert [relay.worker_status(i)["pool_members"] for i in range(WORKERS)] == [1, 1]
-    # Each worker serves the name with its own member: nothing to hand over.
+    # Each worker serves the name with its own member: nothing to hand over (the links
+    # may have been handed, to spread them, before).
+    before = sent_by_each_worker(relay)
     for _ in range(10):
         hello(relay, tunnels[0])
-    assert sent_by_each_worker(relay) == [0, 0]
+    assert sent_by_each_worker(relay) == before
     # One member gone: the name is served from the other worker, whichever accepts.
     agents[0].proc.stop()
     relay.wait_status(lambda s: s.get("pool_members") == 1, "one member left")

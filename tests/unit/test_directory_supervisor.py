@@ -114,6 +114,7 @@ def test_claims_are_told_to_every_connected_worker(tmp_path: Path) -> None:
     p1.connectionLost(None)
     _, again = control(reactor, 1)
     assert decoded(again) == [
+        {"t": "spread", "up": [0, 1], "links": [0, 0]},
         {"t": "owners", "id": "abc", "workers": [0], "sig": ""},
         {"t": "counts", "principal": "p", "links": 0, "tunnels": 1},
     ]

@@ -9,8 +9,9 @@ pool signature) and says what to send to whom: each call returns ``(worker, mess
 pairs.
 
 `Replica` is a worker's copy, kept by the supervisor's messages: where to hand a public
-connection for a tunnel held elsewhere, and the counts of the other workers that the
-grant's limits add to this worker's own.
+connection for a tunnel held elsewhere, the counts of the other workers that the grant's
+limits add to this worker's own, and every running worker's links (``spread``), from which
+`spread_to` picks the worker a new agent link goes to.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Directory", "Elsewhere", "Outgoing", "Replica"]
+__all__ = ["Directory", "Elsewhere", "Outgoing", "Replica", "spread_to"]
 
 #: A message for a worker: (its index, the message).
 Outgoing = tuple[int, dict[str, Any]]
@@ -49,6 +50,8 @@ class Directory:
         self._members: dict[str, dict[int, int]] = {}
         #: Claims that lost to another worker's, since start.
         self.conflicts = 0
+        #: Workers connected now (from their snapshot until they are gone).
+        self._up: set[int] = set()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -60,6 +63,10 @@ class Directory:
     def tunnel_ids(self) -> list[str]:
         """Every tunnel id or name held anywhere."""
         return list(self._tunnels)
+
+    def links_on(self, worker: int) -> int:
+        """The links (of every principal) on `worker`."""
+        return sum(of.get(worker, 0) for of in self._links.values())
 
     def links_of(self, principal: str) -> int:
         """The links of `principal` on all workers."""
@@ -131,6 +138,8 @@ class Directory:
         self._check_worker(worker)
         of = self._links.setdefault(principal, {})
         if of.get(worker, 0) == n:
+            if not of:
+                del self._links[principal]
             return []
         if n:
             of[worker] = n
@@ -138,13 +147,14 @@ class Directory:
             of.pop(worker, None)
             if not of:
                 del self._links[principal]
-        return self._counts(principal)
+        return self._counts(principal) + self._spread()
 
     def worker_gone(self, worker: int) -> list[Outgoing]:
         """
         `worker` exited: whatever it held is gone (its links went with it).
         """
         self._check_worker(worker)
+        self._up.discard(worker)
         out: list[Outgoing] = []
         for tunnel_id, entry in list(self._tunnels.items()):
             if entry.holders.pop(worker, None) is not None:
@@ -160,12 +170,15 @@ class Directory:
                         del table[principal]
         for principal in sorted(touched):
             out += self._counts(principal)
+        out += self._spread()
         return [(w, m) for w, m in out if w != worker]
 
     def snapshot(self, worker: int) -> list[Outgoing]:
-        """Everything a (re)started `worker` must know of the others."""
+        """Everything a (re)started `worker` must know of the others (and, for the others,
+        that it is up)."""
         self._check_worker(worker)
-        out: list[Outgoing] = []
+        self._up.add(worker)
+        out: list[Outgoing] = self._spread()
         for tunnel_id in self._tunnels:
             out.append((worker, self._owners_message(tunnel_id)))
         for principal in sorted(set(self._links) | set(self._members)):
@@ -205,6 +218,16 @@ class Directory:
         raise ValueError(f"a worker does not send {kind!r}")
 
     # -- what to tell ------------------------------------------------------------------------
+
+    def _spread(self) -> list[Outgoing]:
+        """Every running worker's links, for every running worker."""
+        up = sorted(self._up)
+        message = {
+            "t": "spread",
+            "up": up,
+            "links": [self.links_on(w) for w in range(self.workers)],
+        }
+        return [(w, message) for w in up]
 
     def _owners(self, tunnel_id: str) -> list[Outgoing]:
         return [(w, self._owners_message(tunnel_id)) for w in range(self.workers)]
@@ -259,10 +282,17 @@ class Replica:
         self._links: dict[str, int] = {}
         self._tunnels: dict[str, int] = {}
         self._turn = 0
+        #: Every worker's links, as last told, and the workers running then.
+        self._spread: list[int] = []
+        self._up: tuple[int, ...] = ()
 
     def update(self, message: dict[str, Any]) -> None:
-        """Apply an ``owners`` or ``counts`` message (others are not the replica's)."""
-        if message["t"] == "owners":
+        """Apply an ``owners``, ``counts`` or ``spread`` message (others are not the
+        replica's)."""
+        if message["t"] == "spread":
+            self._spread = list(message["links"])
+            self._up = tuple(message["up"])
+        elif message["t"] == "owners":
             workers = tuple(message["workers"])
             if workers:
                 self._holders[message["id"]] = workers
@@ -306,6 +336,34 @@ class Replica:
     def tunnels(self, principal: str) -> int:
         """The tunnel members of `principal` on the other workers."""
         return self._tunnels.get(principal, 0)
+
+    def link_target(self, here: int) -> int | None:
+        """
+        The worker a new agent link that landed here should go to (`spread_to`), given
+        `here`, this worker's own links now (the replica's figure for it lags); None: keep
+        it. Counts a link handed to another worker there until the supervisor's next
+        ``spread`` says otherwise.
+        """
+        links = {w: self._spread[w] for w in self._up if w < len(self._spread)}
+        links[self.index] = here
+        target = spread_to(self.index, links)
+        if target is not None:
+            self._spread[target] += 1
+        return target
+
+
+def spread_to(here: int, links: dict[int, int]) -> int | None:
+    """
+    Where a new link that landed on worker `here` goes, given the links of each running
+    worker (`here` included): None (it stays) when `here` holds the fewest, or ties with
+    them, so that with it `here` is within one of the fewest; else the worker with the
+    fewest (the lowest index of a tie). Added one at a time, links stay within one of each
+    other on every worker.
+    """
+    fewest = min(links.values(), default=0)
+    if links.get(here, 0) <= fewest:
+        return None
+    return min(w for w, n in links.items() if n == fewest)
 
 
 class Elsewhere:

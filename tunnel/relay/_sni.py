@@ -230,7 +230,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
         f = self.factory
         transport = self.transport
         assert transport is not None
-        if ITCPTransport.providedBy(transport):
+        if f.set_nodelay and ITCPTransport.providedBy(transport):
             try:
                 transport.setTcpNoDelay(True)
             except OSError:  # pragma: no cover - socket already gone
@@ -323,6 +323,25 @@ class _SNIDispatchProtocol(protocol.Protocol):
             self._parser = None  # type: ignore[assignment]
             self._heard()
             self._dispatch(hello)
+
+    def replay(self, data: bytes, hello: ClientHello) -> None:
+        """
+        The connection's first bytes, `data`, whose ClientHello `hello` was parsed already
+        (by the worker that handed the connection here): routed by this factory's router
+        and replayed into TLS (or passthrough) as if read here, without parsing again.
+        """
+        if self._state != _READING_HELLO:
+            return
+        if self._buffered + len(data) > self.factory.max_buffer:
+            self._refuseLog("bad ClientHello: too many bytes before ClientHello")
+            self._refuse(ALERT_DECODE_ERROR)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self._server_name = hello.server_name
+        self._parser = None  # type: ignore[assignment]
+        self._heard()
+        self._dispatch(hello)
 
     def _heard(self) -> None:
         """The whole ClientHello arrived: no longer evictable, and the rest of the handshake
@@ -469,7 +488,8 @@ class SNIDispatchFactory(protocol.Factory):
     ``unrecognized_name`` alert.  It is called at most once per connection, on the reactor
     thread; an exception in it is logged and counts as None.
 
-    ``client_hello_timeout`` is capped at ``handshake_timeout``.
+    ``client_hello_timeout`` is capped at ``handshake_timeout``. A connection whose
+    ClientHello was read elsewhere is given it with its protocol's ``replay(data, hello)``.
 
     @raise ValueError: a timeout that is not positive, or a limit below 1.
     """
@@ -486,6 +506,7 @@ class SNIDispatchFactory(protocol.Factory):
         max_pending_handshakes: int = 1024,
         max_pending_per_source: int = 256,
         max_hello_size: int = 16384,
+        set_nodelay: bool = True,
     ) -> None:
         if handshake_timeout <= 0 or client_hello_timeout <= 0:
             raise ValueError("handshake_timeout and client_hello_timeout must be positive")
@@ -498,6 +519,9 @@ class SNIDispatchFactory(protocol.Factory):
         self.max_pending_handshakes = max_pending_handshakes
         self.max_pending_per_source = max_pending_per_source
         self.max_hello_size = max_hello_size
+        #: Whether each connection gets ``TCP_NODELAY`` (not for sockets handed over by
+        #: another worker, which set it already: the option is the socket's).
+        self.set_nodelay = set_nodelay
         # Raw bytes held while the hello arrives: the hello plus record headers, with room
         # for clients that split it into a few records.
         self.max_buffer = 2 * max_hello_size + 2**14

@@ -12,7 +12,9 @@ A worker is today's relay (`tunnel.relay.service.RelayService`) with four change
   tunnels, and what each principal holds on the others (the grant's limits add those);
 - its router hands a public connection for a tunnel that it does not serve (or serves with
   no usable member) but another worker does to that worker (`tunnel.relay._handoff`), and
-  takes the connections other workers hand to it on its own UNIX socket;
+  an agent's link, before its TLS handshake, to the worker with the fewest links when this
+  one holds more (`tunnel.relay._directory.spread_to`; a link that cannot be handed is
+  served here); it takes the connections other workers hand to it on its own UNIX socket;
 - a verified reclaim of an id that another worker's link holds probes that link through the
   supervisor (`RemoteHolder`); a silent holder loses it there.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import weakref
 from typing import Any
 
 from twisted.application import service
@@ -42,10 +45,13 @@ from tunnel.relay._handoff import (
     HandoffFactory,
     HandoffReceiverFactory,
     HandoffSender,
+    replay,
 )
+from tunnel.relay._link import RelayLink
 from tunnel.relay._shares import Holdings
 from tunnel.relay._sni import Route, SNIDispatchFactory
 from tunnel.relay._state import Relay
+from tunnel.relay._tls import LINK_ALPN
 from tunnel.relay._workermsg import MessageDecoder, MessageError, encode
 from tunnel.relay.config import RECLAIM_PROBE_TIMEOUT
 from tunnel.relay.registry import TunnelRecord, usable_link
@@ -202,17 +208,21 @@ class _ReportedHoldings(Holdings[str, Any]):
     def __init__(self, changed: Any) -> None:
         super().__init__()
         self._changed = changed
+        #: The links of every principal.
+        self.total = 0
 
     def add(self, key: str, item: Any) -> None:
         before = self.count(key)
         super().add(key, item)
         if self.count(key) != before:
+            self.total += self.count(key) - before
             self._changed(key, self.count(key))
 
     def discard(self, key: str, item: Any) -> None:
         before = self.count(key)
         super().discard(key, item)
         if self.count(key) != before:
+            self.total += self.count(key) - before
             self._changed(key, self.count(key))
 
 
@@ -271,7 +281,10 @@ class Worker(Elsewhere, service.Service):
         relay.elsewhere = self
         relay.worker_status = self
         relay.registry.on_member = self._member
-        relay.principal_links = _ReportedHoldings(self._links_changed)
+        self.links_here = _ReportedHoldings(self._links_changed)
+        relay.principal_links = self.links_here
+        #: Links made here (accepted or handed here) that may not be authenticated yet.
+        self._linking: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -- setting up ------------------------------------------------------------------------
 
@@ -280,6 +293,20 @@ class Worker(Elsewhere, service.Service):
         config = self.relay.config
         relay_service.endpoint = ReusePortEndpoint(self.reactor, listen)
         relay_service.front.router = self.route
+        links, linking = self.relay.link_factory, self._linking
+
+        class _Linking(Factory[RelayLink]):
+            """The relay's link factory, noting each link it builds."""
+
+            noisy = False
+
+            def buildProtocol(inner, addr: Any) -> RelayLink | None:
+                proto = links.buildProtocol(addr)
+                if proto is not None:
+                    linking.add(proto)
+                return proto
+
+        self.relay.link_factory = _Linking()
         # Connections handed here are served from what this worker holds, never handed on.
         self.handed_front = SNIDispatchFactory(
             self.relay.route,
@@ -288,6 +315,7 @@ class Worker(Elsewhere, service.Service):
             client_hello_timeout=config.client_hello_timeout,
             max_pending_handshakes=config.max_pending_handshakes,
             max_pending_per_source=config.max_pending_per_source,
+            set_nodelay=False,
         )
         self.setServiceParent(relay_service)
 
@@ -351,7 +379,7 @@ class Worker(Elsewhere, service.Service):
 
     def received(self, message: dict[str, Any]) -> None:
         kind = message["t"]
-        if kind in ("owners", "counts"):
+        if kind in ("owners", "counts", "spread"):
             self.replica.update(message)
         elif kind == "lost":
             record = self.relay.registry.get(message["id"])
@@ -447,20 +475,46 @@ class Worker(Elsewhere, service.Service):
     def route(self, hello: ClientHello) -> Route | None:
         """
         `Relay.route`, but a tunnel that no usable member here serves and another worker
-        holds is handed to that worker.
+        holds is handed to that worker, and an agent's link goes to the worker with the
+        fewest links unless this one ties with it.
         """
         relay = self.relay
         name = hello.server_name
-        if not relay.draining and name:
+        if not relay.draining:
             suffix = "." + relay.domain
-            tunnel_id = name[: -len(suffix)] if name.endswith(suffix) else None
+            tunnel_id = name[: -len(suffix)] if name and name.endswith(suffix) else None
             if tunnel_id:
                 record = relay.registry.get(tunnel_id)
                 if record is None or not any(usable_link(m.link) for m in record.members):
                     target = self.replica.pick(tunnel_id)
                     if target is not None:
-                        return Route(None, HandoffFactory(self.sender, target), passthrough=True)
+                        factory = HandoffFactory(self.sender, target, hello)
+                        return Route(None, factory, passthrough=True)
+            elif tunnel_id is None and LINK_ALPN in hello.alpn:
+                target = self.replica.link_target(self.links_here.total + self._unauthenticated())
+                if target is not None:
+                    factory = HandoffFactory(self.sender, target, hello, self._serve_here)
+                    return Route(None, factory, passthrough=True)
         return relay.route(hello)
+
+    def _unauthenticated(self) -> int:
+        """Links here whose hello is not accepted yet (and not lost): they count among this
+        worker's links already, so that links arriving at once are spread too."""
+        return sum(
+            1
+            for link in self._linking
+            if not getattr(link, "authenticated", True) and not getattr(link, "lost", True)
+        )
+
+    def _serve_here(self, transport: Any, data: bytes, hello: ClientHello) -> None:
+        """A link that could not be handed over: served here after all, as one handed
+        here would be (its ClientHello is not parsed again)."""
+        proto = self.handed_front.buildProtocol(transport.getPeer())
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        if transport.connected and not transport.disconnecting:
+            transport.startReading()
+            replay(proto, data, hello)
 
     # -- status ------------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ Supervisor to worker:
 - ``probe`` {id, probe, to}: probe the holder of `id` here; answer ``probed`` with `probe`
   and `to`.
 - ``probed`` {probe, alive}: the answer to this worker's ``probe``.
+- ``spread`` {up, links}: the workers running now, and the links on each worker (by index),
+  to pick where a new agent link goes.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "owners": {"id": _STR, "workers": _INTS, "sig": _STR},
     "counts": {"principal": _STR, "links": _INT, "tunnels": _INT},
     "lost": {"id": _STR, "reason": _STR},
+    "spread": {"up": _INTS, "links": _INTS},
 }
 
 #: Longest string field (a tunnel id or name, a principal, a reason, a signature).
