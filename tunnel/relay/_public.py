@@ -32,7 +32,7 @@ from tunnel.link import (
 )
 from tunnel.relay._peerwatch import set_keepalive, socket_of
 from tunnel.relay._ratelimit import Throttle
-from tunnel.relay._sni import AccessDenied
+from tunnel.relay._sni import AccessDenied, source_of
 from tunnel.wire import ErrorCode
 
 if TYPE_CHECKING:
@@ -304,7 +304,30 @@ class PublicProtocol(SpliceProtocol):
         self._counted = False
         self.relay.public_connections.discard(self)
         self.relay.public_closed(self.tunnel_id, self)
+        if not reason.check(error.ConnectionDone, error.ConnectionAborted):
+            # The client reset (or broke) its connection, so its stream is reset: counted
+            # against its source. The relay's own aborts (idle, a target's reset) are not.
+            _count_reset(self.relay, self.transport)
         super().connectionLost(reason)
+
+
+def _count_reset(relay: Relay, transport: Any) -> None:
+    """
+    Charge a client's reset to its source (`Relay.reset_guard`); say so, summarised, when
+    that blocks the source.
+    """
+    if transport is None:
+        return
+    source = source_of(transport.getPeer())
+    if relay.reset_guard.reset(source):
+        relay.ratelog.warn(
+            "resets-per-source",
+            "public source {source} resets connections faster than "
+            "{rate:g}/s: refusing its connections for {hold:g} s",
+            source=source,
+            rate=relay.config.source_reset_rate,
+            hold=relay.reset_guard.hold,
+        )
 
 
 #: Whether accepted TCP sockets inherit the listening socket's TCP_NODELAY and keepalive
@@ -452,10 +475,25 @@ class _PublicFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
-        @raise AccessDenied: a TLS client the deny or allow list refuses (it gets an
-            ``access_denied`` alert). A raw TCP one gets None: its connection is closed.
+        @raise AccessDenied: a TLS client the deny or allow list refuses, or whose source is
+            blocked for resetting its connections too fast (it gets an ``access_denied``
+            alert). A raw TCP one gets None: its connection is closed.
         """
-        record = self.relay.registry.get(self.tunnel_id)
+        relay = self.relay
+        guard = relay.reset_guard
+        if guard.blocking and not guard.admits(source := source_of(addr)):
+            # Before any stream: the agent and its local server never see the connection.
+            relay.refused["resets_per_source"] += 1
+            relay.ratelog.warn(
+                "resets-per-source-refused",
+                "refusing a connection to tunnel {id} from {source}: it resets too many",
+                id=self.tunnel_id,
+                source=source,
+            )
+            if self.tls:
+                raise AccessDenied(f"{source} resets too many connections")
+            return None
+        record = relay.registry.get(self.tunnel_id)
         host = getattr(addr, "host", "")
         why = None
         if record is not None and record.deny is not None and not record.deny.admits(host):

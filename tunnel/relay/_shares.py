@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["Buckets", "Holdings", "TokenBucket"]
+__all__ = ["Buckets", "Holdings", "ResetGuard", "TokenBucket"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -120,3 +120,65 @@ class Holdings(Generic[K, T]):
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+class ResetGuard(Generic[K]):
+    """
+    Which public sources may open connections, from how many of theirs ended in a reset.
+
+    Each source (an IPv4 address or an IPv6 /64) has a bucket of `burst` resets refilled at
+    `rate` a second (`Buckets`). A reset past it blocks the source for `hold` seconds: its
+    new connections are refused before any stream is opened, so an agent and its local
+    server never see them. Clean closes cost nothing, however many: browsers, NATed offices
+    and benchmarks open and close many connections a second from one address, and rarely
+    reset them.
+
+    Sans-IO: the clock is a function. Memory follows the sources active lately: full buckets
+    are swept (`Buckets`) and expired blocks dropped as new ones come.
+    """
+
+    def __init__(self, rate: float, burst: float, hold: float, clock: Callable[[], float]) -> None:
+        if hold <= 0:
+            raise ValueError("a reset guard needs a positive hold")
+        self._buckets: Buckets[K] = Buckets(rate, burst, clock)
+        self.hold = hold
+        self._clock = clock
+        self._blocked: dict[K, float] = {}
+        self._prune_at = 1024
+
+    @property
+    def blocking(self) -> bool:
+        """Whether any source may be blocked now (when not, `admits` need not be asked)."""
+        return bool(self._blocked)
+
+    def admits(self, source: K) -> bool:
+        """Whether a new connection from `source` may be opened now."""
+        until = self._blocked.get(source)
+        if until is None:
+            return True
+        if self._clock() < until:
+            return False
+        del self._blocked[source]
+        return True
+
+    def reset(self, source: K) -> bool:
+        """
+        Count a connection of `source` that ended in a reset.
+
+        @return: True when this reset blocked the source (it was over its rate just now).
+        """
+        if self._buckets.take(source):
+            return False
+        now = self._clock()
+        if self._blocked.get(source, now) > now:
+            return False  # Already blocked: its connections still open end as they may.
+        if len(self._blocked) >= self._prune_at:
+            for key in [k for k, until in self._blocked.items() if until <= now]:
+                del self._blocked[key]
+            self._prune_at = max(1024, 2 * len(self._blocked))
+        self._blocked[source] = now + self.hold
+        return True
+
+    def __len__(self) -> int:
+        """Sources blocked or not yet expired."""
+        return len(self._blocked)

@@ -30,10 +30,10 @@ from tunnel.relay._link import RelayLink
 from tunnel.relay._peerwatch import PausedWatch
 from tunnel.relay._public import _PublicFactory
 from tunnel.relay._ratelog import RateLog
-from tunnel.relay._shares import Buckets, Holdings
+from tunnel.relay._shares import Buckets, Holdings, ResetGuard
 from tunnel.relay._sni import Route, source_of
 from tunnel.relay._tls import LINK_ALPN, RelayTLS
-from tunnel.relay.config import POOL_REFUSED_PAUSE, REFUSALS, RelayConfig
+from tunnel.relay.config import POOL_REFUSED_PAUSE, REFUSALS, RESET_HOLD, RelayConfig
 from tunnel.relay.registry import (
     Member,
     PortPool,
@@ -90,6 +90,10 @@ class Relay:
         self._public_sources: dict[Protocol, tuple[TunnelRecord, str, Member]] = {}
         #: Paused public connections, checked for clients that went away.
         self.paused_watch = PausedWatch(reactor)
+        #: Public sources whose connections end in resets too fast: refused for a while.
+        self.reset_guard: ResetGuard[str] = ResetGuard(
+            config.source_reset_rate, config.source_reset_burst, RESET_HOLD, reactor.seconds
+        )
         #: Public connections refused by a tunnel's deny or allow list, since start.
         self.denied_connections = 0
         #: Refusals since start by reason (one `/status` key each, see `REFUSALS`).

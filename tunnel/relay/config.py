@@ -19,6 +19,7 @@ __all__ = [
     "RATE_STRIKES",
     "RECLAIM_PROBE_TIMEOUT",
     "REFUSALS",
+    "RESET_HOLD",
     "TOKENS_CHECK_INTERVAL",
     "RelayConfig",
     "parse_port_range",
@@ -44,7 +45,12 @@ REFUSALS = (
     "streams_per_token",
     "tunnel_requests_rate",
     "links_per_token",
+    "resets_per_source",
 )
+
+#: Seconds a public source that reset its connections faster than `source_reset_rate`
+#: (after `source_reset_burst`) has its new connections refused.
+RESET_HOLD = 10.0
 
 #: A link refused this many tunnel requests for their rate (refilled at one per second)
 #: that goes on asking is ended with GOAWAY ENHANCE_YOUR_CALM.
@@ -92,6 +98,11 @@ class RelayConfig:
     max_connections_per_tunnel: int = 1024
     #: Of those, from one source (an IPv4 address or an IPv6 /64).
     max_connections_per_source: int = 256
+    #: Public connections of one source (an IPv4 address or an IPv6 /64) that may end in a
+    #: reset (the client's TCP RST, or an error), per second over all tunnels, and the burst
+    #: above it; past it the source's new connections are refused for `RESET_HOLD`.
+    source_reset_rate: float = 100.0
+    source_reset_burst: int = 1000
     #: Authenticated links of one principal (a token, or a source without tokens).
     max_links_per_token: int = 256
     #: Streams open at once over all the links of one principal.

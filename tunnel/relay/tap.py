@@ -208,6 +208,22 @@ class Options(usage.Options):
             _positive(int),
         ],
         [
+            "source-reset-rate",
+            None,
+            100.0,
+            "Public connections per second one IPv4 address or IPv6 /64 may end with a reset "
+            "(TCP RST), after a burst of --source-reset-burst; past it its new connections "
+            "are refused for 10 s, before any reaches an agent.",
+            _positive(float),
+        ],
+        [
+            "source-reset-burst",
+            None,
+            1000,
+            "Resets one source may make at once above --source-reset-rate.",
+            _positive(int),
+        ],
+        [
             "max-links-per-token",
             None,
             256,
@@ -557,6 +573,8 @@ def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = Tr
         max_streams_per_link=options["max-streams-per-link"],
         max_connections_per_tunnel=options["max-connections-per-tunnel"],
         max_connections_per_source=options["max-connections-per-source"],
+        source_reset_rate=options["source-reset-rate"],
+        source_reset_burst=options["source-reset-burst"],
         max_links_per_token=options["max-links-per-token"],
         max_streams_per_token=options["max-streams-per-token"],
         tunnel_request_rate=options["tunnel-request-rate"],

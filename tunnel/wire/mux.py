@@ -17,6 +17,24 @@ one frame per busy stream. Control frames (window updates, pings, resets) go fir
 Every non-DATA frame queued for the peer counts against one bound, `max_control_backlog`:
 DATA is bounded by the windows, everything else by it, so a peer that never reads cannot
 make this side buffer without limit.
+
+The rapid-reset bound (`LinkSettings.reset_rate`/`reset_burst`) is spent by what a peer
+does with the streams *it* opens, and differs by side because only the relay opens streams
+in practice (one per public connection; agents open none, and the relay refuses theirs):
+
+- On the accepting side (``client=False``, the relay) every RESET received on a live
+  stream the peer opened, and every peer OPEN refused (past MAX_STREAMS, after a GOAWAY),
+  spends a token: it protects the relay from an agent that opens and resets streams in a
+  loop, making the relay do work for free.
+- On the dialling side (``client=True``, the agent) the peer is the relay it dialled and
+  verified, which opens streams and resets them *on behalf of public clients*: a client's
+  TCP reset reaches the agent as a RESET of a relay-opened stream. Such RESETs spend
+  nothing here, so that no public client can make the agent end its link (and every
+  tunnel on it); the relay bounds clients' resets per source address instead. Refused
+  OPENs still spend tokens: a conforming opener is never refused for MAX_STREAMS (its
+  count is never lower than ours, protocol.md section 5.4), and after our GOAWAY only the
+  OPENs already in flight are refused, so only a relay that breaks the protocol spends
+  them, whatever its clients do.
 """
 
 from __future__ import annotations
@@ -93,9 +111,12 @@ class LinkSettings:
     #: On a gated multiplexer: octets the peer may send before the application accepts it
     #: (`Multiplexer.accept_peer`), in HELLO, PING, GOAWAY and CONTROL frames only.
     max_unaccepted_input: int = 4096
-    #: Sustained rate of peer-opened streams the peer may reset, per second.
+    #: The rapid-reset bound, per second: on the accepting side, RESETs received on live
+    #: streams the peer opened plus peer OPENs refused; on the dialling side (an agent, whose
+    #: peer resets streams on behalf of public clients), peer OPENs refused only. Past it
+    #: the link ends with ENHANCE_YOUR_CALM.
     reset_rate: float = 200.0
-    #: Burst of such resets allowed above the sustained rate.
+    #: Burst of those allowed above the sustained rate.
     reset_burst: int = 2000
 
     def __post_init__(self) -> None:
@@ -864,7 +885,9 @@ class Multiplexer:
         _transition(stream, StreamInput.RECV_RESET, remote=True)
         self._drop(stream)
         events.append(StreamReset(stream.id, code, remote=True))
-        if not stream.local:
+        # The dialling side's peer (the relay) resets the streams it opened when their public
+        # clients do: that is the relay's to bound, per client, not a reason to end the link.
+        if not stream.local and not self.client:
             self._spend_reset_token()
 
     def _on_ping(self, frame: _f.Frame, events: list[Event]) -> None:
@@ -944,6 +967,12 @@ class Multiplexer:
         self._control_size += len(frame)
 
     def _spend_reset_token(self) -> None:
+        """
+        Spend one token of the rapid-reset bound (see the module docstring for what spends
+        one on each side).
+
+        @raise ProtocolError: ENHANCE_YOUR_CALM, the bucket is empty.
+        """
         now = self._clock()
         settings = self.settings
         self._reset_tokens = min(
