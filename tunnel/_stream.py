@@ -176,6 +176,12 @@ class Stream:
         self.link.flush()
         self._finish(Failure(StreamResetError(code, "reset by this side")))
 
+    @property
+    def peer_open(self) -> bool:
+        """Whether the peer (the other end of the link) may still send on this stream: it
+        has neither ended its side nor has the stream closed or been reset."""
+        return not (self._remote_ended or self._closed)
+
     def getPeer(self) -> Any:
         return self._peer or self.link.peer
 

@@ -57,15 +57,32 @@ def raw_reset(port: int, source: str) -> bool:
         sock.close()
 
 
+def reset_after_answer(port: int, source: str) -> bool:
+    """From `source`, one HTTP request read to the server's close, then a reset."""
+    sock = _resetting_socket(source)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        return answer.endswith(b"ok\n")
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 def tls_reset(port: int, ca: Path, host: str, source: str) -> bool:
-    """A TLS connection from `source` that sends a request and resets; whether it was served."""
+    """A TLS connection from `source` that echoes a byte and resets (the agent's side still
+    open); whether it was served."""
     raw = _resetting_socket(source)
     try:
         raw.connect(("127.0.0.1", port))
         ctx = ssl.create_default_context(cafile=str(ca))
         with ctx.wrap_socket(raw, server_hostname=host) as sock:
-            sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            return sock.recv(1) != b""
+            sock.sendall(b"x")
+            return sock.recv(1) == b"x"
     except OSError:
         return False
     finally:
@@ -93,11 +110,17 @@ def test_resetting_clients_never_end_the_agents_link_and_one_source_is_refused(
     relay = group.relay("--source-reset-rate", str(RATE), "--source-reset-burst", str(BURST))
     web = LocalServer(http_handler)
     echo = LocalServer(echo_handler)
-    group.cleanups += [web.close, echo.close]
-    agent = group.agent(relay, [str(web.port), f"{echo.port}:tcp"])
+    answers = LocalServer(http_handler)
+    tls_echo = LocalServer(echo_handler)
+    group.cleanups += [web.close, echo.close, answers.close, tls_echo.close]
+    agent = group.agent(
+        relay, [str(web.port), f"{echo.port}:tcp", f"{answers.port}:tcp", str(tls_echo.port)]
+    )
     tls_tunnel = agent.ready(web.port)
+    tls_echo_tunnel = agent.ready(tls_echo.port)
     tcp_tunnel = agent.ready(echo.port)
-    assert tcp_tunnel.tcp_port is not None
+    answers_tunnel = agent.ready(answers.port)
+    assert tcp_tunnel.tcp_port is not None and answers_tunnel.tcp_port is not None
 
     def served() -> bool:
         result = curl(relay, tls_tunnel, timeout=10)
@@ -122,6 +145,14 @@ def test_resetting_clients_never_end_the_agents_link_and_one_source_is_refused(
     assert status["refused_resets_per_source"] == 0, status
     assert served()
 
+    # 1b. One source that resets each connection only after the whole answer (the server
+    #    closed first, as with HTTP's Connection: close): twice its burst, never refused,
+    #    since such a reset costs the agent nothing.
+    for _ in range(2 * BURST):
+        assert reset_after_answer(answers_tunnel.tcp_port, "127.0.0.5")  # type: ignore[arg-type]
+    status = relay.status()
+    assert status["refused_resets_per_source"] == 0, status
+
     # 2. One source floods the raw TCP tunnel, 3. another the TLS tunnel, while a
     #    legitimate client (curl from 127.0.0.1) keeps being served.
     during: list[bool] = []
@@ -139,7 +170,7 @@ def test_resetting_clients_never_end_the_agents_link_and_one_source_is_refused(
             4 * BURST,
         )
         tls_served, tls_refused = flood_until_refused(
-            lambda: tls_reset(relay.port, relay.ca, tls_tunnel.host, "127.0.0.4"), 4 * BURST
+            lambda: tls_reset(relay.port, relay.ca, tls_echo_tunnel.host, "127.0.0.4"), 4 * BURST
         )
     finally:
         stop.set()

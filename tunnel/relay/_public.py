@@ -291,6 +291,9 @@ class PublicProtocol(SpliceProtocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.lost = True
+        # A reset costs the agent only while its side of the stream is open: a client that
+        # resets after the whole answer (as `wrk` does on `Connection: close`) is not charged.
+        agent_open = isinstance(self.other, Stream) and self.other.peer_open
         self._early = []
         self.relay.paused_watch.discard(self)
         if self._throttle is not None:
@@ -304,9 +307,10 @@ class PublicProtocol(SpliceProtocol):
         self._counted = False
         self.relay.public_connections.discard(self)
         self.relay.public_closed(self.tunnel_id, self)
-        if not reason.check(error.ConnectionDone, error.ConnectionAborted):
-            # The client reset (or broke) its connection, so its stream is reset: counted
-            # against its source. The relay's own aborts (idle, a target's reset) are not.
+        if agent_open and not reason.check(error.ConnectionDone, error.ConnectionAborted):
+            # The client reset (or broke) its connection while the agent's side was open, so
+            # its stream is reset: counted against its source. The relay's own aborts (idle,
+            # a target's reset) are not.
             _count_reset(self.relay, self.transport)
         super().connectionLost(reason)
 
