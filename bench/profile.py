@@ -71,10 +71,29 @@ def function_of(frame: str) -> str:
 POLL = "(in epoll_wait: waiting for events, or woken and waiting for a core)"
 
 
+def _lean_poll_frame() -> str:
+    """The py-spy frame of the daemons' own poll loop (`tunnel._reactor`) at its
+    ``epoll.poll`` call: ``_lean_do_poll (tunnel/_reactor.py:LINE)``."""
+    import inspect
+
+    from tunnel import _reactor
+
+    lines, first = inspect.getsourcelines(_reactor._lean_do_poll)
+    line = first + next(i for i, text in enumerate(lines) if "_poller.poll(" in text)
+    return f"_lean_do_poll (tunnel/_reactor.py:{line})"
+
+
+LEAN_POLL = _lean_poll_frame()
+
+
 def _in_poll(frames: list[str]) -> bool:
-    """A sample inside ``EPollReactor.doPoll``'s call of ``epoll.poll`` (through
-    ``untilConcludes``): py-spy counts a thread that epoll has woken but that waits for a
-    core as active, so on a loaded machine these samples are mostly not CPU time."""
+    """A sample inside the reactor's call of ``epoll.poll`` (Twisted's
+    ``EPollReactor.doPoll``, through ``untilConcludes``, or the daemons' own
+    `tunnel._reactor` loop at that line): py-spy counts a thread that epoll has woken but
+    that waits for a core as active, so on a loaded machine these samples are mostly not
+    CPU time."""
+    if frames and frames[-1].endswith(LEAN_POLL):
+        return True
     tail = [function_of(f) for f in frames[-2:]]
     return bool(tail) and (
         tail[-1].startswith("EPollReactor.doPoll")
