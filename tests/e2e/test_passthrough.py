@@ -56,27 +56,7 @@ def test_clients_see_the_local_servers_certificate(procs: Procs, relay: Relay) -
     )
     tunnel = json.loads(agent.wait_log(r"READY (\{.*\})").group(1))
     host = tunnel["host"]
-    certs = (procs.dir / "chain.pem").read_text()
-    leaf, ca = re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", certs, re.S)
-    (procs.dir / "leaf.pem").write_text(leaf)
-    (procs.dir / "issuer.pem").write_text(ca)
-    server = procs.start(
-        "s_server",
-        [
-            openssl,
-            "s_server",
-            "-accept",
-            f"{LOOPBACK}:{port}",
-            "-www",
-            "-cert",
-            str(procs.dir / "leaf.pem"),
-            "-cert_chain",
-            str(procs.dir / "issuer.pem"),
-            "-key",
-            str(procs.dir / "key.pem"),
-        ],
-    )
-    server.wait_log(r"ACCEPT")
+    leaf = serve_chain(procs, openssl, port)
 
     result = run(
         [
@@ -135,3 +115,27 @@ def test_clients_see_the_local_servers_certificate(procs: Procs, relay: Relay) -
     assert checked.returncode == 60, checked.stderr  # the name does not match
     unchecked = run([require_tool("curl"), "-sS", "-k", *resolve, url])
     assert b"s_server" in unchecked.stdout, unchecked.stderr
+
+
+def serve_chain(procs: Procs, openssl: str, port: int) -> str:
+    """Serve the agent's passthrough chain (``chain.pem``, its ``key.pem``) with ``openssl
+    s_server`` on `port`, until it accepts; the leaf certificate (PEM)."""
+    certs = (procs.dir / "chain.pem").read_text()
+    leaf, ca = re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", certs, re.S)
+    (procs.dir / "leaf.pem").write_text(leaf)
+    (procs.dir / "issuer.pem").write_text(ca)
+    server = procs.start(
+        "s_server",
+        [
+            openssl,
+            "s_server",
+            "-accept",
+            f"{LOOPBACK}:{port}",
+            "-www",
+            *("-cert", str(procs.dir / "leaf.pem")),
+            *("-cert_chain", str(procs.dir / "issuer.pem")),
+            *("-key", str(procs.dir / "key.pem")),
+        ],
+    )
+    server.wait_log(r"ACCEPT")
+    return leaf

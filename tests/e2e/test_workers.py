@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import ssl
@@ -41,6 +40,7 @@ from tests.e2e.harness import (
 from tests.e2e.pebble import AcmeWorld
 from tests.e2e.test_certificates import CertFiles, acme, sans, served_certificate
 from tests.e2e.test_passthrough import SCRIPT as PASSTHROUGH_AGENT
+from tests.e2e.test_passthrough import serve_chain
 from tunnel import _signedtokens as signed
 from tunnel.testing._daemons import RelayProcess
 
@@ -559,27 +559,7 @@ def test_a_passthrough_tunnel_is_handed_over_untouched(procs: Procs) -> None:
         ],
     )
     host = json.loads(agent.wait_log(r"READY (\{.*\})").group(1))["host"]
-    leaf, issuer = re.findall(
-        r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
-        (procs.dir / "chain.pem").read_text(),
-        re.S,
-    )
-    (procs.dir / "leaf.pem").write_text(leaf)
-    (procs.dir / "issuer.pem").write_text(issuer)
-    server = procs.start(
-        "s_server",
-        [
-            openssl,
-            "s_server",
-            "-accept",
-            f"{LOOPBACK}:{port}",
-            "-www",
-            *("-cert", str(procs.dir / "leaf.pem")),
-            *("-cert_chain", str(procs.dir / "issuer.pem")),
-            *("-key", str(procs.dir / "key.pem")),
-        ],
-    )
-    server.wait_log(r"ACCEPT")
+    leaf = serve_chain(procs, openssl, port)
     holder = worker_of_links(relay).index(1)
     wanted = x509.load_pem_x509_certificate(leaf.encode()).serial_number
     ctx = ssl.create_default_context(cafile=str(relay.ca))
