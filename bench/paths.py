@@ -259,6 +259,8 @@ class Delay(BenchPath):
     name = "delay-100ms"
     title = "direct via delay proxy (50 ms each way)"
     connect_count = 50
+    #: Only with ``--only``: the ``*-wan-*`` paths measure the far agent with a bandwidth cap.
+    default = False
     delay_ms: ClassVar[float] = 50.0
 
     def start(self) -> None:

@@ -265,13 +265,13 @@ class SshReverse(BenchPath):
 class SshReverseN(SshReverse):
     """``ssh -N -R``: no pty, so OpenSSH leaves Nagle's algorithm on.
 
-    Nagle + delayed ACKs cost ~40 ms per connection, so 300 connections, not 1,000, are timed.
+    Nagle + delayed ACKs cost ~40 ms per connection, so 100 connections, not 1,000, are timed.
     """
 
     name = "ssh-R"
     title = "ssh -N -R (Nagle on)"
     tty = False
-    connect_count = 300
+    connect_count = 100
 
 
 @register

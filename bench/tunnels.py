@@ -194,6 +194,8 @@ class TunnelTcpDelay(_Tunnel):
     unencrypted = True
     link_delay_ms = 50.0
     connect_count = 50
+    #: Only with ``--only``: the ``*-wan-*`` paths measure the far agent with a bandwidth cap.
+    default = False
 
     def start(self) -> None:
         super().start()
