@@ -26,6 +26,11 @@ and by the proxy's own CPU.
 directions together). New connections are accepted as before: what a NAT rebinding or a
 dropped mobile link does to a long-lived connection.
 
+**Time series.** ``--series FILE`` appends one JSON line per ``--series-ms`` (100) interval
+in which bytes left the proxy: ``{"t": SECONDS, "bytes": {"LISTEN>TARGET": N,
+"TARGET>LISTEN": N}}``, the octets each direction of each link delivered in the interval
+that ended at ``t`` (seconds since the proxy started), to see how a transfer ramps up.
+
 Prints ``{"ports": {LISTEN: TARGET}, "pid": PID}`` once listening. Only loopback addresses
 are used.
 """
@@ -65,6 +70,8 @@ class Link:
         self.clock = 0.0
         #: Bytes booked on this link so far.
         self.booked = 0
+        #: Bytes released (written on) by this link so far.
+        self.delivered = 0
 
     def departure(self, now: float, n: int) -> float:
         """Book ``n`` bytes read at ``now``; the time they have all left the bucket."""
@@ -143,6 +150,7 @@ class _Pipe:
                         writer.write_eof()
                     return
                 writer.write(chunk)
+                self.link.delivered += len(chunk)
                 self.inflight -= len(chunk)
                 if self.inflight <= self.max_inflight:
                     self.space.set()
@@ -232,6 +240,24 @@ def cut_all() -> int:
     return len(conns)
 
 
+async def record_series(links: dict[str, Link], path: str, interval: float) -> None:
+    """Every ``interval`` seconds, append to ``path`` what each link delivered since the
+    last line (a line only when something moved)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    last = {name: 0 for name in links}
+    tick = start
+    with open(path, "a", encoding="utf-8") as out:
+        while True:
+            tick += interval
+            await asyncio.sleep(max(0.0, tick - loop.time()))
+            moved = {name: link.delivered - last[name] for name, link in links.items()}
+            last = {name: link.delivered for name, link in links.items()}
+            if any(moved.values()):
+                out.write(json.dumps({"t": round(tick - start, 3), "bytes": moved}) + "\n")
+                out.flush()
+
+
 async def serve(
     mapping: dict[int, int],
     opts: _Options,
@@ -239,15 +265,20 @@ async def serve(
     burst: int = 256 << 10,
     queue: int = 4 << 20,
     cut_on_sigusr1: bool = True,
+    series: str | None = None,
+    series_interval: float = 0.1,
 ) -> None:
     """Listen on each ``127.0.0.1:listen`` and proxy to ``127.0.0.1:target`` over a link
     (one per mapping and direction) with ``opts``' delays and ``rate`` bytes/s; SIGUSR1
-    cuts every connection (when ``cut_on_sigusr1``: only in the main thread)."""
+    cuts every connection (when ``cut_on_sigusr1``: only in the main thread). With
+    ``series``, append the links' deliveries per ``series_interval`` to that file."""
     if cut_on_sigusr1:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, cut_all)
     servers = []
+    named: dict[str, Link] = {}
     for listen, target in mapping.items():
         links = (Link(opts.fwd, rate, burst, queue), Link(opts.back, rate, burst, queue))
+        named[f"{listen}>{target}"], named[f"{target}>{listen}"] = links
 
         async def handler(
             r: asyncio.StreamReader,
@@ -259,7 +290,10 @@ async def serve(
 
         servers.append(await asyncio.start_server(handler, HOST, listen, backlog=1024))
     print(json.dumps({"ports": mapping, "pid": os.getpid()}), flush=True)
-    await asyncio.gather(*(s.serve_forever() for s in servers))
+    tasks = [s.serve_forever() for s in servers]
+    if series is not None:
+        tasks.append(record_series(named, series, series_interval))
+    await asyncio.gather(*tasks)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,13 +306,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queue-kib", type=int, default=4096, help="link queue bound")
     parser.add_argument("--max-inflight", type=int, default=64 << 20, help="bytes/direction")
     parser.add_argument("--cut-after", type=int, help="reset a connection after BYTES")
+    parser.add_argument("--series", help="append bytes delivered per interval to FILE")
+    parser.add_argument("--series-ms", type=float, default=100.0, help="the series' interval")
     parser.add_argument("map", nargs="+", help="LISTEN_PORT:TARGET_PORT on 127.0.0.1")
     a = parser.parse_args(argv)
     mapping = {int(m.split(":")[0]): int(m.split(":")[1]) for m in a.map}
     back = a.delay_ms if a.delay_ms_back is None else a.delay_ms_back
     opts = _Options(a.delay_ms / 1000, back / 1000, a.max_inflight, a.cut_after)
     rate = a.rate_mbps * 1e6 / 8 if a.rate_mbps else None
-    asyncio.run(serve(mapping, opts, rate, a.burst_kib << 10, a.queue_kib << 10))
+    asyncio.run(
+        serve(
+            mapping,
+            opts,
+            rate,
+            a.burst_kib << 10,
+            a.queue_kib << 10,
+            series=a.series,
+            series_interval=a.series_ms / 1000,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -194,10 +194,13 @@ class BenchPath(abc.ABC):
     def start_wan_proxy(self, targets: Sequence[int]) -> list[int]:
         """Put ``self.wan`` in front of loopback ``targets``; return the ports that reach
         them. Each target gets its own link (one per direction), shared by all of its
-        connections. ``cut_link()`` resets every connection through it."""
+        connections. ``cut_link()`` resets every connection through it. What each link
+        delivers per 100 ms goes to ``wanseries.jsonl`` in the path's work directory (kept
+        with ``--keep``)."""
         assert self.wan is not None
         ports = {free_port(): t for t in targets}
         argv = [sys.executable, "-m", "bench.delayproxy", *self.wan.proxy_args()]
+        argv.append(f"--series={self.dir / 'wanseries.jsonl'}")
         argv += [f"{a}:{b}" for a, b in ports.items()]
         self.wan_proxy = self.spawn(argv, "wanproxy.log")
         for p in ports:

@@ -386,11 +386,11 @@ def test_credit_only_on_consumption() -> None:
     c.send(sid, b"a" * 200 * KIB)
     pump(c, s)
     assert s.data_to_send() == b""  # nothing consumed: no WINDOW
-    s.consumed(sid, 127 * KIB)
-    assert s.data_to_send() == b""  # less than half a window
+    s.consumed(sid, 63 * KIB)
+    assert s.data_to_send() == b""  # less than a quarter window
     s.consumed(sid, 1 * KIB)
     assert decode(s.data_to_send()) == [
-        F.Frame(F.FrameType.WINDOW, 0, sid, (128 * KIB).to_bytes(4, "big"))
+        F.Frame(F.FrameType.WINDOW, 0, sid, (64 * KIB).to_bytes(4, "big"))
     ]
 
 

@@ -26,11 +26,14 @@ def test_overrun_refused_without_change() -> None:
     assert (w.available, w.unconsumed) == (0, 1000)
 
 
-def test_credit_returned_per_half_window() -> None:
+def test_credit_returned_per_quarter_window() -> None:
     w = ReceiveWindow(1000, 1000, 0.0)
     assert w.received(1000)
-    assert w.consumed(499, 1.0, None, False) == 0
-    assert w.consumed(1, 1.0, None, False) == 500
+    assert w.consumed(249, 1.0, None, False) == 0
+    assert w.consumed(1, 1.0, None, False) == 250
+    _check(w)
+    assert w.consumed(249, 1.0, None, False) == 0
+    assert w.consumed(1, 1.0, None, False) == 250
     _check(w)
     assert w.consumed(500, 1.0, None, True) == 0  # final: nothing goes back
     _check(w)
@@ -48,10 +51,10 @@ def test_grows_when_fast_and_caps_at_max() -> None:
     t = 0.0
     sizes = []
     for _ in range(10):
-        half = w.size // 2
-        assert w.received(half)
-        t += 0.001  # far less than 2 RTTs
-        assert w.consumed(half, t, 0.1, False) > 0
+        quarter = w.size // 4
+        assert w.received(quarter)
+        t += 0.001  # far less than 1 RTT
+        assert w.consumed(quarter, t, 0.1, False) > 0
         sizes.append(w.size)
         _check(w)
     assert sizes[:3] == [512 * KIB, 1024 * KIB, 1024 * KIB]
@@ -62,17 +65,17 @@ def test_never_grows_for_slow_reader() -> None:
     w = ReceiveWindow(256 * KIB, 16 * 1024 * KIB, 0.0)
     t = 0.0
     for _ in range(20):
-        half = w.size // 2
-        w.received(half)
-        t += 0.5  # 5 RTTs per half window
-        assert w.consumed(half, t, 0.1, False) == half
+        quarter = w.size // 4
+        w.received(quarter)
+        t += 0.25  # 2.5 RTTs per quarter window
+        assert w.consumed(quarter, t, 0.1, False) == quarter
     assert w.size == 256 * KIB
 
 
 def test_no_growth_without_rtt() -> None:
     w = ReceiveWindow(1024, 1 << 20, 0.0)
-    w.received(512)
-    assert w.consumed(512, 0.0, None, False) == 512
+    w.received(256)
+    assert w.consumed(256, 0.0, None, False) == 256
     assert w.size == 1024
 
 

@@ -40,6 +40,9 @@ class AgentLink(LinkProtocol):
         super().__init__(agent.reactor, client=True, settings=agent.settings)
         self.agent = agent
         self.draining = False
+        #: A GOAWAY went either way on this link (the relay drained or ended it, or this
+        #: side did): its end was asked for, not a cut.
+        self.went_away = False
         self._idle_waiters: list[defer.Deferred[None]] = []
         #: The link was made elsewhere and adopted with its multiplexer (`Agent.adopt`).
         self.adopted = mux is not None
@@ -87,7 +90,30 @@ class AgentLink(LinkProtocol):
     def streamOpened(self, stream: Stream, metadata: bytes) -> None:
         self.agent._stream_opened(self, stream, metadata)
 
+    @property
+    def cut(self) -> bool:
+        """
+        Whether the link ended without either side asking: the connection was reset or
+        closed with no GOAWAY, or this side's keepalive timed out (the path went silent).
+        False while the link is up.
+        """
+        ended = self.terminated
+        if not self._lost or self.went_away or ended is None:
+            return False
+        code, _, remote = ended
+        # Remote without a GOAWAY: the transport went away. Local: only the keepalive.
+        return remote or code == ErrorCode.TIMEOUT
+
+    def goAway(self, code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
+        self.went_away = True
+        super().goAway(code, message)
+
+    def close(self, message: str = "closing", timeout: float = 1.0) -> defer.Deferred[None]:
+        self.went_away = True
+        return super().close(message, timeout)
+
     def goAwayReceived(self, code: int, message: str) -> None:
+        self.went_away = True
         if code != ErrorCode.NO_ERROR:
             return
         # The relay is draining: streams in flight finish here; the link closes as soon as

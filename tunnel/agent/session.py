@@ -10,11 +10,10 @@ local data path `_local.py`, and the configuration `settings.py`.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -30,6 +29,7 @@ from tunnel.agent._events import EventLog
 from tunnel.agent._link import AgentLink
 from tunnel.agent._local import LocalFactory, connect_local
 from tunnel.agent._records import AgentForward
+from tunnel.agent._retry import ReconnectPolicy
 from tunnel.agent._stdtls import StdTLSFactory
 from tunnel.agent.settings import ForwardSpec, RelayAddress, parse_forward, parse_relays
 from tunnel.errors import TunnelClosedError
@@ -115,14 +115,16 @@ class Agent:
         self._trust = trust_root(ca)
         factory = Factory.forProtocol(lambda: AgentLink(self))
         factory.noisy = False
-        policy = retry_policy or backoffPolicy(
-            initialDelay=0.1, maxDelay=10.0, factor=2.0, jitter=random.random
-        )
+        #: The delays between connection attempts: quick after a cut, else back-off
+        #: (`ReconnectPolicy`), unless the caller gave its own `retry_policy`.
+        self.reconnect = ReconnectPolicy() if retry_policy is None else None
+        policy = retry_policy or self.reconnect
+        assert policy is not None
         self._service = ClientService(
             FailoverEndpoint(self),
             factory,
-            # Tenths of a second: ClientService logs the delay ("in 2.6 seconds").
-            retryPolicy=lambda attempt: round(policy(attempt), 1),
+            # Milliseconds: ClientService logs the delay ("in 0.037 seconds").
+            retryPolicy=lambda attempt: round(policy(attempt), 3),
             clock=reactor,
         )
         self._ranked = False
@@ -366,6 +368,10 @@ class Agent:
             return  # an old link, already replaced
         self.link = None
         self._connecting = None
+        if self.reconnect is not None:
+            # Only a cut (no GOAWAY either way) earns the quick retry: not the relay
+            # draining or refusing us, nor this side ending the link.
+            self.reconnect.link_down(self.reactor.seconds(), cut=link.cut)
         self._apply(self.control.link_lost(describe_failure(reason)))
         if link.adopted and self.control.state is control.SessionState.CONNECTING:
             # The adopted link was not the ClientService's: it reconnects from now on.
@@ -394,6 +400,8 @@ class Agent:
                 assert link is not None
                 self.link = link
                 self.links_made += 1
+                if self.reconnect is not None:
+                    self.reconnect.link_up(self.reactor.seconds())
                 link.keepalive_interval = effect.welcome.keepalive_interval
                 link.keepalive_timeout = effect.welcome.keepalive_timeout
                 relay = self._relay_names() if len(self.relays) == 1 else self._current_relay()

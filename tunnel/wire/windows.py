@@ -10,15 +10,26 @@ where `available` is what the peer may still send, `unconsumed` is data that arr
 application has not consumed, and `unacknowledged` is data consumed but not yet returned to
 the peer in a WINDOW frame.
 
-Credit goes back only for *consumed* data, in one WINDOW frame per half window consumed.
-When half a window is consumed in less than two round trips, the window, not the reader, is
-what limits the stream, so the window doubles (up to `max_size`), as QUIC implementations
-auto-tune theirs. A stream whose reader is slow never grows: it never consumes that fast.
+Credit goes back only for *consumed* data, in one WINDOW frame per quarter window consumed.
+When the reader consumed at least a quarter of the window per round trip since the last
+grant (a quarter in under one round trip, or half in under two), the window, not the
+reader, is what limits the stream, so the window doubles (up to `max_size`), as QUIC
+implementations auto-tune theirs. A stream whose reader is slow never grows: it never
+consumes that fast.
+
+Granting every quarter rather than every half window lets a window that limits its stream
+double about twice per round trip instead of once, since each grant is a chance to grow,
+while the rate a reader must keep up to grow stays the same: over a 100 ms path a stream
+reaches a 5 MB bandwidth-delay product from the 256 KiB start in about three round trips
+instead of six.
 """
 
 from __future__ import annotations
 
-__all__ = ["ReceiveWindow"]
+__all__ = ["GRANT_FRACTION", "ReceiveWindow"]
+
+#: Credit goes back once `1 / GRANT_FRACTION` of the window has been consumed.
+GRANT_FRACTION = 4
 
 
 class ReceiveWindow:
@@ -77,10 +88,16 @@ class ReceiveWindow:
             raise ValueError(f"consumed {length} octets but only {self.unconsumed} are held")
         self.unconsumed -= length
         self.unacknowledged += length
-        if final or self.unacknowledged * 2 < self.size:
+        if final or self.unacknowledged * GRANT_FRACTION < self.size:
             return 0
         growth = 0
-        if rtt is not None and now - self.last_update < 2 * rtt and self.size < self.max_size:
+        # Grow when the reader kept up a quarter of the window per round trip since the
+        # last grant: unacknowledged / elapsed > size / (4 * rtt), without dividing.
+        if (
+            rtt is not None
+            and 4 * rtt * self.unacknowledged > (now - self.last_update) * self.size
+            and self.size < self.max_size
+        ):
             growth = min(self.size, self.max_size - self.size)
             if growth_budget is not None:
                 growth = max(0, min(growth, growth_budget))
