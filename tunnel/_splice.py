@@ -62,16 +62,26 @@ class ConnectedTCP(tcp.Connection):
     It reads from construction on; its protocol's `makeConnection` is the caller's to call.
     """
 
-    def __init__(self, skt: socket.socket, protocol: Any, reactor: Any, peer: tuple[Any, ...]):
+    def __init__(
+        self,
+        skt: socket.socket,
+        protocol: Any,
+        reactor: Any,
+        peer: tuple[Any, ...],
+        family: int | None = None,
+    ):
         # tcp.Connection.__init__, less its setblocking(False) (an ioctl): `skt` is
-        # non-blocking already.
+        # non-blocking already. `family` is the socket's, when the caller knows it (the
+        # socket's own `family` property builds an enum member per call).
         abstract.FileDescriptor.__init__(self, reactor=reactor)
         self.socket = skt
         self.fileno = skt.fileno
         self.protocol = protocol
         self._peer = peer
+        if family is None:
+            family = skt.family
         self._address_type = (
-            address.IPv6Address if skt.family == socket.AF_INET6 else address.IPv4Address
+            address.IPv6Address if family == socket.AF_INET6 else address.IPv4Address
         )
         self.logstr = f"{type(protocol).__name__},client"
         self.connected = 1
@@ -88,6 +98,11 @@ class ConnectedTCP(tcp.Connection):
 
 
 _TCP_TYPES = (tcp.Server, tcp.Client, ConnectedTCP)
+#: The reason given to a TCP transport that `close_now` closes: one shared Failure, as the
+#: reactor shares its own for the connections it finds closed.
+_CONNECTION_DONE = Failure(main.CONNECTION_DONE)
+#: Transports that never have a connector (accepted, or connected without one).
+_NO_CONNECTOR = (tcp.Server, ConnectedTCP, Stream)
 
 
 def _idle_tcp(transport: Any) -> bool:
@@ -129,9 +144,8 @@ def close_now(transport: Any) -> None:
     down, instead of one reactor turn later through an empty write.
     """
     if _idle_tcp(transport) and transport.producer is None:
-        transport.stopReading()
-        transport.stopWriting()
-        transport.connectionLost(Failure(main.CONNECTION_DONE))
+        # Its connectionLost stops reading and writing (the reactor's epoll updates).
+        transport.connectionLost(_CONNECTION_DONE)
         return
     transport.loseConnection()
 
@@ -170,7 +184,13 @@ def half_close(transport: Any) -> None:
         transport.unregisterProducer()
     except Exception:
         pass
-    if isinstance(transport, Stream):
+    kind = type(transport)
+    if kind is Stream:
+        transport.loseWriteConnection()
+    elif kind in _TCP_TYPES:
+        if not _done_writing_now(transport):
+            transport.loseWriteConnection()
+    elif isinstance(transport, Stream):
         transport.loseWriteConnection()
     elif isinstance(transport, TLSMemoryBIOProtocol):
         transport.loseConnection()
@@ -190,6 +210,8 @@ def release_connector(transport: Any) -> None:
     Call it from the protocol's ``connectionLost``: the connector is finished with its
     transport by then (it is told of the loss next and needs only its factory).
     """
+    if type(transport) in _NO_CONNECTOR:
+        return
     for candidate in (transport, getattr(transport, "transport", None)):
         connector = getattr(candidate, "connector", None)
         if connector is not None and getattr(connector, "transport", None) is candidate:
@@ -236,7 +258,9 @@ class SpliceProtocol(Protocol):
         This side ended for `reason`; close the other: gracefully after a clean close,
         at once otherwise (a reset tells its peer that what it received may be cut short).
         """
-        if reason.check(error.ConnectionDone):
+        # isinstance, not reason.check: the same answer without the class names of the
+        # exception's ancestry, which check computes on every call.
+        if isinstance(reason.value, error.ConnectionDone):
             close_now(self.other)
         else:
             self.other.abortConnection()
