@@ -8,6 +8,7 @@ and half-close passed on.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
@@ -87,6 +88,19 @@ class ConnectedTCP(tcp.Connection):
         self.connected = 1
         self.startReading()
 
+    def doRead(self) -> Any:
+        """`tcp.Connection.doRead` with its `_dataReceived` inline (one call less per read)."""
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as se:
+            if se.args[0] == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
+
     def getPeer(self) -> Any:
         return self._address_type("TCP", *self._peer[:2])
 
@@ -160,11 +174,27 @@ def write_now(transport: Any, data: bytes) -> None:
     socket does not take now is buffered as usual, and an error is left to the reactor,
     which meets it again on its next write attempt.
     """
-    if _idle_tcp(transport):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent >= 0:
-            if sent == len(data):
-                return
+    # `_idle_tcp` and Twisted's `writeSomeData`, inline: this runs for every chunk relayed
+    # to a socket, and each Python call it saves is a few per cent of a small request.
+    if (
+        type(transport) in _TCP_TYPES
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        try:
+            # Python's send retries on EINTR itself; what the socket does not take (its
+            # buffer is full) is buffered below, and an error is left to the reactor,
+            # which meets it again on its next write attempt.
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return
+        if sent:
             data = data[sent:]
     transport.write(data)
 

@@ -64,7 +64,6 @@ class Stream:
         "__weakref__",
         "_buffer",
         "_closed",
-        "_delivering",
         "_discarding",
         "_local_ended",
         "_owed",
@@ -97,7 +96,6 @@ class Stream:
         self._paused = False
         #: Octets delivered while paused by the consumer itself; credited at resume.
         self._owed = 0
-        self._delivering = False
         self._remote_ended = False
         self._remote_end_delivered = False
         self._local_ended = False
@@ -241,14 +239,16 @@ class Stream:
         elif self._paused or self.protocol is None or self._buffer:
             self._buffer.append(data)
         else:
-            self._deliver(data)
+            # `_deliver` and `_credit`, inline: this runs for every DATA frame.
+            self.protocol.dataReceived(data)
+            # dataReceived may have paused or closed the stream (mypy cannot know).
+            if self._paused:
+                self._owed += len(data)  # type: ignore[unreachable]
+            elif not self._closed:
+                self.link.mux.consumed(self.stream_id, len(data))
 
     def _deliver(self, data: bytes) -> None:
-        self._delivering = True
-        try:
-            self.protocol.dataReceived(data)
-        finally:
-            self._delivering = False
+        self.protocol.dataReceived(data)
         if self._paused:
             self._owed += len(data)
         else:

@@ -194,8 +194,9 @@ class LinkProtocol(Protocol):
             mux = self.mux
             self._dispatch(mux.receive_data(data))
             # A gated link holds input after each control message until the handler has
-            # accepted the peer (or not): then the rest is processed, in order.
-            while mux.input_pending:
+            # accepted the peer (or not): then the rest is processed, in order. (Only a
+            # gated multiplexer holds input.)
+            while self.gated and mux.input_pending:
                 self._dispatch(mux.receive_data(b""))
         finally:
             self._receiving = False

@@ -55,6 +55,10 @@ class ConnectionState:
     ENDED = frozenset({CLOSED, RESET, FAILED})
 
 
+#: `ConnectionState.ENDED`, for the per-connection checks (a property call less each).
+_ENDED = ConnectionState.ENDED
+
+
 class Side:
     """
     Who did something to a connection.
@@ -231,7 +235,7 @@ class EventLog:
         """
         `by` (the client or the target) finished sending.
         """
-        if connection.ended_already:
+        if connection.state in _ENDED:
             return
         if connection.half_closed_by is None:
             connection.half_closed_by = by
@@ -243,7 +247,7 @@ class EventLog:
         The connection ended (`state`: closed, reset or failed), by `by`; later calls for
         the same connection (its other side ending too) change nothing.
         """
-        if connection.ended_already:
+        if connection.state in _ENDED:
             return
         if state == ConnectionState.CLOSED and connection.half_closed_by is not None:
             by = connection.half_closed_by  # whoever finished first closed it
@@ -320,7 +324,7 @@ def _describe(connection: Connection) -> str:
     who = f"{connection.client}:{connection.client_port} -> {connection.target}"
     if connection.state == ConnectionState.HALF_CLOSED:
         return f"connection {who}: the {connection.half_closed_by} finished sending"
-    if not connection.ended_already:
+    if connection.state not in _ENDED:
         return f"connection {who} {connection.state}"
     moved = f"{connection.from_client} B in, {connection.to_client} B out"
     if connection.state == ConnectionState.CLOSED:
