@@ -155,10 +155,21 @@ def close_now(transport: Any) -> None:
     """
     `transport.loseConnection()`, except that an idle TCP transport (`_idle_tcp`, no
     producer) closes at once, as Twisted's does when its writing side is already shut
-    down, instead of one reactor turn later through an empty write.
+    down, instead of one reactor turn later through an empty write. (One whose writing side
+    is shut down closes at once, as with Twisted's.)
     """
     if _idle_tcp(transport) and transport.producer is None:
         # Its connectionLost stops reading and writing (the reactor's epoll updates).
+        transport.connectionLost(_CONNECTION_DONE)
+        return
+    if (
+        type(transport) in _TCP_TYPES
+        and transport.connected
+        and not transport.disconnecting
+        and transport._writeDisconnected
+    ):
+        # Its sending side is shut down already (a half-close): what Twisted's
+        # loseConnection does then, with the shared Failure instead of a new one.
         transport.connectionLost(_CONNECTION_DONE)
         return
     transport.loseConnection()
