@@ -41,8 +41,11 @@ def set_nodelay(transport: Any) -> None:
     Tune a TCP transport (or the TCP transport under a TLS one) for the data path: Nagle's
     algorithm off, and reads of up to `SOCKET_READ` octets per call, so that a busy stream
     costs fewer reactor turns (Twisted reads 64 KiB at a time by default; the same figure
-    is its write-buffer threshold for pausing producers).
+    is its write-buffer threshold for pausing producers). A stream has neither: nothing
+    is done.
     """
+    if type(transport) is Stream:
+        return
     for candidate in (transport, getattr(transport, "transport", None)):
         setter = getattr(candidate, "setTcpNoDelay", None)
         if setter is not None:
