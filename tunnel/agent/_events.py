@@ -218,7 +218,8 @@ class EventLog:
         self.open[connection.id] = connection
         self.history.append(connection)
         self.counts["connections"] += 1
-        self._connection_event("connection_opened", connection)
+        if self.observers:
+            self._connection_event("connection_opened", connection)
         return connection
 
     def connected(self, connection: Connection) -> None:
@@ -229,7 +230,8 @@ class EventLog:
             return
         connection.state = ConnectionState.OPEN
         self._refusing.discard(connection.target)
-        self._connection_event("connection_changed", connection)
+        if self.observers:
+            self._connection_event("connection_changed", connection)
 
     def half_closed(self, connection: Connection, by: str) -> None:
         """
@@ -240,7 +242,8 @@ class EventLog:
         if connection.half_closed_by is None:
             connection.half_closed_by = by
             connection.state = ConnectionState.HALF_CLOSED
-            self._connection_event("connection_changed", connection)
+            if self.observers:
+                self._connection_event("connection_changed", connection)
 
     def ended(self, connection: Connection, state: str, by: str, why: str | None = None) -> None:
         """
@@ -274,11 +277,12 @@ class EventLog:
             )
             self.emit(event)
             return
-        self._connection_event("connection_closed", connection)
+        if self.observers:
+            self._connection_event("connection_closed", connection)
 
     def _connection_event(self, kind: str, connection: Connection) -> None:
-        if not self.observers:
-            return
+        # Called only when someone observes: with none (the daemon without an inspector
+        # open), a connection's events cost no Event, and no call.
         self.emit(
             Event(
                 kind,

@@ -309,7 +309,8 @@ class _LocalProtocol(SpliceProtocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         events, connection = self.events, self.connection
-        if events is not None and connection is not None and not connection.ended_already:
+        ended = connection is None or connection.state in ConnectionState.ENDED
+        if events is not None and connection is not None and not ended:
             if isinstance(reason.value, error.ConnectionDone):
                 events.ended(connection, ConnectionState.CLOSED, Side.TARGET)
             else:
@@ -338,7 +339,7 @@ class _StreamSide(SpliceProtocol):
         super().readConnectionLost()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
-        if not self.connection.ended_already:
+        if self.connection.state not in ConnectionState.ENDED:
             state, by, why = stream_end(reason)
             link = getattr(self.transport, "link", None)
             if state == ConnectionState.RESET and link is not None and link.terminated:
