@@ -138,6 +138,7 @@ def _lean_do_poll(self: Any, timeout: float | None) -> None:
             return
         raise
     selectables = self._selectables
+    readable = self._POLL_IN
     pending: list[Callable[[], object]] = []
     self._tunnel_after_events = pending
     try:
@@ -146,7 +147,18 @@ def _lean_do_poll(self: Any, timeout: float | None) -> None:
             if selectable is None:
                 continue
             try:
-                _do_read_or_write(self, selectable, fd, event)
+                if event == readable and selectable.fileno() != -1:
+                    # The usual event, readable and nothing else: `_do_read_or_write`'s
+                    # path for it, inline (a Python call less per event).
+                    try:
+                        why = selectable.doRead()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        _log_failure(selectable)
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                else:
+                    _do_read_or_write(self, selectable, fd, event)
             except KeyboardInterrupt:
                 raise
             except BaseException:
