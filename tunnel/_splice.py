@@ -158,8 +158,8 @@ def close_now(transport: Any) -> None:
     """
     `transport.loseConnection()`, except that an idle TCP transport (`_idle_tcp`, no
     producer) closes at once, as Twisted's does when its writing side is already shut
-    down, instead of one reactor turn later through an empty write. (One whose writing side
-    is shut down closes at once, as with Twisted's.)
+    down, instead of one reactor turn later through an empty write. A TCP transport whose
+    writing side is shut down (a half-close) closes at once too, as Twisted's would.
     """
     if _idle_tcp(transport) and transport.producer is None:
         # Its connectionLost stops reading and writing (the reactor's epoll updates).
@@ -229,13 +229,12 @@ def half_close(transport: Any) -> None:
     except Exception:
         pass
     kind = type(transport)
-    if kind is Stream:
+    if kind is Stream or (kind not in _TCP_TYPES and isinstance(transport, Stream)):
         transport.loseWriteConnection()
     elif kind in _TCP_TYPES:
+        # Twisted's TCP transports, known without asking zope for ITCPTransport.
         if not _done_writing_now(transport):
             transport.loseWriteConnection()
-    elif isinstance(transport, Stream):
-        transport.loseWriteConnection()
     elif isinstance(transport, TLSMemoryBIOProtocol):
         transport.loseConnection()
     elif interfaces.ITCPTransport.providedBy(transport):
