@@ -51,6 +51,7 @@ from tunnel.wire import (
     GoAwayReceived,
     HelloReceived,
     LinkSettings,
+    LinkState,
     LinkTerminated,
     Multiplexer,
     PingAcknowledged,
@@ -193,8 +194,9 @@ class LinkProtocol(Protocol):
             mux = self.mux
             self._dispatch(mux.receive_data(data))
             # A gated link holds input after each control message until the handler has
-            # accepted the peer (or not): then the rest is processed, in order.
-            while mux.input_pending:
+            # accepted the peer (or not): then the rest is processed, in order. (Only a
+            # gated multiplexer holds input.)
+            while self.gated and mux.input_pending:
                 self._dispatch(mux.receive_data(b""))
         finally:
             self._receiving = False
@@ -368,7 +370,7 @@ class LinkProtocol(Protocol):
             # Frames this side queued (control answers, resets, OPENs) pile up like replies
             # when the peer does not read: past the bound the link ends, backlog dropped.
             self._dispatch(mux.check_backlog())
-        if mux.closed:
+        if mux.state is LinkState.CLOSED:
             # The link is over: its GOAWAY goes out even to a peer that is not reading,
             # and the transport closes.
             data = mux.data_to_send()
@@ -383,11 +385,14 @@ class LinkProtocol(Protocol):
             return
         if self._paused:
             return
-        while mux.has_data_to_send and not self._paused:
-            data = mux.data_to_send(_WRITE_BUDGET)
-            if not data:
-                break
+        # One call when there is nothing to send, two when one write takes it all (the
+        # usual case): this runs at least once per reactor turn with traffic.
+        data = mux.data_to_send(_WRITE_BUDGET)
+        while data:
             transport.write(data)
+            if self._paused or not mux.has_data_to_send:
+                break
+            data = mux.data_to_send(_WRITE_BUDGET)
         if self._blocked:
             for stream_id, stream in list(self._blocked.items()):
                 if mux.pending(stream_id) < LOW_WATER:

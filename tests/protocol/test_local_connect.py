@@ -116,3 +116,49 @@ async def test_a_host_name_goes_through_connect_tcp() -> None:
         made.transport.loseConnection()
     finally:
         await port.stopListening()
+
+
+class _Lost(_Received):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: list[Failure] = []
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.reasons.append(reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_half_close_and_close_now_on_a_real_connection() -> None:
+    """The data path's shortcuts on a real TCP transport: `write_now` sends at once,
+    `half_close` sends the FIN at once, and `close_now` on the half-closed transport closes
+    it at once (a clean close, no reactor turn), the peer reading everything, then EOF."""
+    from tunnel._splice import close_now, half_close, write_now
+
+    reactor = get_reactor()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        made = _Lost()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.connect_ex(listener.getsockname())
+        peer, _ = listener.accept()
+        transport = ConnectedTCP(sock, made, reactor, listener.getsockname())
+        made.makeConnection(transport)
+        write_now(transport, b"sent at once")
+        assert not transport.dataBuffer and not transport._tempDataLen
+        half_close(transport)
+        assert transport._writeDisconnected
+        close_now(transport)
+        # Closed within the call, cleanly, and no longer in the reactor.
+        assert len(made.reasons) == 1 and made.reasons[0].check(error.ConnectionDone)
+        assert transport not in reactor.getReaders()
+        assert transport not in reactor.getWriters()
+        peer.settimeout(5)
+        received = b""
+        while chunk := peer.recv(100):
+            received += chunk
+        assert received == b"sent at once"
+        peer.close()
+    finally:
+        listener.close()

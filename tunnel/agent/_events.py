@@ -55,6 +55,10 @@ class ConnectionState:
     ENDED = frozenset({CLOSED, RESET, FAILED})
 
 
+#: `ConnectionState.ENDED`, for the per-connection checks (a property call less each).
+_ENDED = ConnectionState.ENDED
+
+
 class Side:
     """
     Who did something to a connection.
@@ -214,7 +218,8 @@ class EventLog:
         self.open[connection.id] = connection
         self.history.append(connection)
         self.counts["connections"] += 1
-        self._connection_event("connection_opened", connection)
+        if self.observers:
+            self._connection_event("connection_opened", connection)
         return connection
 
     def connected(self, connection: Connection) -> None:
@@ -225,25 +230,27 @@ class EventLog:
             return
         connection.state = ConnectionState.OPEN
         self._refusing.discard(connection.target)
-        self._connection_event("connection_changed", connection)
+        if self.observers:
+            self._connection_event("connection_changed", connection)
 
     def half_closed(self, connection: Connection, by: str) -> None:
         """
         `by` (the client or the target) finished sending.
         """
-        if connection.ended_already:
+        if connection.state in _ENDED:
             return
         if connection.half_closed_by is None:
             connection.half_closed_by = by
             connection.state = ConnectionState.HALF_CLOSED
-            self._connection_event("connection_changed", connection)
+            if self.observers:
+                self._connection_event("connection_changed", connection)
 
     def ended(self, connection: Connection, state: str, by: str, why: str | None = None) -> None:
         """
         The connection ended (`state`: closed, reset or failed), by `by`; later calls for
         the same connection (its other side ending too) change nothing.
         """
-        if connection.ended_already:
+        if connection.state in _ENDED:
             return
         if state == ConnectionState.CLOSED and connection.half_closed_by is not None:
             by = connection.half_closed_by  # whoever finished first closed it
@@ -270,11 +277,12 @@ class EventLog:
             )
             self.emit(event)
             return
-        self._connection_event("connection_closed", connection)
+        if self.observers:
+            self._connection_event("connection_closed", connection)
 
     def _connection_event(self, kind: str, connection: Connection) -> None:
-        if not self.observers:
-            return
+        # Called only when someone observes: with none (the daemon without an inspector
+        # open), a connection's events cost no Event, and no call.
         self.emit(
             Event(
                 kind,
@@ -320,7 +328,7 @@ def _describe(connection: Connection) -> str:
     who = f"{connection.client}:{connection.client_port} -> {connection.target}"
     if connection.state == ConnectionState.HALF_CLOSED:
         return f"connection {who}: the {connection.half_closed_by} finished sending"
-    if not connection.ended_already:
+    if connection.state not in _ENDED:
         return f"connection {who} {connection.state}"
     moved = f"{connection.from_client} B in, {connection.to_client} B out"
     if connection.state == ConnectionState.CLOSED:

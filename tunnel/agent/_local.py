@@ -60,9 +60,9 @@ def stream_end(reason: Failure) -> tuple[str, str, str | None]:
     """
     How a connection ended, from its stream's end `reason`: (state, by, why).
     """
-    if reason.check(error.ConnectionDone):
-        return ConnectionState.CLOSED, Side.CLIENT, None
     value = reason.value
+    if isinstance(value, error.ConnectionDone):
+        return ConnectionState.CLOSED, Side.CLIENT, None
     if isinstance(value, StreamResetError):
         remote = "by the peer" in str(value)
         if not remote:
@@ -168,17 +168,22 @@ def connect_local(
         poller.register(sock, select.POLLOUT)
         ready = poller.poll(0)
         if not ready:
-            _Connecting(reactor, sock, target, factory, timeout)
+            _Connecting(reactor, sock, target, factory, timeout, family)
             return
         # Writable alone: connected. With an error or hang-up, SO_ERROR says which.
         code = 0
         if ready[0][1] & (select.POLLERR | select.POLLHUP):
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
-    _connected(reactor, sock, target, factory, code)
+    _connected(reactor, sock, target, factory, code, family)
 
 
 def _connected(
-    reactor: Any, sock: socket.socket, target: tuple[Any, ...], factory: LocalFactory, code: int
+    reactor: Any,
+    sock: socket.socket,
+    target: tuple[Any, ...],
+    factory: LocalFactory,
+    code: int,
+    family: int,
 ) -> None:
     """The connect of `sock` ended with `code` (0: connected): connect a protocol, or fail."""
     if code and code != errno.EISCONN:
@@ -186,9 +191,9 @@ def _connected(
         failure = error.getConnectError((code, os.strerror(code)))
         factory.clientConnectionFailed(None, Failure(failure))
         return
-    peer_type = address.IPv6Address if sock.family == socket.AF_INET6 else address.IPv4Address
+    peer_type = address.IPv6Address if family == socket.AF_INET6 else address.IPv4Address
     protocol = factory.buildProtocol(peer_type("TCP", *target[:2]))
-    transport = ConnectedTCP(sock, protocol, reactor, target)
+    transport = ConnectedTCP(sock, protocol, reactor, target, family)
     protocol.makeConnection(transport)
 
 
@@ -205,11 +210,13 @@ class _Connecting:
         target: tuple[Any, ...],
         factory: LocalFactory,
         timeout: float,
+        family: int,
     ) -> None:
         self.reactor = reactor
         self.sock = sock
         self.target = target
         self.factory = factory
+        self.family = family
         self._fd = sock.fileno()
         self._timer: Any = reactor.callLater(timeout, self._timed_out)
         reactor.addWriter(self)
@@ -239,7 +246,7 @@ class _Connecting:
         if self._fd == -1:
             return
         self._stop()
-        _connected(self.reactor, self.sock, self.target, self.factory, code)
+        _connected(self.reactor, self.sock, self.target, self.factory, code, self.family)
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -302,8 +309,9 @@ class _LocalProtocol(SpliceProtocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         events, connection = self.events, self.connection
-        if events is not None and connection is not None and not connection.ended_already:
-            if reason.check(error.ConnectionDone):
+        ended = connection is None or connection.state in ConnectionState.ENDED
+        if events is not None and connection is not None and not ended:
+            if isinstance(reason.value, error.ConnectionDone):
                 events.ended(connection, ConnectionState.CLOSED, Side.TARGET)
             else:
                 events.ended(connection, ConnectionState.RESET, Side.TARGET, "reset by the target")
@@ -331,7 +339,7 @@ class _StreamSide(SpliceProtocol):
         super().readConnectionLost()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
-        if not self.connection.ended_already:
+        if self.connection.state not in ConnectionState.ENDED:
             state, by, why = stream_end(reason)
             link = getattr(self.transport, "link", None)
             if state == ConnectionState.RESET and link is not None and link.terminated:

@@ -307,12 +307,16 @@ class PublicProtocol(SpliceProtocol):
         self._counted = False
         self.relay.public_connections.discard(self)
         self.relay.public_closed(self.tunnel_id, self)
-        if agent_open and not reason.check(error.ConnectionDone, error.ConnectionAborted):
+        if agent_open and not isinstance(reason.value, _ORDERLY):
             # The client reset (or broke) its connection while the agent's side was open, so
             # its stream is reset: counted against its source. The relay's own aborts (idle,
             # a target's reset) are not.
             _count_reset(self.relay, self.transport)
         super().connectionLost(reason)
+
+
+#: A public connection's ends that are not the client's reset.
+_ORDERLY = (error.ConnectionDone, error.ConnectionAborted)
 
 
 def _count_reset(relay: Relay, transport: Any) -> None:
@@ -412,7 +416,7 @@ class _Activity(SpliceProtocol):
             gate.throttle.down.sent(gate, len(data))
 
     def closeOther(self, reason: Failure) -> None:
-        code = reason.value.code if reason.check(StreamResetError) else None  # type: ignore[union-attr]
+        code = reason.value.code if isinstance(reason.value, StreamResetError) else None
         if code in _TARGET_UNREACHABLE:
             self.public.target_unreachable()
         elif code == ErrorCode.REFUSED_STREAM and self.public.retry():

@@ -222,20 +222,16 @@ class FrameDecoder:
     before its payload arrives.
     """
 
-    __slots__ = ("_buffer", "_error", "max_frame_size")
+    __slots__ = ("_buffer", "_error", "failed", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         #: The largest payload accepted; set it to the MAX_FRAME_SIZE this side advertised.
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._error: ProtocolError | None = None
-
-    @property
-    def failed(self) -> bool:
-        """
-        Whether the input held a frame over the size limit (the next `feed` raises).
-        """
-        return self._error is not None
+        #: Whether the input held a frame over the size limit (the next `feed` raises). An
+        #: attribute, not a property: the multiplexer asks on every read of the link.
+        self.failed = False
 
     @property
     def buffered(self) -> int:
@@ -287,6 +283,7 @@ class FrameDecoder:
                         ErrorCode.FRAME_SIZE_ERROR,
                         f"frame of {length} octets exceeds the maximum of {limit}",
                     )
+                    self.failed = True
                     break
                 start = offset + HEADER_SIZE
                 stop = start + length

@@ -706,6 +706,9 @@ class Multiplexer:
         if self.state is LinkState.CLOSED:
             return []
         events: list[Event] = []
+        # `closed`, `backlog_exceeded` and the decoder's `failed`, inline: this runs for
+        # every read of the link.
+        closed = LinkState.CLOSED
         try:
             decoder = self._decoder
             frames = decoder.feed(data) if data or not decoder.failed else []
@@ -715,11 +718,11 @@ class Multiplexer:
             else:
                 for frame in frames:
                     self._handle(frame, events)
-                    if self.closed:
+                    if self.state is closed:
                         break
-                if decoder.failed and not self.closed:
+                if decoder.failed and self.state is not closed:
                     decoder.feed(b"")
-            if self.backlog_exceeded and not self.closed:
+            if self._control_size > self.settings.max_control_backlog and self.state is not closed:
                 raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, self._backlog_message())
         except ProtocolError as e:
             self._terminate(e.code, e.message, remote=False, events=events, send_goaway=True)
