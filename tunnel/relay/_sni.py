@@ -31,6 +31,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from socket import AF_INET as _AF_INET
+from socket import inet_ntop as _inet_ntop
+from socket import inet_pton as _inet_pton
 from typing import Any, cast
 
 from OpenSSL import SSL
@@ -179,6 +182,13 @@ def source_of(peer: object) -> str:
     IPv4-mapped), or the /64 of an IPv6 one (a single host often holds a whole /64).
     """
     host = getattr(peer, "host", "")
+    try:
+        # The common case, an IPv4 address in its canonical form (as the kernel gives it),
+        # without building an `ipaddress` object: it is its own source.
+        if _inet_ntop(_AF_INET, _inet_pton(_AF_INET, host)) == host:
+            return cast(str, host)
+    except (OSError, TypeError, ValueError):
+        pass
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
