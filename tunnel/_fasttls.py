@@ -46,6 +46,7 @@ try:
     _SSL_do_handshake = _lib.SSL_do_handshake
     _SSL_get_error = _lib.SSL_get_error
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
     _BIO_read = _lib.BIO_read
     _BIO_write = _lib.BIO_write
     # For a memory BIO, BIO_get_mem_data returns the octets it holds (the pointer is
@@ -252,8 +253,17 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                     ssl = connection._ssl
                     result = _SSL_read(ssl, _SCRATCH, _RECV)
                     if result <= 0:
-                        if _SSL_get_error(ssl, result) == _WANT_READ:
+                        code = _SSL_get_error(ssl, result)
+                        if code == _WANT_READ:
                             break  # what arrived was no application data (a ticket, ...)
+                        if code == _ZERO_RETURN:
+                            # The peer's close_notify (or, with OP_IGNORE_UNEXPECTED_EOF,
+                            # its FIN), as the ZeroReturnError below, without the exception.
+                            self._deliver(chunks)
+                            chunks, size = [], 0
+                            self._shutdownTLS()
+                            self._tlsShutdownFinished(None)
+                            continue
                         connection._raise_ssl_error(ssl, result)
                     data = _buffer(_SCRATCH, result)[:]
                 else:

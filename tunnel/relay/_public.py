@@ -97,7 +97,15 @@ class PublicProtocol(SpliceProtocol):
         transport = self.transport
         assert transport is not None
         self._tls = isinstance(transport, TLSMemoryBIOProtocol)
-        if self._tls or not _tuned_by_listener(transport):
+        if self._tls:
+            # The TLS front set TCP_NODELAY at accept (`SNIDispatchFactory`; a handed-over
+            # socket had it set by the worker that accepted it); the reads are the TCP
+            # transport's, under the TLS layer.
+            tcp_transport: Any = getattr(transport, "transport", None)
+            if hasattr(tcp_transport, "bufferSize"):
+                tcp_transport.bufferSize = SOCKET_READ
+            set_keepalive(socket_of(tcp_transport))
+        elif not _tuned_by_listener(transport):
             set_nodelay(transport)
             set_keepalive(socket_of(transport))
         if not self._tls:
@@ -307,12 +315,16 @@ class PublicProtocol(SpliceProtocol):
         self._counted = False
         self.relay.public_connections.discard(self)
         self.relay.public_closed(self.tunnel_id, self)
-        if agent_open and not reason.check(error.ConnectionDone, error.ConnectionAborted):
+        if agent_open and not isinstance(reason.value, _CLEAN_ENDS):
             # The client reset (or broke) its connection while the agent's side was open, so
             # its stream is reset: counted against its source. The relay's own aborts (idle,
             # a target's reset) are not.
             _count_reset(self.relay, self.transport)
         super().connectionLost(reason)
+
+
+#: How a connection ends without the client resetting it: its FIN, or the relay's abort.
+_CLEAN_ENDS = (error.ConnectionDone, error.ConnectionAborted)
 
 
 def _count_reset(relay: Relay, transport: Any) -> None:
@@ -412,7 +424,8 @@ class _Activity(SpliceProtocol):
             gate.throttle.down.sent(gate, len(data))
 
     def closeOther(self, reason: Failure) -> None:
-        code = reason.value.code if reason.check(StreamResetError) else None  # type: ignore[union-attr]
+        value = reason.value
+        code = value.code if isinstance(value, StreamResetError) else None
         if code in _TARGET_UNREACHABLE:
             self.public.target_unreachable()
         elif code == ErrorCode.REFUSED_STREAM and self.public.retry():
