@@ -205,23 +205,28 @@ def _parse_hello_body(body: bytes) -> ClientHello:
         if extensions_end != end:
             raise MalformedClientHello("trailing bytes after ClientHello extensions")
         pos += 2
-        seen: set[int] = set()
+        seen: dict[int, None] = {}
         while pos < extensions_end:
-            if pos + 2 > extensions_end:
+            # Each extension: a 2-byte type, then a vector with a 2-byte length (inline:
+            # a ClientHello has a dozen or more extensions).
+            start = pos + 4
+            if start > extensions_end:
                 raise MalformedClientHello(_TRUNCATED)
             ext_type = (body[pos] << 8) | body[pos + 1]
-            stop = _vector_end(body, pos + 2, extensions_end, 2)
+            stop = start + ((body[pos + 2] << 8) | body[pos + 3])
+            if stop > extensions_end:
+                raise MalformedClientHello(_TRUNCATED)
             if ext_type in seen:
                 raise MalformedClientHello(
                     f"duplicate extension {ext_type}", ALERT_ILLEGAL_PARAMETER
                 )
-            seen.add(ext_type)
+            seen[ext_type] = None
             if ext_type == _EXT_SERVER_NAME:
-                server_name = _parse_sni(body, pos + 4, stop)
+                server_name = _parse_sni(body, start, stop)
             elif ext_type == _EXT_ALPN:
-                alpn = _parse_alpn(body, pos + 4, stop)
+                alpn = _parse_alpn(body, start, stop)
             elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                supported_versions = _parse_supported_versions(body, pos + 4, stop)
+                supported_versions = _parse_supported_versions(body, start, stop)
             pos = stop
     return ClientHello(
         server_name=server_name,

@@ -67,10 +67,12 @@ class PublicProtocol(SpliceProtocol):
     paused transport reads nothing, not even the client's FIN or RST.
     """
 
-    def __init__(self, relay: Relay, tunnel_id: str) -> None:
+    def __init__(self, relay: Relay, tunnel_id: str, peer: Any = None) -> None:
         super().__init__(None)
         self.relay = relay
         self.tunnel_id = tunnel_id
+        #: The client's address, as the factory was given it (None: ask the transport).
+        self.peer = peer
         self._counted = False
         #: Whether the target has sent anything yet (its member is in rotation again).
         self._answered = False
@@ -522,4 +524,4 @@ class _PublicFactory(Factory):
             if self.tls:
                 raise AccessDenied(f"{host or '?'} {why}")
             return None
-        return PublicProtocol(self.relay, self.tunnel_id)
+        return PublicProtocol(self.relay, self.tunnel_id, addr)

@@ -233,6 +233,8 @@ class _SNIDispatchProtocol(protocol.Protocol):
         #: The protocol a passthrough route handed the connection to.
         self._passed: IProtocol | None = None
         self._server_name: str | None = None
+        #: The client's address (from connectionMade).
+        self._address: IAddress | None = None
 
     # -- connection setup ------------------------------------------------------------------
 
@@ -245,7 +247,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
                 transport.setTcpNoDelay(True)
             except OSError:  # pragma: no cover - socket already gone
                 pass
-        peer = transport.getPeer()
+        peer = self._address = transport.getPeer()
         source = source_of(peer)
         if not f._admit(self, source, peer):
             self._state = _CLOSING
@@ -380,7 +382,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
         transport = self.transport
         assert transport is not None
         try:
-            inner = route.factory.buildProtocol(transport.getPeer())
+            inner = route.factory.buildProtocol(self._address or transport.getPeer())
         except AccessDenied as e:
             self._refuseLog(f"access denied: {e}")
             self._refuse(ALERT_ACCESS_DENIED)
