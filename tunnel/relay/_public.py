@@ -9,8 +9,6 @@ stream's side, counting traffic for the idle timeout.
 
 from __future__ import annotations
 
-import socket
-import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error, tcp
@@ -33,6 +31,7 @@ from tunnel.link import (
 from tunnel.relay._peerwatch import set_keepalive, socket_of
 from tunnel.relay._ratelimit import Throttle
 from tunnel.relay._sni import AccessDenied, source_of
+from tunnel.relay._tuning import tuned_by_listener
 from tunnel.wire import ErrorCode
 
 if TYPE_CHECKING:
@@ -100,14 +99,16 @@ class PublicProtocol(SpliceProtocol):
         assert transport is not None
         self._tls = isinstance(transport, TLSMemoryBIOProtocol)
         if self._tls:
-            # The TLS front set TCP_NODELAY at accept (`SNIDispatchFactory`; a handed-over
-            # socket had it set by the worker that accepted it); the reads are the TCP
-            # transport's, under the TLS layer.
+            # The TLS front set TCP_NODELAY and the keepalive options at accept
+            # (`SNIDispatchFactory`; a handed-over socket had them set by the worker that
+            # accepted it); the reads are the TCP transport's, under the TLS layer.
             tcp_transport: Any = getattr(transport, "transport", None)
             if hasattr(tcp_transport, "bufferSize"):
                 tcp_transport.bufferSize = SOCKET_READ
-            set_keepalive(socket_of(tcp_transport))
-        elif not _tuned_by_listener(transport):
+        elif tuned_by_listener(transport):
+            server: Any = transport
+            server.bufferSize = SOCKET_READ  # as `set_nodelay` would
+        else:
             set_nodelay(transport)
             set_keepalive(socket_of(transport))
         if not self._tls:
@@ -346,35 +347,6 @@ def _count_reset(relay: Relay, transport: Any) -> None:
             rate=relay.config.source_reset_rate,
             hold=relay.reset_guard.hold,
         )
-
-
-#: Whether accepted TCP sockets inherit the listening socket's TCP_NODELAY and keepalive
-#: options (Linux copies them at accept).
-_INHERITED_OPTIONS = sys.platform.startswith("linux")
-
-
-def _tuned_by_listener(transport: Any) -> bool:
-    """
-    For a raw TCP tunnel's connection: whether its socket already has TCP_NODELAY and the
-    keepalive options, inherited from its tunnel's listening socket, so that setting them
-    again (six system calls per connection) can be skipped. The first connection of a
-    listener sets them on the listening socket too, and is answered False. Whatever else
-    `set_nodelay` does to a transport (its read size) is done here in either case.
-    """
-    port = getattr(transport, "server", None)
-    listening = getattr(port, "socket", None)
-    if not _INHERITED_OPTIONS or type(transport) is not tcp.Server or listening is None:
-        return False
-    if getattr(port, "_tunnel_tuned", False):
-        transport.bufferSize = SOCKET_READ
-        return True
-    try:
-        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        return False
-    set_keepalive(listening)
-    port._tunnel_tuned = True  # type: ignore[union-attr]
-    return False
 
 
 def _read_now(transport: tcp.Server) -> None:

@@ -54,7 +54,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel._fasttls import FastTLSProtocol
+from tunnel.relay._peerwatch import set_keepalive, socket_of
 from tunnel.relay._ratelog import RateLog, shorten
+from tunnel.relay._tuning import not_public, tuned_by_listener
 
 from ._clienthello import (
     ALERT_ACCESS_DENIED,
@@ -90,6 +92,9 @@ class Route:
     """The relay does not terminate the connection: the factory's protocol gets the TCP
     transport itself and every byte from the client's first (the buffered ClientHello
     included), untouched. It is no longer a pending handshake of the relay's."""
+    link: bool = False
+    """An agent's link, not a public connection: the public connections' keepalive and
+    user timeout are taken off its socket."""
 
 
 Router = Callable[[ClientHello], Route | None]
@@ -242,11 +247,18 @@ class _SNIDispatchProtocol(protocol.Protocol):
         f = self.factory
         transport = self.transport
         assert transport is not None
-        if f.set_nodelay and ITCPTransport.providedBy(transport):
+        # Public options (TCP_NODELAY, keepalive), inherited from the listening socket where
+        # the system copies them; a link has the keepalive taken off (_dispatch).
+        if (
+            f.set_nodelay
+            and ITCPTransport.providedBy(transport)
+            and not tuned_by_listener(transport)
+        ):
             try:
                 transport.setTcpNoDelay(True)
             except OSError:  # pragma: no cover - socket already gone
                 pass
+            set_keepalive(socket_of(transport))
         peer = self._address = transport.getPeer()
         source = source_of(peer)
         if not f._admit(self, source, peer):
@@ -394,6 +406,8 @@ class _SNIDispatchProtocol(protocol.Protocol):
             self._refuseLog("route factory refused the connection")
             self._refuse(ALERT_INTERNAL_ERROR)
             return
+        if route.link:
+            not_public(socket_of(transport))
         if route.passthrough or route.context is None:
             self._passThrough(inner)
             return

@@ -135,7 +135,7 @@ class Relay:
         tunnel_id = name[: -len(self._suffix)] if name and name.endswith(self._suffix) else None
         if tunnel_id is None and LINK_ALPN in hello.alpn:
             # An agent may dial the relay by any name its certificate covers.
-            return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory)
+            return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory, link=True)
         if name == self.domain:
             return Route(self.tls.context_for(HTTP1), self.info_factory, local=True)
         if tunnel_id is None:
