@@ -15,6 +15,7 @@ alert that the server should answer with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from struct import unpack_from as _unpack_from
 
 import idna
 
@@ -273,7 +274,7 @@ def _parse_supported_versions(data: bytes, pos: int, end: int) -> tuple[int, ...
     versions_end = _vector_end(data, pos, end, 1, minimum=2)
     if versions_end != end or (versions_end - pos - 1) % 2:
         raise MalformedClientHello("malformed supported_versions extension")
-    return tuple((data[i] << 8) | data[i + 1] for i in range(pos + 1, versions_end, 2))
+    return _unpack_from(f">{(versions_end - pos - 1) // 2}H", data, pos + 1)
 
 
 class ClientHelloParser:

@@ -186,12 +186,12 @@ def source_of(peer: object) -> str:
     Whom a pending handshake is counted against: the IPv4 address (also when it arrives
     IPv4-mapped), or the /64 of an IPv6 one (a single host often holds a whole /64).
     """
-    host = getattr(peer, "host", "")
+    host: str = getattr(peer, "host", "")
     try:
         # The common case, an IPv4 address in its canonical form (as the kernel gives it),
         # without building an `ipaddress` object: it is its own source.
         if _inet_ntop(_AF_INET, _inet_pton(_AF_INET, host)) == host:
-            return cast(str, host)
+            return host
     except (OSError, TypeError, ValueError):
         pass
     try:
