@@ -37,7 +37,7 @@ from socket import inet_pton as _inet_pton
 from typing import Any, cast
 
 from OpenSSL import SSL
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -267,6 +267,14 @@ class _SNIDispatchProtocol(protocol.Protocol):
             return
         self._accepted_at = f.reactor.seconds()
         self._timer = f.reactor.callLater(f.client_hello_timeout, self._timedOut)
+        if f.set_nodelay and type(transport) is tcp.Server and transport.server is not None:
+            # A TLS client sends its ClientHello as soon as its connect returns: often it is
+            # there already, and is read (and answered) in this turn rather than the next.
+            # Nothing there costs one recv that finds nothing; an end of input or an error
+            # found so is handled as the reactor handles it.
+            why = transport.doRead()
+            if why:
+                transport.reactor._disconnectSelectable(transport, why, True)  # type: ignore[attr-defined]
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -545,8 +553,10 @@ class SNIDispatchFactory(protocol.Factory):
         self.max_pending_handshakes = max_pending_handshakes
         self.max_pending_per_source = max_pending_per_source
         self.max_hello_size = max_hello_size
-        #: Whether each connection gets ``TCP_NODELAY`` (not for sockets handed over by
-        #: another worker, which set it already: the option is the socket's).
+        #: Whether the connections come from this factory's own listener: each gets the
+        #: public socket options (TCP_NODELAY, keepalive) and has what it sent read in the
+        #: turn that accepted it. False for sockets handed over by another worker (which
+        #: set the options already, and whose first bytes are replayed).
         self.set_nodelay = set_nodelay
         # Raw bytes held while the hello arrives: the hello plus record headers, with room
         # for clients that split it into a few records.
