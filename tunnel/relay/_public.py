@@ -66,12 +66,17 @@ class PublicProtocol(SpliceProtocol):
     paused transport reads nothing, not even the client's FIN or RST.
     """
 
-    def __init__(self, relay: Relay, tunnel_id: str, peer: Any = None) -> None:
+    def __init__(
+        self, relay: Relay, tunnel_id: str, peer: Any = None, read_at_once: bool = True
+    ) -> None:
         super().__init__(None)
         self.relay = relay
         self.tunnel_id = tunnel_id
         #: The client's address, as the factory was given it (None: ask the transport).
         self.peer = peer
+        #: Whether a raw TCP connection's socket is read as soon as its stream opens (not
+        #: for one the TLS front passes through: the bytes it read come first, after this).
+        self._read_at_once = read_at_once
         self._counted = False
         #: Whether the target has sent anything yet (its member is in rotation again).
         self._answered = False
@@ -113,7 +118,12 @@ class PublicProtocol(SpliceProtocol):
             set_keepalive(socket_of(transport))
         if not self._tls:
             self._open()
-            if self.other is not None and not self._holds and type(transport) is tcp.Server:
+            if (
+                self._read_at_once
+                and self.other is not None
+                and not self._holds
+                and type(transport) is tcp.Server
+            ):
                 _read_now(transport)
         # A TLS connection's stream opens in handshakeCompleted; the relay's handshake
         # timeout bounds the wait.
@@ -496,4 +506,4 @@ class _PublicFactory(Factory):
             if self.tls:
                 raise AccessDenied(f"{host or '?'} {why}")
             return None
-        return PublicProtocol(self.relay, self.tunnel_id, addr)
+        return PublicProtocol(self.relay, self.tunnel_id, addr, read_at_once=not self.tls)
