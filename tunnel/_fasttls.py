@@ -24,8 +24,10 @@ SSL_write then encrypts a whole buffer instead of one record per call); SSL_writ
 BIO_write and BIO_read are called directly, into one shared buffer rather than a fresh
 allocation per call; and the memory BIOs are asked how much they hold, so that no call is
 made only to end in a WantReadError: a request-sized record costs one SSL_read and one
-BIO_read, not two of each and two exceptions. Anything but success goes through
-pyOpenSSL's own error mapping.
+BIO_read, not two of each and two exceptions. The handshake is driven the same way
+(SSL_do_handshake called directly; a flight that only waits for the peer's next one is no
+exception), and so is the BIO write of every received chunk, handshake included. Anything
+but success or "want read" goes through pyOpenSSL's own error mapping.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ try:
     _SSL_read = _lib.SSL_read
     _SSL_write = _lib.SSL_write
     _SSL_pending = _lib.SSL_pending
+    _SSL_do_handshake = _lib.SSL_do_handshake
+    _SSL_get_error = _lib.SSL_get_error
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
     _BIO_read = _lib.BIO_read
     _BIO_write = _lib.BIO_write
     # For a memory BIO, BIO_get_mem_data returns the octets it holds (the pointer is
@@ -53,6 +59,7 @@ try:
     _buffer = _ffi.buffer
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without these
     _SSL_read = None
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -121,16 +128,52 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             _clear_mode(connection._ssl, _PARTIAL_WRITE)
 
     def dataReceived(self, data: bytes) -> None:
-        if not (self._fast and self._handshakeDone) or self._appSendBuffer:
+        if not self._fast:
             super().dataReceived(data)
             return
+        # TLSMemoryBIOProtocol.dataReceived, with the BIO written directly.
         connection: Any = self._tlsConnection
         bio = connection._into_ssl
         # A memory BIO takes everything (it grows); anything else is pyOpenSSL's to report.
         result = _BIO_write(bio, data, len(data))
         if result <= 0:
             connection._handle_bio_errors(bio, result)
+        if not self._handshakeDone:
+            self._checkHandshakeStatus()
+            if not self._handshakeDone:
+                return
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
         self._flushReceiveBIO()
+
+    def _checkHandshakeStatus(self) -> None:
+        if not self._fast:
+            super()._checkHandshakeStatus()
+            return
+        # TLSMemoryBIOProtocol._checkHandshakeStatus without an exception per flight: a
+        # handshake that only waits for the peer's next flight (SSL_ERROR_WANT_READ, with
+        # nothing pending from a callback, which fails the handshake instead) is not an
+        # error; anything else goes through pyOpenSSL's error mapping as before.
+        if self._aborted:
+            return
+        connection: Any = self._tlsConnection
+        ssl = connection._ssl
+        result = _SSL_do_handshake(ssl)
+        if result <= 0:
+            if _SSL_get_error(ssl, result) == _WANT_READ:
+                self._flushSendBIO()
+                return
+            try:
+                connection._raise_ssl_error(ssl, result)
+            except WantReadError:  # pragma: no cover - answered above
+                self._flushSendBIO()
+                return
+            except Error as e:
+                self._tlsShutdownFinished(_untraced(e))
+                return
+        self._handshakeDone = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # The receive BIO is shut down next (TLSMemoryBIOProtocol.connectionLost): the final
@@ -210,6 +253,17 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                     ssl = connection._ssl
                     result = _SSL_read(ssl, _SCRATCH, _RECV)
                     if result <= 0:
+                        code = _SSL_get_error(ssl, result)
+                        if code == _WANT_READ:
+                            break  # what arrived was no application data (a ticket, ...)
+                        if code == _ZERO_RETURN:
+                            # The peer's close_notify (or, with OP_IGNORE_UNEXPECTED_EOF,
+                            # its FIN), as the ZeroReturnError below, without the exception.
+                            self._deliver(chunks)
+                            chunks, size = [], 0
+                            self._shutdownTLS()
+                            self._tlsShutdownFinished(None)
+                            continue
                         connection._raise_ssl_error(ssl, result)
                     data = _buffer(_SCRATCH, result)[:]
                 else:

@@ -9,6 +9,7 @@ connect, reach the target whatever the turn they are read in.
 from __future__ import annotations
 
 import socket
+import ssl
 from pathlib import Path
 
 import pytest_twisted
@@ -96,5 +97,56 @@ async def test_bytes_and_end_sent_with_the_connect_reach_the_target(
         for _ in range(3):
             assert await threads.deferToThread(exchange) == b"request and end"
     finally:
+        await agent.stop()
+        await echo.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_public_tls_sockets_have_the_options_and_the_link_does_not(
+    relay: RelayService, tmp_path: Path
+) -> None:
+    """
+    On the TLS port, whose listening socket carries the public options after its first
+    connection: every public connection (the first of the listener and the later ones) has
+    TCP_NODELAY, keepalive and the user timeout; the agent's link, accepted on the same
+    port, has TCP_NODELAY but neither keepalive nor the user timeout.
+    """
+    reactor = get_reactor()
+    echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    agent = agent_for(relay, tmp_path / "state")
+    socks: list[ssl.SSLSocket] = []
+    try:
+        tunnel = await agent.forward(parse_forward(f"{echo.getHost().port}"))
+        port = relay.port.getHost().port
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "state" / "ca.pem"))
+
+        def open_one(i: int) -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock = ctx.wrap_socket(raw, server_hostname=tunnel.host)
+            sock.sendall(b"%d" % i)
+            assert sock.recv(16) == b"%d" % i
+            return sock
+
+        for i in range(3):
+            socks.append(await threads.deferToThread(open_one, i))
+        public = list(relay.relay.public_connections)
+        assert len(public) == 3
+        for conn in public:
+            sock = socket_of(conn.transport)
+            assert sock is not None
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+            user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+            assert user_timeout == USER_TIMEOUT * 1000
+        (link,) = relay.relay.links
+        sock = socket_of(link.transport)
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+    finally:
+        for sock in socks:
+            sock.close()
         await agent.stop()
         await echo.stopListening()

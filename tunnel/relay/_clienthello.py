@@ -15,6 +15,7 @@ alert that the server should answer with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from struct import unpack_from as _unpack_from
 
 import idna
 
@@ -60,7 +61,8 @@ _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _EXT_SUPPORTED_VERSIONS = 43
 
-_HOSTNAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+#: The octets of a plain LDH host name (``bytes.translate`` deletes them: none left, plain).
+_HOSTNAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._"
 
 
 def alert_record(description: int, version: int = 0x0303) -> bytes:
@@ -134,45 +136,33 @@ class ClientHello:
     """The supported_versions extension (TLS 1.3 clients), in order; empty when absent."""
 
 
-class _Reader:
-    """Bounds-checked big-endian reads over a bytes slice; overruns are MalformedClientHello."""
+_TRUNCATED = "truncated ClientHello"
 
-    __slots__ = ("_data", "_end", "_pos", "_what")
 
-    def __init__(self, data: bytes | memoryview, what: str = "ClientHello") -> None:
-        self._data = data
-        self._pos = 0
-        self._end = len(data)
-        self._what = what
+def _vector_end(data: bytes, pos: int, end: int, width: int, minimum: int = 0) -> int:
+    """
+    Where the vector at ``data[pos:end]`` (a `width`-byte big-endian length, 1 or 2, then
+    that many bytes) ends; its contents start at ``pos + width``.
 
-    def remaining(self) -> int:
-        return self._end - self._pos
-
-    def read(self, n: int) -> bytes:
-        if n > self._end - self._pos:
-            raise MalformedClientHello(f"truncated {self._what}")
-        out = bytes(self._data[self._pos : self._pos + n])
-        self._pos += n
-        return out
-
-    def uint(self, width: int) -> int:
-        return int.from_bytes(self.read(width), "big")
-
-    def vector(self, length_width: int, minimum: int = 0) -> _Reader:
-        n = self.uint(length_width)
-        if n < minimum:
-            raise MalformedClientHello(f"short vector in {self._what}")
-        return _Reader(self.read(n), self._what)
-
-    def read_all(self) -> bytes:
-        return self.read(self.remaining())
+    @raise MalformedClientHello: it overruns `end`, or is shorter than `minimum`.
+    """
+    start = pos + width
+    if start > end:
+        raise MalformedClientHello(_TRUNCATED)
+    n = data[pos] if width == 1 else (data[pos] << 8) | data[pos + 1]
+    if n < minimum:
+        raise MalformedClientHello("short vector in ClientHello")
+    stop = start + n
+    if stop > end:
+        raise MalformedClientHello(_TRUNCATED)
+    return stop
 
 
 def _normalize_server_name(raw: bytes) -> str:
     """Lowercase A-label form of an SNI host name, without a trailing dot."""
     if not raw:
         raise InvalidServerName("empty SNI host name")
-    if all(b in _HOSTNAME_CHARS for b in raw):
+    if not raw.translate(None, _HOSTNAME_CHARS):
         name = raw.decode("ascii").lower().rstrip(".")
         if not name or ".." in name or name.startswith("."):
             raise InvalidServerName(f"invalid SNI host name {raw[:80]!r}")
@@ -186,43 +176,59 @@ def _normalize_server_name(raw: bytes) -> str:
 
 
 def _parse_hello_body(body: bytes) -> ClientHello:
-    r = _Reader(body)
-    legacy_version = r.uint(2)
+    # Offsets into `body` rather than a reader object per vector: this runs once per public
+    # TLS connection, and a call per field was most of its cost.
+    end = len(body)
+    if end < 2:
+        raise MalformedClientHello(_TRUNCATED)
+    legacy_version = (body[0] << 8) | body[1]
     if legacy_version >> 8 != 3:
         raise MalformedClientHello(f"unknown ClientHello version 0x{legacy_version:04x}")
     if legacy_version < 0x0301:
         raise UnsupportedVersion(f"SSL/TLS version 0x{legacy_version:04x} is not supported")
-    r.read(32)  # random
-    session_id = r.vector(1)
-    if session_id.remaining() > 32:
+    pos = 2 + 32  # random
+    if pos > end:
+        raise MalformedClientHello(_TRUNCATED)
+    stop = _vector_end(body, pos, end, 1)  # session_id
+    if stop - pos - 1 > 32:
         raise MalformedClientHello("session_id longer than 32 bytes", ALERT_ILLEGAL_PARAMETER)
-    suites = r.vector(2, minimum=2)
-    if suites.remaining() % 2:
+    pos = stop
+    stop = _vector_end(body, pos, end, 2, minimum=2)  # cipher_suites
+    if (stop - pos) % 2:  # the 2-byte length plus an odd count of bytes
         raise MalformedClientHello("odd-length cipher_suites")
-    r.vector(1, minimum=1)  # compression methods
+    pos = _vector_end(body, stop, end, 1, minimum=1)  # compression methods
 
     server_name: str | None = None
     alpn: tuple[bytes, ...] = ()
     supported_versions: tuple[int, ...] = ()
-    if r.remaining():
-        extensions = r.vector(2)
-        if r.remaining():
+    if pos < end:
+        extensions_end = _vector_end(body, pos, end, 2)
+        if extensions_end != end:
             raise MalformedClientHello("trailing bytes after ClientHello extensions")
-        seen: set[int] = set()
-        while extensions.remaining():
-            ext_type = extensions.uint(2)
-            ext = extensions.vector(2)
+        pos += 2
+        seen: dict[int, None] = {}
+        while pos < extensions_end:
+            # Each extension: a 2-byte type, then a vector with a 2-byte length (inline:
+            # a ClientHello has a dozen or more extensions).
+            start = pos + 4
+            if start > extensions_end:
+                raise MalformedClientHello(_TRUNCATED)
+            ext_type = (body[pos] << 8) | body[pos + 1]
+            stop = start + ((body[pos + 2] << 8) | body[pos + 3])
+            if stop > extensions_end:
+                raise MalformedClientHello(_TRUNCATED)
             if ext_type in seen:
                 raise MalformedClientHello(
                     f"duplicate extension {ext_type}", ALERT_ILLEGAL_PARAMETER
                 )
-            seen.add(ext_type)
+            seen[ext_type] = None
             if ext_type == _EXT_SERVER_NAME:
-                server_name = _parse_sni(ext)
+                server_name = _parse_sni(body, start, stop)
             elif ext_type == _EXT_ALPN:
-                alpn = _parse_alpn(ext)
+                alpn = _parse_alpn(body, start, stop)
             elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                supported_versions = _parse_supported_versions(ext)
+                supported_versions = _parse_supported_versions(body, start, stop)
+            pos = stop
     return ClientHello(
         server_name=server_name,
         alpn=alpn,
@@ -231,39 +237,44 @@ def _parse_hello_body(body: bytes) -> ClientHello:
     )
 
 
-def _parse_sni(ext: _Reader) -> str | None:
-    names = ext.vector(2, minimum=1)
-    if ext.remaining():
+def _parse_sni(data: bytes, pos: int, end: int) -> str | None:
+    """The server_name extension's contents, ``data[pos:end]``."""
+    names_end = _vector_end(data, pos, end, 2, minimum=1)
+    if names_end != end:
         raise MalformedClientHello("trailing bytes in server_name extension")
+    pos += 2
     host: str | None = None
-    while names.remaining():
-        name_type = names.uint(1)
-        name = names.vector(2, minimum=1).read_all()
+    while pos < names_end:
+        name_type = data[pos]
+        stop = _vector_end(data, pos + 1, names_end, 2, minimum=1)
         if name_type == 0:
             if host is not None:
                 raise MalformedClientHello("two host names in SNI", ALERT_ILLEGAL_PARAMETER)
-            host = _normalize_server_name(name)
+            host = _normalize_server_name(data[pos + 3 : stop])
+        pos = stop
     return host
 
 
-def _parse_alpn(ext: _Reader) -> tuple[bytes, ...]:
-    protocols = ext.vector(2, minimum=2)
-    if ext.remaining():
+def _parse_alpn(data: bytes, pos: int, end: int) -> tuple[bytes, ...]:
+    """The ALPN extension's contents, ``data[pos:end]``."""
+    protocols_end = _vector_end(data, pos, end, 2, minimum=2)
+    if protocols_end != end:
         raise MalformedClientHello("trailing bytes in ALPN extension")
+    pos += 2
     out: list[bytes] = []
-    while protocols.remaining():
-        out.append(protocols.vector(1, minimum=1).read_all())
+    while pos < protocols_end:
+        stop = _vector_end(data, pos, protocols_end, 1, minimum=1)
+        out.append(data[pos + 1 : stop])
+        pos = stop
     return tuple(out)
 
 
-def _parse_supported_versions(ext: _Reader) -> tuple[int, ...]:
-    versions = ext.vector(1, minimum=2)
-    if ext.remaining() or versions.remaining() % 2:
+def _parse_supported_versions(data: bytes, pos: int, end: int) -> tuple[int, ...]:
+    """The supported_versions extension's contents, ``data[pos:end]``."""
+    versions_end = _vector_end(data, pos, end, 1, minimum=2)
+    if versions_end != end or (versions_end - pos - 1) % 2:
         raise MalformedClientHello("malformed supported_versions extension")
-    out: list[int] = []
-    while versions.remaining():
-        out.append(versions.uint(2))
-    return tuple(out)
+    return _unpack_from(f">{(versions_end - pos - 1) // 2}H", data, pos + 1)
 
 
 class ClientHelloParser:

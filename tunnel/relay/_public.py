@@ -9,8 +9,6 @@ stream's side, counting traffic for the idle timeout.
 
 from __future__ import annotations
 
-import socket
-import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error, tcp
@@ -33,6 +31,7 @@ from tunnel.link import (
 from tunnel.relay._peerwatch import set_keepalive, socket_of
 from tunnel.relay._ratelimit import Throttle
 from tunnel.relay._sni import AccessDenied, source_of
+from tunnel.relay._tuning import tuned_by_listener
 from tunnel.wire import ErrorCode
 
 if TYPE_CHECKING:
@@ -67,10 +66,17 @@ class PublicProtocol(SpliceProtocol):
     paused transport reads nothing, not even the client's FIN or RST.
     """
 
-    def __init__(self, relay: Relay, tunnel_id: str) -> None:
+    def __init__(
+        self, relay: Relay, tunnel_id: str, peer: Any = None, read_at_once: bool = True
+    ) -> None:
         super().__init__(None)
         self.relay = relay
         self.tunnel_id = tunnel_id
+        #: The client's address, as the factory was given it (None: ask the transport).
+        self.peer = peer
+        #: Whether a raw TCP connection's socket is read as soon as its stream opens (not
+        #: for one the TLS front passes through: the bytes it read come first, after this).
+        self._read_at_once = read_at_once
         self._counted = False
         #: Whether the target has sent anything yet (its member is in rotation again).
         self._answered = False
@@ -97,12 +103,27 @@ class PublicProtocol(SpliceProtocol):
         transport = self.transport
         assert transport is not None
         self._tls = isinstance(transport, TLSMemoryBIOProtocol)
-        if self._tls or not _tuned_by_listener(transport):
+        if self._tls:
+            # The TLS front set TCP_NODELAY and the keepalive options at accept
+            # (`SNIDispatchFactory`; a handed-over socket had them set by the worker that
+            # accepted it); the reads are the TCP transport's, under the TLS layer.
+            tcp_transport: Any = getattr(transport, "transport", None)
+            if hasattr(tcp_transport, "bufferSize"):
+                tcp_transport.bufferSize = SOCKET_READ
+        elif tuned_by_listener(transport):
+            server: Any = transport
+            server.bufferSize = SOCKET_READ  # as `set_nodelay` would
+        else:
             set_nodelay(transport)
             set_keepalive(socket_of(transport))
         if not self._tls:
             self._open()
-            if self.other is not None and not self._holds and type(transport) is tcp.Server:
+            if (
+                self._read_at_once
+                and self.other is not None
+                and not self._holds
+                and type(transport) is tcp.Server
+            ):
                 _read_now(transport)
         # A TLS connection's stream opens in handshakeCompleted; the relay's handshake
         # timeout bounds the wait.
@@ -338,35 +359,6 @@ def _count_reset(relay: Relay, transport: Any) -> None:
         )
 
 
-#: Whether accepted TCP sockets inherit the listening socket's TCP_NODELAY and keepalive
-#: options (Linux copies them at accept).
-_INHERITED_OPTIONS = sys.platform.startswith("linux")
-
-
-def _tuned_by_listener(transport: Any) -> bool:
-    """
-    For a raw TCP tunnel's connection: whether its socket already has TCP_NODELAY and the
-    keepalive options, inherited from its tunnel's listening socket, so that setting them
-    again (six system calls per connection) can be skipped. The first connection of a
-    listener sets them on the listening socket too, and is answered False. Whatever else
-    `set_nodelay` does to a transport (its read size) is done here in either case.
-    """
-    port = getattr(transport, "server", None)
-    listening = getattr(port, "socket", None)
-    if not _INHERITED_OPTIONS or type(transport) is not tcp.Server or listening is None:
-        return False
-    if getattr(port, "_tunnel_tuned", False):
-        transport.bufferSize = SOCKET_READ
-        return True
-    try:
-        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        return False
-    set_keepalive(listening)
-    port._tunnel_tuned = True  # type: ignore[union-attr]
-    return False
-
-
 def _read_now(transport: tcp.Server) -> None:
     """
     Read what a raw TCP client sent with its connect, in the turn that accepted it, as
@@ -513,4 +505,4 @@ class _PublicFactory(Factory):
             if self.tls:
                 raise AccessDenied(f"{host or '?'} {why}")
             return None
-        return PublicProtocol(self.relay, self.tunnel_id)
+        return PublicProtocol(self.relay, self.tunnel_id, addr, read_at_once=not self.tls)

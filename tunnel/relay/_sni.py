@@ -31,10 +31,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from socket import AF_INET as _AF_INET
+from socket import inet_ntop as _inet_ntop
+from socket import inet_pton as _inet_pton
 from typing import Any, cast
 
 from OpenSSL import SSL
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -51,7 +54,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel._fasttls import FastTLSProtocol
+from tunnel.relay._peerwatch import set_keepalive, socket_of
 from tunnel.relay._ratelog import RateLog, shorten
+from tunnel.relay._tuning import not_public, tuned_by_listener
 
 from ._clienthello import (
     ALERT_ACCESS_DENIED,
@@ -87,6 +92,9 @@ class Route:
     """The relay does not terminate the connection: the factory's protocol gets the TCP
     transport itself and every byte from the client's first (the buffered ClientHello
     included), untouched. It is no longer a pending handshake of the relay's."""
+    link: bool = False
+    """An agent's link, not a public connection: the public connections' keepalive and
+    user timeout are taken off its socket."""
 
 
 Router = Callable[[ClientHello], Route | None]
@@ -178,7 +186,14 @@ def source_of(peer: object) -> str:
     Whom a pending handshake is counted against: the IPv4 address (also when it arrives
     IPv4-mapped), or the /64 of an IPv6 one (a single host often holds a whole /64).
     """
-    host = getattr(peer, "host", "")
+    host: str = getattr(peer, "host", "")
+    try:
+        # The common case, an IPv4 address in its canonical form (as the kernel gives it),
+        # without building an `ipaddress` object: it is its own source.
+        if _inet_ntop(_AF_INET, _inet_pton(_AF_INET, host)) == host:
+            return host
+    except (OSError, TypeError, ValueError):
+        pass
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -223,6 +238,8 @@ class _SNIDispatchProtocol(protocol.Protocol):
         #: The protocol a passthrough route handed the connection to.
         self._passed: IProtocol | None = None
         self._server_name: str | None = None
+        #: The client's address (from connectionMade).
+        self._address: IAddress | None = None
 
     # -- connection setup ------------------------------------------------------------------
 
@@ -230,12 +247,19 @@ class _SNIDispatchProtocol(protocol.Protocol):
         f = self.factory
         transport = self.transport
         assert transport is not None
-        if f.set_nodelay and ITCPTransport.providedBy(transport):
+        # Public options (TCP_NODELAY, keepalive), inherited from the listening socket where
+        # the system copies them; a link has the keepalive taken off (_dispatch).
+        if (
+            f.set_nodelay
+            and ITCPTransport.providedBy(transport)
+            and not tuned_by_listener(transport)
+        ):
             try:
                 transport.setTcpNoDelay(True)
             except OSError:  # pragma: no cover - socket already gone
                 pass
-        peer = transport.getPeer()
+            set_keepalive(socket_of(transport))
+        peer = self._address = transport.getPeer()
         source = source_of(peer)
         if not f._admit(self, source, peer):
             self._state = _CLOSING
@@ -243,6 +267,14 @@ class _SNIDispatchProtocol(protocol.Protocol):
             return
         self._accepted_at = f.reactor.seconds()
         self._timer = f.reactor.callLater(f.client_hello_timeout, self._timedOut)
+        if f.set_nodelay and type(transport) is tcp.Server and transport.server is not None:
+            # A TLS client sends its ClientHello as soon as its connect returns: often it is
+            # there already, and is read (and answered) in this turn rather than the next.
+            # Nothing there costs one recv that finds nothing; an end of input or an error
+            # found so is handled as the reactor handles it.
+            why = transport.doRead()
+            if why:
+                transport.reactor._disconnectSelectable(transport, why, True)  # type: ignore[attr-defined]
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -370,7 +402,7 @@ class _SNIDispatchProtocol(protocol.Protocol):
         transport = self.transport
         assert transport is not None
         try:
-            inner = route.factory.buildProtocol(transport.getPeer())
+            inner = route.factory.buildProtocol(self._address or transport.getPeer())
         except AccessDenied as e:
             self._refuseLog(f"access denied: {e}")
             self._refuse(ALERT_ACCESS_DENIED)
@@ -382,6 +414,8 @@ class _SNIDispatchProtocol(protocol.Protocol):
             self._refuseLog("route factory refused the connection")
             self._refuse(ALERT_INTERNAL_ERROR)
             return
+        if route.link:
+            not_public(socket_of(transport))
         if route.passthrough or route.context is None:
             self._passThrough(inner)
             return
@@ -519,8 +553,10 @@ class SNIDispatchFactory(protocol.Factory):
         self.max_pending_handshakes = max_pending_handshakes
         self.max_pending_per_source = max_pending_per_source
         self.max_hello_size = max_hello_size
-        #: Whether each connection gets ``TCP_NODELAY`` (not for sockets handed over by
-        #: another worker, which set it already: the option is the socket's).
+        #: Whether the connections come from this factory's own listener: each gets the
+        #: public socket options (TCP_NODELAY, keepalive) and has what it sent read in the
+        #: turn that accepted it. False for sockets handed over by another worker (which
+        #: set the options already, and whose first bytes are replayed).
         self.set_nodelay = set_nodelay
         # Raw bytes held while the hello arrives: the hello plus record headers, with room
         # for clients that split it into a few records.

@@ -11,6 +11,7 @@ All methods run on the reactor thread.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Collection
 from typing import Any
 
@@ -85,6 +86,9 @@ class Relay:
             config.token_request_rate, config.token_request_burst, reactor.seconds
         )
         self.public_connections: set[Protocol] = set()
+        #: Each live tunnel's public TLS route, made on its first connection: the same
+        #: until its context changes (a certificate put into service); gone with its record.
+        self._routes: weakref.WeakKeyDictionary[TunnelRecord, Route] = weakref.WeakKeyDictionary()
         #: Each public connection with a stream: its tunnel, its source and the member
         #: serving it.
         self._public_sources: dict[Protocol, tuple[TunnelRecord, str, Member]] = {}
@@ -131,7 +135,7 @@ class Relay:
         tunnel_id = name[: -len(self._suffix)] if name and name.endswith(self._suffix) else None
         if tunnel_id is None and LINK_ALPN in hello.alpn:
             # An agent may dial the relay by any name its certificate covers.
-            return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory)
+            return Route(self.tls.context_for((LINK_ALPN,)), self.link_factory, link=True)
         if name == self.domain:
             return Route(self.tls.context_for(HTTP1), self.info_factory, local=True)
         if tunnel_id is None:
@@ -139,11 +143,20 @@ class Relay:
         record = self.registry.get(tunnel_id)
         if record is None:
             return None
-        if record.kind == "passthrough":
-            # Not terminated here: the ClientHello and all that follows go to the agent.
-            return Route(None, _PublicFactory(self, tunnel_id, tls=True), passthrough=True)
-        context = record.context or self.tls.context_for(self._alpn(record.options))
-        return Route(context, _PublicFactory(self, tunnel_id, tls=True))
+        passthrough = record.kind == "passthrough"
+        # Not terminated here when passthrough: the ClientHello and all that follows go to
+        # the agent.
+        context = (
+            None
+            if passthrough
+            else record.context or self.tls.context_for(self._alpn(record.options))
+        )
+        route = self._routes.get(record)
+        if route is None or route.context is not context:
+            factory = _PublicFactory(self, tunnel_id, tls=True)
+            route = Route(context, factory, passthrough=passthrough)
+            self._routes[record] = route
+        return route
 
     @staticmethod
     def _alpn(options: dict[str, Any]) -> tuple[bytes, ...]:
@@ -380,7 +393,8 @@ class Relay:
             return None
         transport = protocol.transport
         assert transport is not None
-        peer = transport.getPeer()
+        # The address its factory was given, when it kept it (`PublicProtocol.peer`).
+        peer = getattr(protocol, "peer", None) or transport.getPeer()
         here = transport.getHost()
         source = source_of(peer)
         from_source = record.sources.get(source, 0)
