@@ -46,16 +46,24 @@ def set_nodelay(transport: Any) -> None:
     """
     if type(transport) is Stream:
         return
-    for candidate in (transport, getattr(transport, "transport", None)):
-        setter = getattr(candidate, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except OSError:
-                pass
-            if hasattr(candidate, "bufferSize"):
-                candidate.bufferSize = SOCKET_READ  # type: ignore[union-attr]
-            return
+    # A TLS layer (a `ProtocolWrapper`) forwards the attributes it lacks to its transport, so
+    # `setTcpNoDelay` answers on it too; the read size must be set on the socket's own
+    # transport, which is the one that reads.
+    candidate = transport
+    for _ in range(2):
+        if isinstance(candidate, abstract.FileDescriptor):
+            break
+        candidate = getattr(candidate, "transport", None)
+    else:
+        return
+    setter = getattr(candidate, "setTcpNoDelay", None)
+    if setter is None:
+        return
+    try:
+        setter(True)
+    except OSError:
+        pass
+    candidate.bufferSize = SOCKET_READ
 
 
 class ConnectedTCP(tcp.Connection):

@@ -13,10 +13,11 @@ import ssl
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import interfaces, protocol, threads
+from twisted.internet import abstract, interfaces, protocol, threads
 from zope.interface import implementer
 
 from tests.protocol.inprocess import Echo, agent_for, connect, get_reactor, wait_until
+from tunnel._splice import SOCKET_READ
 from tunnel.agent.session import parse_forward
 from tunnel.relay._peerwatch import KEEPALIVE_IDLE, USER_TIMEOUT, socket_of
 from tunnel.relay.service import RelayService
@@ -145,6 +146,13 @@ async def test_public_tls_sockets_have_the_options_and_the_link_does_not(
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+        # Both ends of the link read 256 KiB at a time: the read size is the TCP
+        # transport's, under the TLS layer (which would take the attribute and not use it).
+        assert agent.link is not None
+        for tls in (link.transport, agent.link.transport):
+            tcp_transport = tls.transport  # type: ignore[union-attr]
+            assert isinstance(tcp_transport, abstract.FileDescriptor)
+            assert tcp_transport.bufferSize == SOCKET_READ
     finally:
         for sock in socks:
             sock.close()
