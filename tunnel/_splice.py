@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import abstract, address, error, interfaces, main, tcp
 from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,13 +50,7 @@ def set_nodelay(transport: Any) -> None:
     # A TLS layer (a `ProtocolWrapper`) forwards the attributes it lacks to its transport, so
     # `setTcpNoDelay` answers on it too; the read size must be set on the socket's own
     # transport, which is the one that reads.
-    candidate = transport
-    for _ in range(2):
-        if isinstance(candidate, abstract.FileDescriptor):
-            break
-        candidate = getattr(candidate, "transport", None)
-    else:
-        return
+    candidate: Any = transport.transport if isinstance(transport, ProtocolWrapper) else transport
     setter = getattr(candidate, "setTcpNoDelay", None)
     if setter is None:
         return
@@ -63,7 +58,8 @@ def set_nodelay(transport: Any) -> None:
         setter(True)
     except OSError:
         pass
-    candidate.bufferSize = SOCKET_READ
+    if hasattr(candidate, "bufferSize"):
+        candidate.bufferSize = SOCKET_READ
 
 
 class ConnectedTCP(tcp.Connection):
