@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import refs, report
+from bench import refs, report, targets
 from bench.measure import Settings, measure_path
 from bench.paths import load_paths
 from bench.util import BENCH_DIR, ensure_tools
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         results["workers"] = workers.run([1, 2], sizes, log=_log)
         reports["workers.md"] = workers.markdown(results["workers"])
     results["seconds"] = round(time.monotonic() - t_start, 1)
+    if results["paths"]:
+        reports["targets.md"] = targets.markdown(results)
     files = report.write(results, a.out)
     for fname, text in reports.items():
         files[fname] = a.out / fname

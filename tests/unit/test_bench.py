@@ -175,3 +175,40 @@ def test_importtime_lines_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [r["module"] for r in head["top_self"]] == ["tunnel", "typing"]
     assert rows[0] == {"module": "tunnel", "self_us": 200, "cumulative_us": 900, "depth": 0}
     assert rows[1]["depth"] == 1
+
+
+def _results(metrics: dict[str, dict[str, float]]) -> dict[str, object]:
+    return {
+        "paths": {
+            path: {"metrics": {k: {"median": v} for k, v in values.items()}}
+            for path, values in metrics.items()
+        }
+    }
+
+
+def test_targets_judge_ratio_bound_and_absence() -> None:
+    """A ratio target is met only at or past its factor, a bound only within it, both only
+    together; a target whose path or reference did not run is "not measured"."""
+    from bench import targets
+
+    by_key = {(t.path, t.key): t for t in targets.TARGETS}
+    rps = by_key[("tunnel-tcp", "http_rps")]
+    streams = by_key[("tunnel-tcp", "tcp100_MBps")]
+    first = by_key[("tunnel-tcp", "connect_p50_ms")]
+    run = _results(
+        {
+            "tunnel-tcp": {"http_rps": 100.0, "tcp100_MBps": 140.0, "connect_p50_ms": 0.4},
+            "ssh-R-tt": {"http_rps": 100.0, "connect_p50_ms": 0.6},
+            "ssh-R": {"tcp100_MBps": 100.0},
+        }
+    )
+    assert targets.verdict(rps, run) == (100.0, 100.0, "yes")
+    assert targets.verdict(streams, run)[2] == "no"  # 1.4× of a 1.5× goal
+    assert targets.verdict(first, run)[2] == "yes"  # 0.67× and under 0.5 ms
+    slow = _results({"tunnel-tcp": {"connect_p50_ms": 0.55}, "ssh-R-tt": {"connect_p50_ms": 0.9}})
+    assert targets.verdict(first, slow)[2] == "no"  # within the ratio, past the bound
+    alone = _results({"tunnel-tcp": {"http_rps": 100.0}})
+    assert targets.verdict(rps, alone)[2] == "not measured"
+    table = targets.markdown(run)
+    assert "| raw TCP 100 streams ≥ 1.5× `ssh -N -R` | 140 | 100 | 1.40× | no |" in table
+    assert table.count("not measured") == len(targets.TARGETS) - 3
