@@ -44,7 +44,7 @@ def test_both_layers_are_taken_off_the_read_path() -> None:
 
 
 def test_reads_reach_the_link_and_the_loss_still_reaches_clientservice() -> None:
-    link, _, tls, tcp, lost = _connected()
+    link, _, _, tcp, lost = _connected()
     shorten_read_path(link)
     received: list[bytes] = []
     link.mux.receive_data = lambda data: received.append(data) or []  # type: ignore[method-assign]
