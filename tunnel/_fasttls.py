@@ -61,7 +61,6 @@ except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without 
     _SSL_read = None
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
@@ -300,7 +299,8 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
     def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and not self._aborted:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            ProtocolWrapper.dataReceived(self, data)
+            # What `ProtocolWrapper.dataReceived` does, without its call per delivery.
+            self.wrappedProtocol.dataReceived(data)
 
 
 def _untraced(error: Exception) -> Failure:

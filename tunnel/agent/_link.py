@@ -5,9 +5,11 @@ and hands them to the `Agent` (whose `AgentControl` decides).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from twisted.application._client_service import _ReconnectingProtocolProxy
 from twisted.internet import defer
+from twisted.internet.endpoints import _WrappingProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -26,9 +28,39 @@ if TYPE_CHECKING:
     from tunnel.agent.session import Agent
     from tunnel.wire import Multiplexer
 
-__all__ = ["AgentLink"]
+__all__ = ["AgentLink", "shorten_read_path"]
 
 _log = Logger()
+
+
+def shorten_read_path(link: LinkProtocol) -> int:
+    """
+    Take the pass-through layers that Twisted's connecting puts between the socket and the
+    link off its read path; returns how many were taken off (0, 1 or 2).
+
+    - `ClientService`'s proxy (``_ReconnectingProtocolProxy``, between the TLS layer and the
+      link) forwards every attribute it lacks through ``__getattr__``: the link's own
+      ``dataReceived`` is bound on it, so a read costs one call, not three. Its
+      ``connectionLost`` (the reconnect bookkeeping) is untouched.
+    - The endpoint's ``_WrappingProtocol`` (between the TCP transport and the TLS layer) only
+      forwards once it has connected the TLS layer: the TCP transport is pointed at the TLS
+      layer itself, which gets the same ``dataReceived`` and ``connectionLost`` calls.
+
+    Any other shape (a link over a test transport, an HTTP CONNECT tunnel, an adopted link)
+    is left as it is.
+    """
+    taken = 0
+    tls: Any = link.transport
+    proxy: Any = getattr(tls, "wrappedProtocol", None)
+    if type(proxy) is _ReconnectingProtocolProxy and getattr(proxy, "_protocol", None) is link:
+        proxy.dataReceived = link.dataReceived  # type: ignore[attr-defined]
+        taken += 1
+    tcp: Any = getattr(tls, "transport", None)
+    wrapper = getattr(tcp, "protocol", None)
+    if type(wrapper) is _WrappingProtocol and wrapper._wrappedProtocol is tls:
+        tcp.protocol = tls
+        taken += 1
+    return taken
 
 
 class AgentLink(LinkProtocol):
@@ -52,6 +84,7 @@ class AgentLink(LinkProtocol):
     def connectionMade(self) -> None:
         if not self.adopted:
             super().connectionMade()
+            shorten_read_path(self)
             self.agent._connected(self)
             return
         # LinkProtocol.connectionMade, but for the multiplexer, which is already running

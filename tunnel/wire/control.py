@@ -276,6 +276,16 @@ MAX_REQUEST_ID = (1 << 53) - 1
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}", re.ASCII)
 _CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+#: Strings that JSON writes as they are (no escapes), in OPEN metadata's fast paths.
+_PLAIN = re.compile(r"[A-Za-z0-9._:-]*", re.ASCII)
+#: OPEN metadata as `StreamInfo.encode` writes it for a tunnel id (`_LABEL`) and hosts that
+#: are plain addresses (at most `MAX_ADDRESS` octets): tunnel, client host and port, server
+#: host and port. Anything else (other spacing, member order, escapes) takes the JSON path.
+_OPEN_SHAPE = re.compile(
+    rb'\{"tunnel":"([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)",'
+    rb'"client":\["([A-Za-z0-9._:-]{0,255})",(0|[1-9][0-9]{0,4})\],'
+    rb'"server":\["([A-Za-z0-9._:-]{0,255})",(0|[1-9][0-9]{0,4})\]\}'
+)
 
 
 def _utf8_size(value: str) -> int | None:
@@ -499,8 +509,21 @@ class StreamInfo:
 
     def encode(self) -> bytes:
         """
-        Encode as OPEN metadata.
+        Encode as OPEN metadata: the same octets as ``json.dumps`` with compact separators.
         """
+        if (
+            _PLAIN.fullmatch(self.tunnel_id + self.client_host + self.server_host) is not None
+            and type(self.client_port) is int
+            and type(self.server_port) is int
+        ):
+            # Nothing to escape (the common case: a DNS label and IP addresses).
+            return b'{"tunnel":"%s","client":["%s",%d],"server":["%s",%d]}' % (
+                self.tunnel_id.encode(),
+                self.client_host.encode(),
+                self.client_port,
+                self.server_host.encode(),
+                self.server_port,
+            )
         return json.dumps(
             {
                 "tunnel": self.tunnel_id,
@@ -519,6 +542,16 @@ class StreamInfo:
 
         @raise ControlError: malformed metadata, or no valid tunnel id.
         """
+        fast = _OPEN_SHAPE.fullmatch(payload)
+        if fast is not None:
+            # The shape `encode` writes for a DNS label and IP addresses: the same checks as
+            # below, in one match (a port above 65535 goes the long way, to be read as 0).
+            tunnel_id, client_host, client_port, server_host, server_port = fast.groups()
+            cport, sport = int(client_port), int(server_port)
+            if cport <= 65535 and sport <= 65535:
+                return cls(
+                    tunnel_id.decode(), client_host.decode(), cport, server_host.decode(), sport
+                )
         body = _load_object(payload, "stream metadata")
         tunnel_id = body.get("tunnel")
         if not isinstance(tunnel_id, str) or not _ID(tunnel_id):
