@@ -68,16 +68,20 @@ def test_a_client_process_holds_its_share_at_the_hold_server(tmp_path: Path) -> 
         idleconns._end(hold, 5)
 
 
-def test_a_refused_connection_is_an_error_not_a_held_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("retries", [0, 3])
+def test_a_refused_connection_is_an_error_tried_again_a_bounded_number_of_times(
+    tmp_path: Path, retries: int
+) -> None:
     targets = tmp_path / "targets.json"
     targets.write_text(json.dumps([["unused", free_port()]]))
     client = _spawn(
         "clients", "--port", "1", "--ca", "unused", "--kind", "tcp",
         "--targets", str(targets), "--sources", "127.0.0.2", "--count", "5",
+        "--retries", str(retries),
     )  # fmt: skip
     try:
         report = idleconns._line(client, "client", 30)
-        assert report["held"] == 0 and report["errors"] == 5
+        assert report["held"] == 0 and report["errors"] == 5 + retries
         assert "ECONNREFUSED" in report["error"][0] or "refused" in report["error"][0]
     finally:
         idleconns._end(client, 5)
@@ -86,7 +90,7 @@ def test_a_refused_connection_is_an_error_not_a_held_one(tmp_path: Path) -> None
 def test_the_report_names_the_runs_options_and_counts() -> None:
     r = {
         "connections": 100_000, "kind": "tls", "agents": 7, "workers": 7, "clients": 7,
-        "sources": 14, "nofile": 20_000, "relay_limits": " ".join(idleconns.limits(100_000, 7)),
+        "sources": 14, "in_flight": 32, "nofile": 20_000, "relay_limits": " ".join(idleconns.limits(100_000, 7)),
         "agent_limits": "--max-streams 17243", "connections_held_by_clients": 100_000,
         "public_connections_per_worker": [14_286, 14_285], "relay_rss_per_connection_KiB": 30.25,
         "handoffs": {"tunnels_relay_handoffs_sent": 85_000.0},
