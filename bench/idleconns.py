@@ -477,6 +477,13 @@ def run(
         out["targets_rss_per_connection_KiB"] = (hrss1 - hrss0) / max(1, held) / 1024
         out["clients_rss_MiB"] = rss_bytes([c.pid for c in clients]) / 2**20
     finally:
+        # Told to end all at once, then waited for one by one.
+        for c in clients:
+            with contextlib.suppress(OSError):
+                if c.stdin:
+                    c.stdin.close()
+        for agent in agents:
+            agent.signal(signal.SIGTERM)
         for c in clients:
             _end(c)
         for agent in agents:
