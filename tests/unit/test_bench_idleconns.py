@@ -90,7 +90,8 @@ def test_a_refused_connection_is_an_error_tried_again_a_bounded_number_of_times(
 def test_the_report_names_the_runs_options_and_counts() -> None:
     r = {
         "connections": 100_000, "kind": "tls", "agents": 7, "workers": 7, "clients": 7,
-        "sources": 14, "in_flight": 32, "nofile": 20_000, "relay_limits": " ".join(idleconns.limits(100_000, 7)),
+        "sources": 14, "in_flight": 32, "nofile": 20_000,
+        "relay_limits": " ".join(idleconns.limits(100_000, 7)),
         "agent_limits": "--max-streams 17243", "connections_held_by_clients": 100_000,
         "public_connections_per_worker": [14_286, 14_285], "relay_rss_per_connection_KiB": 30.25,
         "handoffs": {"tunnels_relay_handoffs_sent": 85_000.0},
