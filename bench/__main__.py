@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale",
         action="store_true",
-        help="also the scale figures (bench.scale: 10,000 links, 100,000 connections; "
-        "minutes); with --only none, only them",
+        help="also the scale figures (bench.scale: 10,000 links with --workers 1 and auto, "
+        "100,000 idle connections over --workers 7; minutes); with --only none, only them",
     )
     parser.add_argument(
         "--workers",
@@ -129,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
 
         _log("bench: scale figures (bench.scale)")
         a.out.mkdir(parents=True, exist_ok=True)
-        links, conns = (1000, 5000) if a.quick else (10_000, 100_000)
-        results["scale"] = scale.run(links, conns, keepalive_s=10 if a.quick else 30, log_dir=a.out)
-        reports["scale.md"] = scale.markdown(results["scale"])
+        links, conns, k = (1000, 5000, 3) if a.quick else (10_000, 100_000, 7)
+        results["scale"] = scale.full(
+            links, idle=conns, idle_workers=k, keepalive_s=10 if a.quick else 30,
+            log_dir=a.out, log=_log,
+        )  # fmt: skip
+        reports["scale.md"] = scale.full_markdown(results["scale"])
     if a.workers:
         from bench import workers
 

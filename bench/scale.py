@@ -1,23 +1,30 @@
-"""Scale figures of one relay: many idle agent links, many idle public connections.
+"""Scale figures of a relay: many idle agent links, many idle public connections.
 
-    python -m bench.scale [--links 10000] [--connections 100000] [--kind tcp|tls]
-                          [--keepalive-seconds 30] [--out bench/results]
+    python -m bench.scale [--links 10000] [--link-workers 1,auto] [--keepalive-seconds 30]
+                          [--idle 100000] [--idle-workers 7] [--out bench/results]
+                          [--connections N --kind tcp|tls] [--profile]
     python -m bench --scale          # the same, after (or instead of) the paths
 
-Starts its own ``twistd tunnelrelay`` (under ``prlimit --nofile``, every per-source and
-per-token share raised so that one client process may hold everything) and measures:
+1. **Agent links**, once per value of ``--link-workers`` (``twistd tunnelrelay --workers
+   W``; ``auto``: the relay's default, one worker per core). The relay runs under
+   ``prlimit --nofile`` with every per-source and per-token share raised so that one client
+   process may hold everything; one process (``links`` below) opens ``--links`` TLS links
+   with the link protocol written by hand (HELLO, ``hello``, one ``tunnel_request`` each;
+   it answers the relay's pings and pings every ``keepalive_interval`` itself, as an agent
+   does). Reported: the time from the first connect to the last grant (and links/s), the
+   relay's CPU for it, the relay's RSS per link, and then, with every link idle, the
+   relay's CPU per second of keepalive traffic over ``--keepalive-seconds`` (total, and per
+   link). With several workers, RSS and CPU are the supervisor's and its workers' together,
+   and the links per worker are reported.
+2. **Idle public connections** (``--idle``, default 100,000; 0: none): `bench.idleconns`,
+   a relay of ``--idle-workers`` workers, as many agents, targets and client processes, so
+   that no process holds more than its share of descriptors (see there).
 
-1. **Agent links.** One process (``links`` below) opens ``--links`` TLS links with the link
-   protocol written by hand (HELLO, ``hello``, one ``tunnel_request`` each; it answers the
-   relay's pings and pings every ``keepalive_interval`` itself, as an agent does). Reported:
-   the time from the first connect to the last grant (and links/s), the relay's CPU for it,
-   the relay's RSS per link, and then, with every link idle, the relay's CPU per second of
-   keepalive traffic over ``--keepalive-seconds`` (total, and per link).
-2. **Public connections.** Another process opens ``--connections`` connections spread
-   evenly over the tunnels (raw TCP ports with ``--kind tcp``; TLS with the tunnel's SNI
-   name with ``--kind tls``), from several 127.0.0.x source addresses (so that one
-   destination port is not limited by one source's ephemeral ports), and holds them idle.
-   Reported: the time to open them and the relay's RSS per connection.
+``--connections N`` also opens N public connections through the links' own tunnels, on the
+links' relay (raw TCP ports with ``--kind tcp``; TLS with the tunnel's SNI name with
+``--kind tls``), from several 127.0.0.x source addresses, within one process's descriptor
+limit (``capped`` in the output says when it did not fit): the time to open them and the
+relay's RSS per connection.
 
 Every load is bounded: counts from the options, each phase has a deadline, at most 500
 handshakes in flight. Only loopback addresses are used. Writes ``scale.json`` and
@@ -32,6 +39,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import ssl
 import struct
@@ -328,8 +336,11 @@ def run(
     tcp_tunnels: int = 100,
     log_dir: Path | None = None,
     profile_to: Path | None = None,
+    workers: int | None = 1,
 ) -> dict[str, Any]:
-    """Start a relay, measure, stop everything; returns the figures (see the docstring)."""
+    """Start a relay (``--workers workers``; None: the relay's default, ``auto``), measure,
+    stop everything; returns the figures (see the docstring). With several workers, the
+    relay's RSS and CPU are those of the supervisor and its workers together."""
     from tunnel.testing import RelayProcess
 
     nofile = nofile_limit()
@@ -346,6 +357,7 @@ def run(
     relay = RelayProcess.start(
         (log_dir or d) / "scale-relay.log",
         state_dir=d / "state",
+        workers=workers,
         tcp_ports=(20000, 20000 + max(100, tcp_tunnels * 2)),
         listen_options=":backlog=4096",
         extra=_limits(links, conns),
@@ -354,14 +366,18 @@ def run(
     )
     out: dict[str, Any] = {"links": links, "connections": conns, "kind": kind, "nofile": nofile}
     out["tcp_tunnels"] = tcp_tunnels
+    out["workers"] = "auto" if workers is None else workers
     if (links, conns) != asked:
         out["capped"] = (
             f"asked for {asked[0]:,} links and {asked[1]:,} connections; the descriptor "
             f"limit is {nofile:,} here (prlimit could not raise it: no CAP_SYS_RESOURCE)"
         )
     procs: list[subprocess.Popen[str]] = []
+    worker_pids: list[int] = []
     try:
         pid = relay.pid
+        # With several workers: each one's pid (ended here if its supervisor left it).
+        worker_pids = [int(w["pid"]) for w in relay.status(timeout=30).get("workers", [])]
         rss0 = _settle(pid)
         out["relay_rss_start_MiB"] = rss0 / 2**20
         common = ["--port", str(relay.port), "--ca", str(relay.ca), "--kind", kind]
@@ -402,6 +418,9 @@ def run(
         out["relay_cpu_pct_idle_links"] = (c1 - c0) / (t1 - t0) * 100
         out["relay_cpu_us_per_link_second"] = (c1 - c0) / (t1 - t0) / max(1, up["up"]) * 1e6
         out["links_alive_after_idle"] = _alive_links(relay)
+        if worker_pids:
+            status = relay.status(timeout=30)
+            out["links_per_worker"] = [w["links"] for w in status["workers"]]
         if conns:
             cpu2 = cpu_seconds([pid])
             cp = _spawn(["conns", "--count", str(conns), *common], nofile)
@@ -426,6 +445,9 @@ def run(
         for p in reversed(procs):
             _end(p)
         relay.stop(timeout=30)
+        for wpid in worker_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(wpid, signal.SIGKILL)
         tmp.cleanup()
     return out
 
@@ -442,6 +464,7 @@ ROWS = [
      "{:.2f}"),
     ("links_alive_after_idle", "links still up after the idle window (relay /status)",
      "{:,.0f}"),
+    ("links_per_worker", "of which per worker", "{}"),
     ("connections_held", "idle public connections held", "{:,.0f}"),
     ("connections_open_seconds", "time to open them, s", "{:.1f}"),
     ("relay_cpu_ms_per_connection_open",
@@ -454,16 +477,27 @@ ROWS = [
 ]  # fmt: skip
 
 
+def _shown(value: Any, fmt: str) -> str:
+    if isinstance(value, list):
+        return " / ".join(f"{v:,}" for v in value)
+    return fmt.format(value)
+
+
 def markdown(r: dict[str, Any]) -> str:
     """The figures as a two-column table."""
+    shape = (
+        "One relay process"
+        if r.get("workers", 1) == 1
+        else f"A relay of `--workers {r['workers']}` (RSS and CPU: supervisor and workers)"
+    )
     out = (
         f"{r['links']:,} links, {r['connections']:,} {r['kind']} connections requested "
         f"(over {r['tcp_tunnels'] or r['links']:,} tunnels). "
-        "One relay process, clients on the same machine.\n\n| figure | value |\n|---|---:|\n"
+        f"{shape}, clients on the same machine.\n\n| figure | value |\n|---|---:|\n"
     )
     for key, label, fmt in ROWS:
         if key in r:
-            out += f"| {label} | {fmt.format(r[key])} |\n"
+            out += f"| {label} | {_shown(r[key], fmt)} |\n"
     if r.get("idle_profile_top"):
         out += "\nThe relay's self time while the links idle (py-spy, % of samples):\n\n"
         out += "| function | % |\n|---|---:|\n"
@@ -472,6 +506,44 @@ def markdown(r: dict[str, Any]) -> str:
         if r.get(key):
             out += f"\n{key}: {r[key]}\n"
     return out
+
+
+def full(
+    links: int = 10_000,
+    link_workers: tuple[int | None, ...] = (1, None),
+    idle: int = 100_000,
+    idle_workers: int = 7,
+    keepalive_s: float = 30.0,
+    log_dir: Path | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """The scale figures: ``links`` idle agent links on a relay of each of
+    ``link_workers`` (None: ``auto``), then ``idle`` idle public TLS connections over a
+    relay of ``idle_workers`` workers (`bench.idleconns`; 0: not measured)."""
+    from bench import idleconns
+
+    out: dict[str, Any] = {"links": [], "idle": None}
+    for w in link_workers if links else ():
+        log(f"scale: {links:,} links, --workers {'auto' if w is None else w}")
+        out["links"].append(run(links, 0, keepalive_s=keepalive_s, log_dir=log_dir, workers=w))
+    if idle:
+        log(f"scale: {idle:,} idle connections, --workers {idle_workers}")
+        out["idle"] = idleconns.run(idle, idle_workers, log_dir=log_dir, log=log)
+    return out
+
+
+def full_markdown(r: dict[str, Any]) -> str:
+    """`full`'s figures: a table per relay of the links, then the idle connections'."""
+    parts = [markdown(one) for one in r["links"]]
+    if r.get("idle"):
+        from bench import idleconns
+
+        parts.append(idleconns.markdown(r["idle"]))
+    return "\n".join(parts)
+
+
+def _workers_list(text: str) -> tuple[int | None, ...]:
+    return tuple(None if w == "auto" else int(w) for w in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,7 +561,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--domain", default="tunnel.localhost")
         p.add_argument("--tcp-tunnels", type=int, default=0)
     parser.add_argument("--links", type=int, default=10_000)
-    parser.add_argument("--connections", type=int, default=100_000)
+    parser.add_argument(
+        "--link-workers",
+        type=_workers_list,
+        default=(1, None),
+        help="the relays of the links, comma-separated --workers values (default 1,auto)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="public connections through the links' tunnels, on the same relay "
+        "(within one process's descriptor limit)",
+    )
     parser.add_argument(
         "--kind",
         choices=("tcp", "tls"),
@@ -504,6 +588,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keepalive-seconds", type=float, default=30.0)
     parser.add_argument("--sources", type=int, default=8, help="127.0.0.x source addresses")
+    parser.add_argument(
+        "--idle",
+        type=int,
+        default=100_000,
+        help="then idle public TLS connections over a relay of --idle-workers "
+        "(bench.idleconns); 0: not measured",
+    )
+    parser.add_argument("--idle-workers", type=int, default=7)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")  # fmt: skip
     parser.add_argument(
         "--profile",
@@ -517,23 +609,28 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "conns":
         asyncio.run(_conns(a))
         return 0
-    if os.geteuid() != 0:
-        print("bench.scale: raising the descriptor limit needs root", file=sys.stderr)
     a.out.mkdir(parents=True, exist_ok=True)
     spy_out = a.out / "scale-idle-relay.txt" if a.profile else None
-    r = run(
-        a.links, a.connections, a.kind, a.keepalive_seconds, a.sources, a.tcp_tunnels, a.out,
-        spy_out,
-    )  # fmt: skip
-    if spy_out is not None and spy_out.exists():
-        from bench.profile import self_times
+    r: dict[str, Any] = {"links": [], "idle": None}
+    for w in a.link_workers if a.links else ():
+        one = run(
+            a.links, a.connections, a.kind, a.keepalive_seconds, a.sources, a.tcp_tunnels,
+            a.out, spy_out if w == 1 else None, w,
+        )  # fmt: skip
+        if w == 1 and spy_out is not None and spy_out.exists():
+            from bench.profile import self_times
 
-        counts, total = self_times(spy_out)
-        r["idle_profile_top"] = [
-            [leaf, round(n / total * 100, 1)] for leaf, n in counts.most_common(15)
-        ]
+            counts, total = self_times(spy_out)
+            one["idle_profile_top"] = [
+                [leaf, round(n / total * 100, 1)] for leaf, n in counts.most_common(15)
+            ]
+        r["links"].append(one)
+    if a.idle:
+        from bench import idleconns
+
+        r["idle"] = idleconns.run(a.idle, a.idle_workers, log_dir=a.out)
     (a.out / "scale.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = markdown(r)
+    md = full_markdown(r)
     (a.out / "scale.md").write_text(md)
     print(md)
     return 0
