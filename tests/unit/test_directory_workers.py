@@ -8,6 +8,7 @@ stand-ins (`tests.unit.test_relay_control`); the messages are encoded and decode
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Any
 
@@ -223,3 +224,29 @@ def test_tunnels_per_agent_stay_per_link_and_per_token_count_over_workers() -> N
     # Per agent (link): its own, whatever the other worker holds.
     assert isinstance(ask(link1, TunnelRequest(1, "tls")), TunnelGranted)
     assert ask(link1, TunnelRequest(2, "tls")).code == RefusalCode.LIMIT
+
+
+class _Pending:
+    """A link as `Worker._unauthenticated` sees it."""
+
+    def __init__(self, authenticated: bool = False, lost: bool = False) -> None:
+        self.authenticated = authenticated
+        self.lost = lost
+
+
+def test_links_waiting_for_their_hello_are_counted_without_the_settled_ones() -> None:
+    """Only links whose hello is pending count; the authenticated and the lost leave the
+    set once seen, so routing the next link costs the pending ones, not every link held
+    (with 10,000 links the scan made each link's routing cost grow with the links)."""
+    worker: Any = type("W", (), {})()
+    worker._linking = weakref.WeakSet()
+    held = [_Pending(authenticated=True) for _ in range(1000)]
+    gone = [_Pending(lost=True) for _ in range(10)]
+    pending = [_Pending() for _ in range(3)]
+    for link in (*held, *gone, *pending):
+        worker._linking.add(link)
+    assert Worker._unauthenticated(worker) == 3
+    assert set(worker._linking) == set(pending)
+    pending[0].authenticated = True
+    assert Worker._unauthenticated(worker) == 2
+    assert len(worker._linking) == 2

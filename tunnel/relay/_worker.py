@@ -499,12 +499,19 @@ class Worker(Elsewhere, service.Service):
 
     def _unauthenticated(self) -> int:
         """Links here whose hello is not accepted yet (and not lost): they count among this
-        worker's links already, so that links arriving at once are spread too."""
-        return sum(
-            1
-            for link in self._linking
-            if not getattr(link, "authenticated", True) and not getattr(link, "lost", True)
-        )
+        worker's links already, so that links arriving at once are spread too.
+
+        A link leaves `_linking` once it is authenticated or lost, so each call costs the
+        links still waiting for their hello, not every link this worker holds."""
+        linking = self._linking
+        settled = [
+            link
+            for link in linking
+            if getattr(link, "authenticated", True) or getattr(link, "lost", True)
+        ]
+        for link in settled:
+            linking.discard(link)
+        return len(linking)
 
     def _serve_here(self, transport: Any, data: bytes, hello: ClientHello) -> None:
         """A link that could not be handed over: served here after all, as one handed
