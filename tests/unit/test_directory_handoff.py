@@ -41,6 +41,7 @@ from tunnel.relay._handoffwire import (
     HandoffFrameError,
     encode,
 )
+from tunnel.wire.mux import LINK_ALPN
 
 ALERT = alert_record(ALERT_UNRECOGNIZED_NAME)
 HELLO = ClientHello("abc.tunnel.localhost", (b"h2", b"http/1.1"), 0x0303, (0x0304, 0x0303))
@@ -328,6 +329,21 @@ def test_a_hand_off_older_than_the_deadline_is_refused_by_the_owner(tcp_pair: An
     proto.dataReceived(frame(sent=100.0 - HANDOFF_TIMEOUT - 0.1))
     assert built == [] and counts.failed == 1 and counts.received == 0
     assert client.recv(100) == ALERT
+
+
+def test_an_agents_link_handed_over_late_is_served_all_the_same(tcp_pair: Any) -> None:
+    """Only public connections are shed for a late hand-off: a link (offering the link's
+    ALPN) is adopted however long it waited, or its agent would only come back later."""
+    _, server = tcp_pair
+    link_hello = ClientHello("relay.tunnel.localhost", (LINK_ALPN,), 0x0303, (0x0304,))
+    _, proto, _, counts, built = receiver(now=100.0)
+    proto.fileDescriptorReceived(os.dup(server.fileno()))
+    late = 100.0 - HANDOFF_TIMEOUT - 5.0
+    proto.dataReceived(encode(HandedConnection(4, "127.0.0.9", 5555, late, link_hello, b"x")))
+    (adopted,) = built
+    assert counts.received == 1 and counts.failed == 0
+    assert adopted.replayed == [(b"x", link_hello)]
+    adopted.transport.connectionLost(Failure(ConnectionDone()))  # type: ignore[union-attr]
 
 
 def test_a_socket_that_is_not_tcp_is_refused_and_closed() -> None:

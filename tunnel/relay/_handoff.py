@@ -13,7 +13,8 @@ from the frame (no ``getpeername``, no duplicate descriptor), and dispatches the
 ClientHello it was given without parsing it again: its own router decides (its own
 tunnels, allow/deny lists, PROXY headers with the client's address, shares) exactly as for
 a connection it accepted. What the owner cannot take (not a TCP socket, or sent more than
-`HANDOFF_TIMEOUT` seconds ago) it refuses itself, like an unknown name.
+`HANDOFF_TIMEOUT` seconds ago, unless it is an agent's link) it refuses itself, like an
+unknown name.
 
 There is no acknowledgement: nothing the sender would do with one is left (the owner
 refuses on the socket it holds, the kernel bounds what is in flight), and it cost a write,
@@ -24,10 +25,11 @@ past that, at most `MAX_WAITING` hand-offs wait for one owner, each at most
 `HANDOFF_TIMEOUT` seconds. A hand-off that cannot be sent (the queue full, the owner gone or
 not reachable, the deadline passed) is failed and counted, and its connection goes to its
 fallback: refused like an unknown name for a public connection, served where it landed for
-an agent's link. A hand-off sent more than `HANDOFF_TIMEOUT` seconds before the owner reads
-it is refused there. The receiving side holds at most `MAX_WAITING` received descriptors that
-have no frame yet, and frames of at most `MAX_FRAME` octets: a peer that sends more is cut
-off.
+an agent's link. A public connection's hand-off sent more than `HANDOFF_TIMEOUT` seconds
+before the owner reads it is refused there (the owner is behind: the client is shed); an
+agent's link is served however late it is read. The receiving side holds at most
+`MAX_WAITING` received descriptors that have no frame yet, and frames of at most
+`MAX_FRAME` octets: a peer that sends more is cut off.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from tunnel.relay._handoffwire import (
     HandoffFrameError,
     encode,
 )
+from tunnel.wire.mux import LINK_ALPN
 
 __all__ = [
     "HANDOFF_TIMEOUT",
@@ -509,7 +512,11 @@ class HandoffReceiverFactory(protocol.Factory):
             self.counts.failed += 1
             return False
         age = self.clock() - handed.sent
-        if age > HANDOFF_TIMEOUT:
+        if age > HANDOFF_TIMEOUT and LINK_ALPN not in handed.hello.alpn:
+            # A public client kept waiting that long is shed (the owner is behind); an
+            # agent's link is served whatever the wait (its TLS handshake timeout still
+            # bounds it): refusing it would only bring the agent back later, and a link is
+            # never refused for being handed.
             _log.warn("refusing a connection handed over {s:.1f}s ago", s=age)
             try:
                 sock.setblocking(False)
