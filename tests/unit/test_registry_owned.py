@@ -9,6 +9,7 @@ and with many other links holding tunnels.
 from __future__ import annotations
 
 import cProfile
+import gc
 import pstats
 from typing import Any
 
@@ -101,17 +102,24 @@ def _calls_of_one_grant(links_holding: int) -> int:
     for _ in range(links_holding):
         granted(relay)
     link = hello(relay)
-    profile = cProfile.Profile()
-    profile.enable()
-    answer = ask(link, TunnelRequest(1, "tls"))
-    profile.disable()
+    # Finalisers of other tests' garbage would be counted if a collection ran meanwhile.
+    gc.collect()
+    gc.disable()
+    try:
+        profile = cProfile.Profile()
+        profile.enable()
+        answer = ask(link, TunnelRequest(1, "tls"))
+        profile.disable()
+    finally:
+        gc.enable()
     assert isinstance(answer, TunnelGranted), answer
     stats: Any = pstats.Stats(profile).stats
     return sum(calls for calls, *_ in stats.values())
 
 
 def test_a_grant_costs_the_same_with_many_links_held() -> None:
+    _calls_of_one_grant(5)  # first-use costs (imports, caches) out of the way
     few, many = _calls_of_one_grant(5), _calls_of_one_grant(300)
-    # The same code path either way; a scan of every tunnel per grant adds ~2 calls for each
-    # tunnel held (well over the margin here).
-    assert many <= few + 20, (few, many)
+    # The same code path either way; a scan of every tunnel per grant adds ~3 calls for each
+    # tunnel held (~900 here, well over the margin).
+    assert many <= few + 60, (few, many)
