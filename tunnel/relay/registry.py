@@ -374,6 +374,13 @@ class TunnelRegistry:
 
     def __init__(self) -> None:
         self._tunnels: dict[str, TunnelRecord] = {}
+        #: The tunnels each link holds or serves, by the link's id(): what `owned_by` reads,
+        #: so that its cost follows that link's tunnels, not every tunnel of the relay. A
+        #: link in it is referenced by its records, so its id is not reused meanwhile.
+        self._by_link: dict[int, dict[str, TunnelRecord]] = {}
+        #: For each live tunnel, the links it is indexed under in `_by_link` (removed with
+        #: it, whatever became of its members).
+        self._indexed: dict[str, dict[int, Any]] = {}
         #: Told of every member that joins (True) or leaves (False) a tunnel, with the
         #: record and the member's link (the relay's workers report them; None: nobody).
         self.on_member: Callable[[TunnelRecord, Any, bool], None] | None = None
@@ -409,14 +416,34 @@ class TunnelRegistry:
         if record.tunnel_id in self._tunnels:
             raise KeyError(record.tunnel_id)
         self._tunnels[record.tunnel_id] = record
+        self._indexed[record.tunnel_id] = {}
+        if record.owner is not None:
+            self._index(record, record.owner)
+        for member in record.members:
+            self._index(record, member.link)
         for member in record.members:
             self._told(record, member.link, True)
+
+    def _index(self, record: TunnelRecord, link: Any) -> None:
+        links = self._indexed[record.tunnel_id]
+        if id(link) not in links:
+            links[id(link)] = link
+            self._by_link.setdefault(id(link), {})[record.tunnel_id] = record
+
+    def _unindex(self, tunnel_id: str, key: int) -> None:
+        held = self._by_link.get(key)
+        if held is not None:
+            held.pop(tunnel_id, None)
+            if not held:
+                del self._by_link[key]
 
     def join(self, record: TunnelRecord, link: Any) -> Member:
         """
         Add `link` to those serving live tunnel `record` (`TunnelRecord.join`).
         """
         member = record.join(link)
+        if self._tunnels.get(record.tunnel_id) is record:
+            self._index(record, link)
         self._told(record, link, True)
         return member
 
@@ -425,6 +452,16 @@ class TunnelRegistry:
         Remove `link` from those serving live tunnel `record` (`TunnelRecord.leave`).
         """
         member = record.leave(link)
+        links = self._indexed.get(record.tunnel_id)
+        if (
+            self._tunnels.get(record.tunnel_id) is record
+            and links is not None
+            and id(link) in links
+            and record.owner is not link
+            and record.member(link) is None
+        ):
+            del links[id(link)]
+            self._unindex(record.tunnel_id, id(link))
         if member is not None:
             self._told(record, link, False)
         return member
@@ -435,18 +472,24 @@ class TunnelRegistry:
         """
         record = self._tunnels.pop(tunnel_id, None)
         if record is not None:
+            for key in self._indexed.pop(tunnel_id, {}):
+                self._unindex(tunnel_id, key)
             for member in record.members:
                 self._told(record, member.link, False)
         return record
 
     def owned_by(self, owner: Any) -> list[TunnelRecord]:
         """
-        The tunnels `owner` holds or serves (as a member of a name's pool).
+        The tunnels `owner` holds or serves (as a member of a name's pool), in the order it
+        came to hold them.
+
+        Its cost follows the tunnels `owner` holds, not the relay's: members join and leave
+        through `join` and `leave` (or come with `add`) for it to see them.
         """
         return [
             t
-            for t in self._tunnels.values()
-            if t.owner is owner or any(m.link is owner for m in t.members)
+            for t in self._by_link.get(id(owner), {}).values()
+            if t.owner is owner or t.member(owner) is not None
         ]
 
     def pools(self) -> list[TunnelRecord]:
