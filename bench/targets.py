@@ -110,6 +110,24 @@ TARGETS: tuple[Target, ...] = (
         True,
         bound=93.0,
     ),
+    Target("`forward()` warm, p50 ≤ 1 ms", TLS, "forward_warm_p50_ms", False, bound=1.0),
+    Target(
+        "`forward()` cold (a new agent), p50 ≤ 20 ms", TLS, "forward_cold_p50_ms", False, bound=20.0
+    ),
+    Target(
+        "relay RSS per idle TLS connection ≤ 64 KiB",
+        TLS,
+        "relay_rss_per_idle_conn_KiB",
+        False,
+        bound=64.0,
+    ),
+    Target(
+        "agent RSS per idle stream ≤ 16 KiB",
+        TLS,
+        "agent_rss_per_idle_stream_KiB",
+        False,
+        bound=16.0,
+    ),
     Target(
         "cold start, spawn → URL p50 ≤ 100 ms",
         TLS,

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from tunnel import __version__
 from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format, exit_status
+from tunnel._malloc import tune_allocator
 from tunnel._reactor import lean_dispatch
 from tunnel.agent import settings
 from tunnel.agent.session import Agent, ForwardSpec
@@ -182,8 +183,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
 
         reactor = default_reactor
         # twistd's own reactor (the daemon owns it): drop the per-event log context from its
-        # dispatch. A reactor passed in (a test's, an embedding program's) is left alone.
+        # dispatch, and keep socket-read buffers off mmap. A reactor passed in (a test's, an
+        # embedding program's) and its process are left alone.
         lean_dispatch(reactor)
+        tune_allocator()
     agent = Agent(
         reactor,
         options["relays"],

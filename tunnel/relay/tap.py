@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from tunnel import __version__
 from tunnel._daemon import LOG_FORMAT_OPTION, apply_log_format
+from tunnel._malloc import tune_allocator
 from tunnel._rate import parse_rate
 from tunnel._reactor import lean_dispatch
 from tunnel._signedtokens import TokenVerifier
@@ -497,8 +498,10 @@ def _relay_service(options: Options, reactor: Any = None, acme_orders: bool = Tr
 
         reactor = default_reactor
         # twistd's own reactor (the daemon owns it): drop the per-event log context from its
-        # dispatch. A reactor passed in (a test's, an embedding program's) is left alone.
+        # dispatch, and keep socket-read buffers off mmap. A reactor passed in (a test's, an
+        # embedding program's) and its process are left alone.
         lean_dispatch(reactor)
+        tune_allocator()
     state_dir = options["state-dir"]
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     domain = options["domain"]
