@@ -41,7 +41,6 @@ import json
 import math
 import os
 import resource
-import select
 import selectors
 import signal
 import socket
@@ -53,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.util import BENCH_DIR, LOOPBACK, cpu_seconds, rss_bytes
+from bench.util import BENCH_DIR, LOOPBACK, cpu_seconds, json_line, rss_bytes
 
 IP_BIND_ADDRESS_NO_PORT = 24
 #: Connections one client process opens at once (handshakes in flight).
@@ -270,23 +269,11 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen[str]:
         )
 
 
-def _line(p: subprocess.Popen[str], what: str, timeout: float) -> dict[str, Any]:
-    assert p.stdout is not None
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError(f"{what}: nothing after {timeout:g}s")
-    line = p.stdout.readline()
-    if not line:
-        raise RuntimeError(f"{what}: exited with {p.wait()}")
-    out: dict[str, Any] = json.loads(line)
-    return out
-
-
 def _ask(p: subprocess.Popen[str], what: str) -> dict[str, Any]:
     assert p.stdin is not None
     p.stdin.write("count\n")
     p.stdin.flush()
-    return _line(p, what, 30)
+    return json_line(p, what, 30)
 
 
 def _end(p: subprocess.Popen[str], timeout: float = 30) -> None:
@@ -387,7 +374,7 @@ def run(
         for i in range(workers):
             hp = _spawn(["hold"], logs / f"idleconns-hold{i}.log")
             holds.append(hp)
-            port = int(_line(hp, f"hold server {i}", 30)["port"])
+            port = int(json_line(hp, f"hold server {i}", 30)["port"])
             agent = AgentProcess(
                 logs / f"idleconns-agent{i}.log",
                 relay=f"localhost:{relay.port}",
@@ -434,7 +421,7 @@ def run(
             first += share[j]
         deadline = t0 + 120 + conns * 0.006
         reports = [
-            _line(c, f"client {j}", max(1.0, deadline - time.monotonic()))
+            json_line(c, f"client {j}", max(1.0, deadline - time.monotonic()))
             for j, c in enumerate(clients)
         ]
         t1 = time.monotonic()

@@ -44,7 +44,7 @@ def machine() -> dict[str, str]:
     return info
 
 
-def _fmt(v: float) -> str:
+def fmt(v: float) -> str:
     if v >= 100:
         return f"{v:,.0f}"
     if v >= 10:
@@ -58,8 +58,8 @@ def _cell(stat: dict[str, Any] | None, runs: int) -> str:
     if not stat:
         return "-"
     if runs > 1 and len(stat["samples"]) > 1:
-        return f"{_fmt(stat['median'])} ({_fmt(stat['min'])}-{_fmt(stat['max'])})"
-    return _fmt(stat["median"])
+        return f"{fmt(stat['median'])} ({fmt(stat['min'])}-{fmt(stat['max'])})"
+    return fmt(stat["median"])
 
 
 def markdown(results: Results) -> str:
@@ -132,7 +132,7 @@ def wan_markdown(results: Results) -> str:
             cpu = [_cell(m.get(f"wan{n}_cpu_ms_per_MB"), 1) for n in (1, 8)]
             cells.append(" / ".join(cpu))
             cut = m.get("reconnect_ms")
-            cells.append(f"{_fmt(cut['median'])} / {_fmt(cut['max'])}" if cut else "-")
+            cells.append(f"{fmt(cut['median'])} / {fmt(cut['max'])}" if cut else "-")
             out += f"| {name} | " + " | ".join(cells) + " |\n"
     return out
 

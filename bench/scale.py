@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.util import BENCH_DIR, cpu_seconds, rss_bytes
+from bench.util import BENCH_DIR, cpu_seconds, json_line, rss_bytes
 
 HELLO, DATA, OPEN, WINDOW, RESET, PING, GOAWAY, CONTROL = range(8)
 ACK = 0x1
@@ -285,20 +285,6 @@ def _spawn(argv: list[str], nofile: int) -> subprocess.Popen[str]:
     )
 
 
-def _line(p: subprocess.Popen[str], what: str, timeout: float) -> dict[str, Any]:
-    import select
-
-    assert p.stdout is not None
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError(f"{what}: nothing after {timeout:g}s")
-    line = p.stdout.readline()
-    if not line:
-        raise RuntimeError(f"{what}: exited with {p.wait()}")
-    out: dict[str, Any] = json.loads(line)
-    return out
-
-
 def _end(p: subprocess.Popen[str]) -> None:
     with contextlib.suppress(OSError):
         if p.stdin:
@@ -386,7 +372,7 @@ def run(
         cpu0 = cpu_seconds([pid])
         lp = _spawn(["links", "--count", str(links), "--domain", relay.domain, *common], nofile)
         procs.append(lp)
-        up = _line(lp, "links", 60 + links * 0.05)
+        up = json_line(lp, "links", 60 + links * 0.05)
         cpu1 = cpu_seconds([pid])
         out["links_up"] = up["up"]
         out["link_errors"] = up["errors"]
@@ -425,7 +411,7 @@ def run(
             cpu2 = cpu_seconds([pid])
             cp = _spawn(["conns", "--count", str(conns), *common], nofile)
             procs.append(cp)
-            held = _line(cp, "connections", 120 + conns * 0.02)
+            held = json_line(cp, "connections", 120 + conns * 0.02)
             out["relay_cpu_ms_per_connection_open"] = (
                 (cpu_seconds([pid]) - cpu2) * 1e3 / max(1, held["held"])
             )

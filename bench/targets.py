@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bench.report import fmt
+
 __all__ = ["TARGETS", "Target", "markdown", "verdict"]
 
 Results = dict[str, Any]
@@ -160,16 +162,6 @@ def verdict(target: Target, results: Results) -> tuple[float | None, float | Non
     return value, ref, "yes" if ok else "no"
 
 
-def _fmt(v: float) -> str:
-    if v >= 100:
-        return f"{v:,.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    if v >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3f}"
-
-
 def markdown(results: Results) -> str:
     """The targets table: the tunnel's median, the reference's in the same run, their ratio
     (> 1 is better for rates, < 1 for latencies and costs) and whether the goal is met."""
@@ -181,7 +173,7 @@ def markdown(results: Results) -> str:
         value, ref, met = verdict(target, results)
         ratio = f"{value / ref:.2f}×" if value is not None and ref else "-"
         lines.append(
-            f"| {target.label} | {_fmt(value) if value is not None else '-'} | "
-            f"{_fmt(ref) if ref is not None else '-'} | {ratio} | {met} |"
+            f"| {target.label} | {fmt(value) if value is not None else '-'} | "
+            f"{fmt(ref) if ref is not None else '-'} | {ratio} | {met} |"
         )
     return "\n".join(lines) + "\n"

@@ -7,7 +7,9 @@ Everything here keeps traffic on loopback and tracks every process it starts by 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -231,3 +234,21 @@ def with_hosts(argv: Sequence[str], hosts: Path | None) -> list[str]:
         return list(argv)
     script = 'mount --bind "$0" /etc/hosts && exec "$@"'
     return ["unshare", "-m", "sh", "-c", script, str(hosts), *argv]
+
+
+def json_line(p: subprocess.Popen[str], what: str, timeout: float) -> dict[str, Any]:
+    """
+    The next line `p` writes on its stdout, as a JSON object, within `timeout` seconds.
+
+    @raise TimeoutError: no line came in time.
+    @raise RuntimeError: `p` ended first.
+    """
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"{what}: nothing after {timeout:g}s")
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{what}: exited with {p.wait()}")
+    out: dict[str, Any] = json.loads(line)
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import idleconns
-from bench.util import free_port
+from bench.util import free_port, json_line
 from tunnel.testing._daemons import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def test_a_client_process_holds_its_share_at_the_hold_server(tmp_path: Path) -> 
     hold = _spawn("hold")
     client = None
     try:
-        port = idleconns._line(hold, "hold", 20)["port"]
+        port = json_line(hold, "hold", 20)["port"]
         targets = tmp_path / "targets.json"
         targets.write_text(json.dumps([["unused", port]]))
         client = _spawn(
@@ -55,7 +55,7 @@ def test_a_client_process_holds_its_share_at_the_hold_server(tmp_path: Path) -> 
             "--targets", str(targets), "--sources", "127.0.0.2,127.0.0.3",
             "--count", "300", "--in-flight", "50",
         )  # fmt: skip
-        report = idleconns._line(client, "client", 30)
+        report = json_line(client, "client", 30)
         assert report["held"] == 300 and report["errors"] == 0
         wait_for(lambda: idleconns._ask(hold, "hold")["held"] == 300, "300 held", 20)
         idleconns._end(client)
@@ -80,7 +80,7 @@ def test_a_refused_connection_is_an_error_tried_again_a_bounded_number_of_times(
         "--retries", str(retries),
     )  # fmt: skip
     try:
-        report = idleconns._line(client, "client", 30)
+        report = json_line(client, "client", 30)
         assert report["held"] == 0 and report["errors"] == 5 + retries
         assert "ECONNREFUSED" in report["error"][0] or "refused" in report["error"][0]
     finally:
