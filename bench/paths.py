@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import abc
 import importlib
-import json
 import os
 import shlex
 import signal
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from bench.util import LOOPBACK, ProcessGroup, free_port, wait_port
+from bench.util import LOOPBACK, ProcessGroup, free_port, json_line, wait_port
 
 # Modules whose import registers path classes, in the order they are run.
 PATH_MODULES: list[str] = ["bench.paths", "bench.refs", "bench.tunnels"]
@@ -311,14 +310,4 @@ def _wait_alive(proc: subprocess.Popen[bytes], port: int, timeout: float = 10.0)
 
 def wait_json_line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> dict[str, object]:
     """Read one JSON line from a process started with ``stdout=PIPE``."""
-    import select
-
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError(f"{proc.args!r}: no ready line after {timeout}s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"{proc.args!r} exited with {proc.wait()}")
-    out: dict[str, object] = json.loads(line)
-    return out
+    return json_line(proc, repr(proc.args), timeout)

@@ -236,9 +236,10 @@ def with_hosts(argv: Sequence[str], hosts: Path | None) -> list[str]:
     return ["unshare", "-m", "sh", "-c", script, str(hosts), *argv]
 
 
-def json_line(p: subprocess.Popen[str], what: str, timeout: float) -> dict[str, Any]:
+def json_line(p: subprocess.Popen[Any], what: str, timeout: float) -> dict[str, Any]:
     """
-    The next line `p` writes on its stdout, as a JSON object, within `timeout` seconds.
+    The next line `p` writes on its stdout (a text or binary pipe), as a JSON object, within
+    `timeout` seconds.
 
     @raise TimeoutError: no line came in time.
     @raise RuntimeError: `p` ended first.
