@@ -23,6 +23,17 @@ from tunnel.relay._peerwatch import KEEPALIVE_IDLE, USER_TIMEOUT, socket_of
 from tunnel.relay.service import RelayService
 
 
+def assert_public_options(transport: object) -> None:
+    """A public connection's socket: TCP_NODELAY, keepalive, the user timeout."""
+    sock = socket_of(transport)
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+    user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert user_timeout == USER_TIMEOUT * 1000
+
+
 @implementer(interfaces.IHalfCloseableProtocol)
 class _EchoToEnd(Echo):
     """Echoes, and closes once the peer has finished sending (after the echo is out)."""
@@ -55,13 +66,7 @@ async def test_every_public_socket_has_nodelay_and_keepalive(
         public = list(relay.relay.public_connections)
         assert len(public) == 3
         for conn in public:
-            sock = socket_of(conn.transport)
-            assert sock is not None
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
-            user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
-            assert user_timeout == USER_TIMEOUT * 1000
+            assert_public_options(conn.transport)
             assert conn.transport.bufferSize == 256 * 1024
     finally:
         for client in clients:
@@ -133,13 +138,7 @@ async def test_public_tls_sockets_have_the_options_and_the_link_does_not(
         public = list(relay.relay.public_connections)
         assert len(public) == 3
         for conn in public:
-            sock = socket_of(conn.transport)
-            assert sock is not None
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
-            user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
-            assert user_timeout == USER_TIMEOUT * 1000
+            assert_public_options(conn.transport)
         (link,) = relay.relay.links
         sock = socket_of(link.transport)
         assert sock is not None

@@ -12,25 +12,13 @@ import ssl
 from pathlib import Path
 
 import pytest_twisted
-from OpenSSL import SSL
 from twisted.internet import protocol, threads
 
 from tests.protocol.inprocess import Echo, agent_for, get_reactor
+from tests.protocol.test_front_door import client_hello
 from tunnel.agent.session import parse_forward
 from tunnel.relay._clienthello import ALERT_UNRECOGNIZED_NAME, alert_record
 from tunnel.relay.service import RelayService
-
-
-def _client_hello(server_name: bytes) -> bytes:
-    """The first flight of a TLS client offering `server_name`."""
-    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
-    conn.set_connect_state()
-    conn.set_tlsext_host_name(server_name)
-    try:
-        conn.do_handshake()
-    except SSL.WantReadError:
-        pass
-    return conn.bio_read(65536)
 
 
 def _send_and_end(port: int, data: bytes) -> bytes:
@@ -49,7 +37,7 @@ async def test_a_hello_and_the_end_sent_with_the_connect_are_answered(
     relay: RelayService,
 ) -> None:
     port = relay.port.getHost().port
-    hello = _client_hello(b"nosuchtunnel.tunnel.localhost")
+    hello = client_hello(b"nosuchtunnel.tunnel.localhost")
     for _ in range(3):
         answer = await threads.deferToThread(_send_and_end, port, hello)
         assert answer == alert_record(ALERT_UNRECOGNIZED_NAME)
