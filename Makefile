@@ -1,7 +1,15 @@
 # Tunnels developer entry points.  Every target is idempotent and quick when nothing changed:
 # the virtualenv is rebuilt only when pyproject.toml is newer than its stamp file.
 
-PYTHON ?= python3
+# The venv's interpreter: the distribution's CPython (/usr/bin/python3) when it is 3.11 or
+# newer and can make a venv, else python3 from PATH. Debian's is linked statically and built
+# with PGO and LTO; a default source build (pyenv's: a shared libpython, no
+# --enable-optimizations) runs the daemons' Python about a third slower per event
+# (docs/performance.md, "The interpreter"). `make PYTHON=...` chooses another; an existing
+# .venv is kept (remove .venv to make it again with another).
+PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
+            "$$p" -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' \
+            >/dev/null 2>&1 && { echo "$$p"; exit 0; }; done; echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tunnels-installed

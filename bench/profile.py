@@ -1,7 +1,7 @@
 """Where the relay's and the agent's CPU goes, per request and per MB (``make profile``).
 
     python -m bench.profile [--seconds 20] [--rate 250] [--top 15] [--native]
-                            [--only tls-http,tcp-http,tcp-download] [--out DIR]
+                            [--only tls-http,tcp-http,tcp-download,tcp-connect] [--out DIR]
 
 For each scenario it starts the path (``bench.tunnels``: ``twistd tunnelrelay`` +
 ``twistd tunnelagent`` in front of the bench's nginx and data server), puts load on it, and
@@ -10,7 +10,10 @@ which speedscope and flamegraph.pl read) for the duration of the load:
 
 * ``tls-http``: ``wrk -t2 -c50`` on ``/small`` through the TLS tunnel (keep-alive);
 * ``tcp-http``: the same through the raw TCP tunnel;
-* ``tcp-download``: ``bench.client download`` of one stream through the raw TCP tunnel.
+* ``tcp-download``: ``bench.client download`` of one stream through the raw TCP tunnel;
+* ``tcp-connect``: ``bench.client connect`` through the raw TCP tunnel: sequential
+  connections (connect, a 1-byte echo, close), ``600 × --seconds`` of them, costed per
+  connection (not in the default run; name it with ``--only``).
 
 Samples inside the reactor's ``epoll.poll`` call are counted apart and left out: py-spy
 counts a thread that epoll has woken but that waits for a core as active, which on a
@@ -46,7 +49,9 @@ from bench.paths import BenchPath
 from bench.tunnels import TunnelTcp, TunnelTls
 from bench.util import BENCH_DIR, cpu_seconds, hosts_file, run, with_hosts
 
-SCENARIOS = ("tls-http", "tcp-http", "tcp-download")
+SCENARIOS = ("tls-http", "tcp-http", "tcp-download", "tcp-connect")
+#: What `make profile` runs when no ``--only`` is given.
+DEFAULT_SCENARIOS = ("tls-http", "tcp-http", "tcp-download")
 
 
 def py_spy() -> str:
@@ -154,6 +159,15 @@ def _load(path: BenchPath, scenario: str, seconds: int) -> tuple[float, str]:
         if p.returncode:
             raise RuntimeError(f"wrk failed: {p.stderr[-300:]}")
         return parse_wrk(p.stdout)["requests"], "request"
+    if scenario == "tcp-connect":
+        assert path.echo is not None
+        count = 600 * seconds
+        echo = path.echo
+        args = ["connect", echo.host, str(echo.port), f"--count={count}"]
+        p = run([sys.executable, "-m", "bench.client", *args], seconds * 10 + 60)
+        if p.returncode:
+            raise RuntimeError(f"connect failed: {p.stderr[-300:]}")
+        return float(count), "connection"
     assert path.tcp is not None
     e = path.tcp
     # Sized to last about ``seconds`` at ~200 MB/s; a bounded transfer either way.
@@ -212,7 +226,7 @@ def summary(results: dict[str, dict[str, object]], out: Path, rows: int = 12) ->
     totals: dict[str, str] = {}
     for scenario, r in results.items():
         unit = str(r["unit"])
-        scale = 1e6 if unit == "request" else 1e3
+        scale, per = _PER[unit]
         work = float(r["work"])  # type: ignore[arg-type]
         cpu: dict[str, float] = r["cpu"]  # type: ignore[assignment]
         system: dict[str, float] = r.get("system", {})  # type: ignore[assignment]
@@ -221,7 +235,7 @@ def summary(results: dict[str, dict[str, object]], out: Path, rows: int = 12) ->
             counts.pop(POLL, None)
             per_unit = cpu[role] / work * scale
             sys_part = system.get(role, 0.0) / work * scale
-            col = f"{scenario} {role} ({'µs/req' if unit == 'request' else 'ms/MB'})"
+            col = f"{scenario} {role} ({per})"
             columns[col] = _costs(counts, per_unit - sys_part, sys_part, by_area=True)
             totals[col] = f"{per_unit:.2f}"
     areas: dict[str, float] = {}
@@ -235,6 +249,10 @@ def summary(results: dict[str, dict[str, object]], out: Path, rows: int = 12) ->
         text += f"| `{area}` | " + " | ".join(cells) + " |\n"
     text += "| **all (measured CPU)** | " + " | ".join(totals.values()) + " |\n"
     return text
+
+
+#: Per unit of work: the scale from seconds, and the label.
+_PER = {"request": (1e6, "µs/req"), "connection": (1e6, "µs/conn"), "MB": (1e3, "ms/MB")}
 
 
 def _costs(
@@ -256,10 +274,10 @@ def _costs(
 
 def markdown(results: dict[str, dict[str, object]], out: Path, top: int) -> str:
     """A summary by file, then per scenario and process the top functions by cost."""
-    text = "Cost by file, per request or per MB:\n\n" + summary(results, out) + "\n"
+    text = "Cost by file, per request, connection or MB:\n\n" + summary(results, out) + "\n"
     for scenario, r in results.items():
         unit = str(r["unit"])
-        scale, per = (1e6, "µs/req") if unit == "request" else (1e3, "ms/MB")
+        scale, per = _PER[unit]
         work = float(r["work"])  # type: ignore[arg-type]
         cpu: dict[str, float] = r["cpu"]  # type: ignore[assignment]
         system: dict[str, float] = r.get("system", {})  # type: ignore[assignment]
@@ -309,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated, of {','.join(SCENARIOS)}")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "profile")
     a = parser.parse_args(argv)
-    scenarios = a.only.split(",") if a.only else list(SCENARIOS)
+    scenarios = a.only.split(",") if a.only else list(DEFAULT_SCENARIOS)
     if bad := set(scenarios) - set(SCENARIOS):
         parser.error(f"unknown scenario(s) {', '.join(sorted(bad))}")
     a.out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def machine() -> dict[str, str]:
         "cpu": cpu,
         "cores": str(os.cpu_count()),
         "kernel": platform.release(),
-        "python": platform.python_version(),
+        "python": interpreter(),
     }
     for name, argv in {
         "nginx": ["nginx", "-v"],
@@ -42,6 +43,23 @@ def machine() -> dict[str, str]:
         except (OSError, IndexError):
             info[name] = "missing"
     return info
+
+
+def interpreter() -> str:
+    """
+    The Python that runs the bench, and so the daemons (they are started with this
+    interpreter): version, executable, and whether its core is a shared libpython (a
+    default source build, slower per call) or linked into the executable.
+    """
+    linked = "libpython linked in"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        linked = "libpython unknown"
+    else:
+        if m := re.search(r"\S*/(libpython[\d.]+\.so[\d.]*)", maps):
+            linked = f"shared {m.group(1)}"
+    return f"{platform.python_version()} ({sys.executable}; {linked})"
 
 
 def fmt(v: float) -> str:

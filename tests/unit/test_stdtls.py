@@ -20,7 +20,7 @@ from twisted.test import iosim
 
 from tests.servercerts import TestCA, key_pem
 from tunnel._fasttls import FastTLSFactory
-from tunnel.agent._stdtls import StdTLSFactory
+from tunnel.agent._stdtls import StdTLSFactory, eof_error
 from tunnel.agent._tlscontext import client_context
 from tunnel.wire import LINK_ALPN
 
@@ -182,3 +182,23 @@ def test_a_ca_file_without_a_certificate_is_a_value_error(tmp_path: Path) -> Non
     empty.write_text("not a certificate\n")
     with pytest.raises(ValueError, match="holds no PEM certificate"):
         client_context(str(empty))
+
+
+def test_the_link_context_reports_a_missing_close_notify() -> None:
+    # Some CPython 3.11 releases set the option on every new context: a truncated link
+    # would then read as a clean close.
+    assert not client_context(None).options & ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
+def test_openssls_unexpected_eof_is_an_eof_error_whatever_the_python() -> None:
+    plain = ssl.SSLError(1, "[SSL: UNEXPECTED_EOF_WHILE_READING] unexpected eof while reading")
+    plain.reason = "UNEXPECTED_EOF_WHILE_READING"
+    mapped = eof_error(plain)
+    assert isinstance(mapped, ssl.SSLEOFError) and mapped.args == plain.args
+    other = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    other.reason = "WRONG_VERSION_NUMBER"
+    assert eof_error(other) is other
+    bare = ssl.SSLError(1, "made in Python: no reason attribute")
+    assert eof_error(bare) is bare
+    already = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert eof_error(already) is already

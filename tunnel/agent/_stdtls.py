@@ -39,12 +39,23 @@ from twisted.python.failure import Failure
 from tunnel.agent._tlscontext import client_context
 from tunnel.link import write_now
 
-__all__ = ["StdTLSFactory", "StdTLSProtocol", "client_context", "std_client_tls"]
+__all__ = ["StdTLSFactory", "StdTLSProtocol", "client_context", "eof_error", "std_client_tls"]
 
 #: One TLS record's plaintext is at most 16 KiB; read a little more per SSLObject.read.
 _RECV = 2**15
 #: Decrypted octets delivered in one dataReceived at most.
 _DELIVER = 256 * 1024
+
+
+def eof_error(error: ssl.SSLError) -> ssl.SSLError:
+    """
+    `error`, or for OpenSSL 3's "unexpected EOF" the ``ssl.SSLEOFError`` it is: some CPython
+    3.11 releases (Debian 12's 3.11.2) raise that reason as a plain ``ssl.SSLError``.
+    """
+    reason = getattr(error, "reason", None)
+    if not isinstance(error, ssl.SSLEOFError) and reason == "UNEXPECTED_EOF_WHILE_READING":
+        return ssl.SSLEOFError(*error.args)
+    return error
 
 
 class StdTLSProtocol(ProtocolWrapper):
@@ -205,7 +216,7 @@ class StdTLSProtocol(ProtocolWrapper):
             except ssl.SSLError as e:
                 self._deliver(chunks)
                 chunks, size = [], 0
-                self._fail(e)
+                self._fail(eof_error(e))
                 break
             if not data:
                 # The peer's close_notify (`SSLObject.read` returns nothing for it): what came

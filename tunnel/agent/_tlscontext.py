@@ -33,6 +33,7 @@ def client_context(ca: str | None) -> ssl.SSLContext:
         except ssl.SSLError as e:
             raise ValueError(f"{ca}: not a usable PEM CA bundle ({e})") from None
     context.set_alpn_protocols([LINK_ALPN.decode("ascii")])
+    context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     return context
 
 
