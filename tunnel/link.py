@@ -366,7 +366,15 @@ class LinkProtocol(Protocol):
         if transport is None:
             return
         mux = self.mux
-        if mux.backlog_exceeded:
+        # The multiplexer's queues are read directly (its `has_data_to_send` and
+        # `backlog_exceeded`, without their property calls): this runs several times per
+        # connection and once or twice per request, often with nothing to send.
+        if not mux._control and not mux._ready:
+            if mux.state is not LinkState.CLOSED:
+                if self._blocked:
+                    self._resume_blocked(mux)
+                return
+        elif mux._control_size > mux.settings.max_control_backlog:
             # Frames this side queued (control answers, resets, OPENs) pile up like replies
             # when the peer does not read: past the bound the link ends, backlog dropped.
             self._dispatch(mux.check_backlog())
@@ -390,17 +398,21 @@ class LinkProtocol(Protocol):
         data = mux.data_to_send(_WRITE_BUDGET)
         while data:
             transport.write(data)
-            if self._paused or not mux.has_data_to_send:
+            if self._paused or not (mux._control or mux._ready):
                 break
             data = mux.data_to_send(_WRITE_BUDGET)
         if self._blocked:
-            for stream_id, stream in list(self._blocked.items()):
-                if mux.pending(stream_id) < LOW_WATER:
-                    del self._blocked[stream_id]
-                    producer = stream._producer
-                    stream._producer_paused = False
-                    if producer is not None:
-                        producer.resumeProducing()
+            self._resume_blocked(mux)
+
+    def _resume_blocked(self, mux: Multiplexer) -> None:
+        """Resume the producers of the streams whose queue fell below `LOW_WATER`."""
+        for stream_id, stream in list(self._blocked.items()):
+            if mux.pending(stream_id) < LOW_WATER:
+                del self._blocked[stream_id]
+                producer = stream._producer
+                stream._producer_paused = False
+                if producer is not None:
+                    producer.resumeProducing()
 
     def abort(self) -> None:
         """

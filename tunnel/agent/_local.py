@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 from typing import Any
 
@@ -142,10 +141,11 @@ def connect_local(
 
     For an IP address on a POSIX reactor the socket is connected here, without Twisted's
     connector (its delayed call, Deferred and four epoll updates): a loopback connect is
-    complete as soon as ``connect`` returns, so one ``poll`` with no wait sees it, and the
-    protocol is connected at once, in the caller's reactor turn. A connect still in progress
-    waits for the socket to be writable. Host names go through ``connectTCP`` (they need a
-    resolver). A failure is reported within this call when it is known at once.
+    complete as soon as ``connect`` returns, so a second ``connect`` says so (or says why it
+    failed), and the protocol is connected at once, in the caller's reactor turn. A connect
+    still in progress waits for the socket to be writable. Host names go through
+    ``connectTCP`` (they need a resolver). A failure is reported within this call when it
+    is known at once.
     """
     if not isinstance(reactor, posixbase.PosixReactorBase) or not (
         abstract.isIPAddress(host) or abstract.isIPv6Address(host)
@@ -164,16 +164,13 @@ def connect_local(
         return
     code = sock.connect_ex(target)
     if code in _IN_PROGRESS:
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        ready = poller.poll(0)
-        if not ready:
+        # Asking again says how it ended, with no poll object: 0 (or EISCONN) once
+        # connected, the error (ECONNREFUSED, ...) once it failed, EALREADY while it is
+        # still in progress.
+        code = sock.connect_ex(target)
+        if code in _IN_PROGRESS:
             _Connecting(reactor, sock, target, factory, timeout, family)
             return
-        # Writable alone: connected. With an error or hang-up, SO_ERROR says which.
-        code = 0
-        if ready[0][1] & (select.POLLERR | select.POLLHUP):
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
     _connected(reactor, sock, target, factory, code, family)
 
 

@@ -524,8 +524,15 @@ class Multiplexer:
 
         @raise LocalProtocolError: the stream is gone or already ended by us.
         """
-        stream = self._stream_for_local(stream_id)
-        _transition(stream, StreamInput.SEND_FIN, remote=False)
+        # `_stream_for_local` and `_transition`, inline on the allowed path: this runs for
+        # every stream this side ends.
+        stream = self._streams.get(stream_id)
+        if stream is None or self.state is LinkState.CLOSED:
+            raise LocalProtocolError(f"stream {stream_id} is closed")
+        try:
+            stream.state = STREAM_TRANSITIONS[stream.state, StreamInput.SEND_FIN]
+        except KeyError:
+            _transition(stream, StreamInput.SEND_FIN, remote=False)
         stream.fin_queued = True
         if not stream.scheduled:
             stream.scheduled = True
@@ -827,7 +834,10 @@ class Multiplexer:
                 )
             events.append(DataReceived(stream.id, payload))
         if frame.flags & _f.FLAG_FIN:
-            _transition(stream, StreamInput.RECV_FIN, remote=True)
+            try:
+                stream.state = STREAM_TRANSITIONS[stream.state, StreamInput.RECV_FIN]
+            except KeyError:
+                _transition(stream, StreamInput.RECV_FIN, remote=True)
             events.append(StreamEnded(stream.id))
             if stream.state is StreamState.CLOSED and not stream.fin_queued:
                 self._drop(stream)
