@@ -8,6 +8,7 @@ and half-close passed on.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 import struct
@@ -94,17 +95,19 @@ class ConnectedTCP(tcp.Connection):
 
     def __init__(
         self,
-        skt: socket.socket,
+        skt: socket.socket | _socket.socket,
         protocol: Any,
         reactor: Any,
         peer: tuple[Any, ...],
         family: int | None = None,
     ):
         # tcp.Connection.__init__, less its setblocking(False) (an ioctl): `skt` is
-        # non-blocking already. `family` is the socket's, when the caller knows it (the
-        # socket's own `family` property builds an enum member per call).
+        # non-blocking already (and must be). `family` is the socket's, when the caller
+        # knows it (the socket's own `family` property builds an enum member per call).
         abstract.FileDescriptor.__init__(self, reactor=reactor)
-        self.socket = skt
+        # A `socket.socket` or the C type under it (`connect_local`'s): the transport uses
+        # only what both have.
+        self.socket = skt  # type: ignore[assignment]
         self.fileno = skt.fileno
         self.protocol = protocol
         self._peer = peer

@@ -200,7 +200,11 @@ class LinkProtocol(Protocol):
                 self._dispatch(mux.receive_data(b""))
         finally:
             self._receiving = False
-        self.flush()
+        # `flush` when it has anything to do (its own first check, inline): most reads
+        # of a connection's open and close queue nothing to send.
+        mux = self.mux
+        if mux._control or mux._ready or self._blocked or mux.state is LinkState.CLOSED:
+            self.flush()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost = True

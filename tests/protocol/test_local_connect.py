@@ -319,3 +319,45 @@ async def test_a_refusal_known_at_the_second_connect_is_reported_within_the_call
     factory = _Factory()
     connect_local(reactor, "127.0.0.1", free, factory, 5.0)
     assert factory.failure is not None and factory.failure.check(error.ConnectionRefusedError)
+
+
+def test_the_families_of_target_hosts_are_kept_within_a_bound() -> None:
+    """Each host's family is worked out once (IPv4, IPv6, 0 for a name), and at most
+    `_FAMILIES_KEPT` hosts are kept: beyond, the answer is the same, not remembered."""
+    from tunnel.agent import _local
+
+    _local._FAMILIES.clear()
+    try:
+        assert _local._family("127.0.0.1") == socket.AF_INET
+        assert _local._family("::1") == socket.AF_INET6
+        assert _local._family("localhost") == 0
+        assert _local._FAMILIES == {
+            "127.0.0.1": socket.AF_INET,
+            "::1": socket.AF_INET6,
+            "localhost": 0,
+        }
+        for n in range(_local._FAMILIES_KEPT + 10):
+            assert _local._family(f"10.0.{n // 256}.{n % 256}") == socket.AF_INET
+        assert len(_local._FAMILIES) == _local._FAMILIES_KEPT
+    finally:
+        _local._FAMILIES.clear()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_loopback_target_is_connected_within_the_call() -> None:
+    reactor = get_reactor()
+    try:
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="::1")
+    except error.CannotListenError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        factory = _Factory()
+        connect_local(reactor, "::1", port.getHost().port, factory, 5.0)
+        made = factory.protocol_made
+        assert made is not None and type(made.transport) is ConnectedTCP
+        assert made.transport.getPeer().host == "::1"
+        made.transport.write(b"six")
+        await wait_until(lambda: made.received == b"six", "the echo")
+        made.transport.loseConnection()
+    finally:
+        await port.stopListening()

@@ -723,8 +723,14 @@ class Multiplexer:
                 self._held.extend(frames)
                 self._receive_held(events)
             else:
+                data_type = _f.FrameType.DATA
                 for frame in frames:
-                    self._handle(frame, events)
+                    # `_handle`'s dispatch of DATA (after the HELLO), inline: the
+                    # commonest frame, once or more per read.
+                    if frame.type == data_type and self.version is not None:
+                        self._on_data(frame, events)
+                    else:
+                        self._handle(frame, events)
                     if self.state is closed:
                         break
                 if decoder.failed and self.state is not closed:
