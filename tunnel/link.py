@@ -30,7 +30,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 # The stream and the splice live in their own modules; their names are this module's too.
-from tunnel._reactor import after_events
 from tunnel._splice import SOCKET_READ as SOCKET_READ
 from tunnel._splice import SpliceProtocol as SpliceProtocol
 from tunnel._splice import close_now as close_now
@@ -345,8 +344,15 @@ class LinkProtocol(Protocol):
             and not self._receiving
             and not self._lost
         ):
-            if after_events(self.reactor, self._queued_flush):
-                # The daemons' reactor runs it once this poll's events are handled.
+            # `after_events`, inline (two calls less per write of a stream): the daemons'
+            # reactor, inside a poll's handlers, holds the list of what it runs once the
+            # poll's events are handled.
+            try:
+                pending = self.reactor._tunnel_after_events  # type: ignore[attr-defined]
+            except AttributeError:
+                pending = None
+            if pending is not None:
+                pending.append(self.flush)
                 self._flush_queued = True
             else:
                 self._flush_call = self.reactor.callLater(0, self._scheduled_flush)
@@ -355,15 +361,13 @@ class LinkProtocol(Protocol):
         self._flush_call = None
         self.flush()
 
-    def _queued_flush(self) -> None:
-        self._flush_queued = False
-        self.flush()
-
     def flush(self) -> None:
         """
         Write what the multiplexer has to send, unless the transport asked us to pause or we
         are in the middle of processing input (then it happens once at the end).
         """
+        # A flush queued by `flush_soon` is this one, or finds nothing left to send.
+        self._flush_queued = False
         if self._receiving or self._lost:
             return
         transport = self.transport

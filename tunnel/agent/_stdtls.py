@@ -228,7 +228,9 @@ class StdTLSProtocol(ProtocolWrapper):
             if not incoming.pending and not tls.pending() and not incoming.eof:
                 # Nothing left to decrypt: another read would only say SSLWantReadError.
                 break
-        self._deliver(chunks)
+        # `_deliver`, inline: this runs for every read of the link.
+        if chunks and self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and self.wrappedProtocol is not None:
