@@ -146,9 +146,12 @@ class Stream:
         if self._closed or self._local_ended:
             return
         self._local_ended = True
-        self.link.mux.end_stream(self.stream_id)
-        self.link.flush()
-        self._maybe_finished()
+        link = self.link
+        link.mux.end_stream(self.stream_id)
+        link.flush()
+        # `_maybe_finished`, inline (this side has just ended).
+        if self._remote_end_delivered and not self._closed:
+            self._finish(_STREAM_CLOSED)
 
     def loseConnection(self) -> None:
         """
@@ -277,7 +280,9 @@ class Stream:
                 # connection end when the peer finishes sending.
                 self.loseConnection()
                 return
-        self._maybe_finished()
+        # `_maybe_finished`, inline (the peer's end has just been delivered).
+        if self._local_ended and not self._closed:
+            self._finish(_STREAM_CLOSED)
 
     def _maybe_finished(self) -> None:
         if self._local_ended and self._remote_end_delivered and not self._closed:

@@ -30,7 +30,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 # The stream and the splice live in their own modules; their names are this module's too.
-from tunnel._reactor import after_events
 from tunnel._splice import SOCKET_READ as SOCKET_READ
 from tunnel._splice import SpliceProtocol as SpliceProtocol
 from tunnel._splice import close_now as close_now
@@ -200,7 +199,11 @@ class LinkProtocol(Protocol):
                 self._dispatch(mux.receive_data(b""))
         finally:
             self._receiving = False
-        self.flush()
+        # `flush` when it has anything to do (its own first check, inline): most reads
+        # of a connection's open and close queue nothing to send.
+        mux = self.mux
+        if mux._control or mux._ready or self._blocked or mux.state is LinkState.CLOSED:
+            self.flush()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost = True
@@ -341,8 +344,15 @@ class LinkProtocol(Protocol):
             and not self._receiving
             and not self._lost
         ):
-            if after_events(self.reactor, self._queued_flush):
-                # The daemons' reactor runs it once this poll's events are handled.
+            # `after_events`, inline (two calls less per write of a stream): the daemons'
+            # reactor, inside a poll's handlers, holds the list of what it runs once the
+            # poll's events are handled.
+            try:
+                pending = self.reactor._tunnel_after_events  # type: ignore[attr-defined]
+            except AttributeError:
+                pending = None
+            if pending is not None:
+                pending.append(self.flush)
                 self._flush_queued = True
             else:
                 self._flush_call = self.reactor.callLater(0, self._scheduled_flush)
@@ -351,22 +361,28 @@ class LinkProtocol(Protocol):
         self._flush_call = None
         self.flush()
 
-    def _queued_flush(self) -> None:
-        self._flush_queued = False
-        self.flush()
-
     def flush(self) -> None:
         """
         Write what the multiplexer has to send, unless the transport asked us to pause or we
         are in the middle of processing input (then it happens once at the end).
         """
+        # A flush queued by `flush_soon` is this one, or finds nothing left to send.
+        self._flush_queued = False
         if self._receiving or self._lost:
             return
         transport = self.transport
         if transport is None:
             return
         mux = self.mux
-        if mux.backlog_exceeded:
+        # The multiplexer's queues are read directly (its `has_data_to_send` and
+        # `backlog_exceeded`, without their property calls): this runs several times per
+        # connection and once or twice per request, often with nothing to send.
+        if not mux._control and not mux._ready:
+            if mux.state is not LinkState.CLOSED:
+                if self._blocked:
+                    self._resume_blocked(mux)
+                return
+        elif mux._control_size > mux.settings.max_control_backlog:
             # Frames this side queued (control answers, resets, OPENs) pile up like replies
             # when the peer does not read: past the bound the link ends, backlog dropped.
             self._dispatch(mux.check_backlog())
@@ -390,17 +406,21 @@ class LinkProtocol(Protocol):
         data = mux.data_to_send(_WRITE_BUDGET)
         while data:
             transport.write(data)
-            if self._paused or not mux.has_data_to_send:
+            if self._paused or not (mux._control or mux._ready):
                 break
             data = mux.data_to_send(_WRITE_BUDGET)
         if self._blocked:
-            for stream_id, stream in list(self._blocked.items()):
-                if mux.pending(stream_id) < LOW_WATER:
-                    del self._blocked[stream_id]
-                    producer = stream._producer
-                    stream._producer_paused = False
-                    if producer is not None:
-                        producer.resumeProducing()
+            self._resume_blocked(mux)
+
+    def _resume_blocked(self, mux: Multiplexer) -> None:
+        """Resume the producers of the streams whose queue fell below `LOW_WATER`."""
+        for stream_id, stream in list(self._blocked.items()):
+            if mux.pending(stream_id) < LOW_WATER:
+                del self._blocked[stream_id]
+                producer = stream._producer
+                stream._producer_paused = False
+                if producer is not None:
+                    producer.resumeProducing()
 
     def abort(self) -> None:
         """

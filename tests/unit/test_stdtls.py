@@ -202,3 +202,23 @@ def test_openssls_unexpected_eof_is_an_eof_error_whatever_the_python() -> None:
     assert eof_error(bare) is bare
     already = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
     assert eof_error(already) is already
+
+
+def test_the_data_path_is_the_objects_own_or_the_object() -> None:
+    """`_data_path`: CPython's inner object when it has the three methods the SSLObject's
+    forward to, else the SSLObject itself."""
+    import ssl as _ssl
+
+    from tunnel.agent._stdtls import _data_path
+
+    context = _ssl.SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
+    tls = context.wrap_bio(_ssl.MemoryBIO(), _ssl.MemoryBIO(), server_hostname="example.test")
+    inner = _data_path(tls)
+    assert inner is getattr(tls, "_sslobj", tls)
+    assert inner.pending() == tls.pending() == 0
+
+    class _Bare:
+        def read(self, n: int) -> bytes:
+            return b""
+
+    assert type(_data_path(_Bare())) is _Bare  # type: ignore[arg-type]

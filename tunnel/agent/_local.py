@@ -9,9 +9,9 @@ their side finished sending or ended, and why.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import select
 import socket
 from typing import Any
 
@@ -129,6 +129,27 @@ class LocalFactory(ClientFactory):
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
 
+#: The address family of each target host seen, 0 for a host name (`_family`): the
+#: targets are the forwards', a few, so each is worked out once.
+_FAMILIES: dict[str, int] = {}
+#: Hosts `_FAMILIES` keeps at most (beyond, the family is worked out each time).
+_FAMILIES_KEPT = 256
+
+
+def _family(host: str) -> int:
+    """
+    The address family of `host` as an IP address (``AF_INET``, ``AF_INET6``), or 0 for a
+    host name; remembered in `_FAMILIES` while it has room.
+    """
+    family = 0
+    if abstract.isIPAddress(host):
+        family = int(socket.AF_INET)
+    elif abstract.isIPv6Address(host):
+        family = int(socket.AF_INET6)
+    if len(_FAMILIES) < _FAMILIES_KEPT:
+        _FAMILIES[host] = family
+    return family
+
 
 def connect_local(
     reactor: Any, host: str, port: int, factory: LocalFactory, timeout: float
@@ -142,44 +163,45 @@ def connect_local(
 
     For an IP address on a POSIX reactor the socket is connected here, without Twisted's
     connector (its delayed call, Deferred and four epoll updates): a loopback connect is
-    complete as soon as ``connect`` returns, so one ``poll`` with no wait sees it, and the
-    protocol is connected at once, in the caller's reactor turn. A connect still in progress
-    waits for the socket to be writable. Host names go through ``connectTCP`` (they need a
-    resolver). A failure is reported within this call when it is known at once.
+    complete as soon as ``connect`` returns, so a second ``connect`` says so (or says why it
+    failed), and the protocol is connected at once, in the caller's reactor turn. A connect
+    still in progress waits for the socket to be writable. Host names go through
+    ``connectTCP`` (they need a resolver). A failure is reported within this call when it
+    is known at once.
     """
-    if not isinstance(reactor, posixbase.PosixReactorBase) or not (
-        abstract.isIPAddress(host) or abstract.isIPv6Address(host)
-    ):
+    family = _FAMILIES.get(host)
+    if family is None:
+        family = _family(host)
+    if not family or not isinstance(reactor, posixbase.PosixReactorBase):
         reactor.connectTCP(host, port, factory, timeout=timeout)
         return
-    if ":" in host:
-        family, target = socket.AF_INET6, tcp._resolveIPv6(host, port)
+    if family == socket.AF_INET6:
+        target: tuple[Any, ...] = tcp._resolveIPv6(host, port)
     else:
-        family, target = socket.AF_INET, (host, port)
+        target = (host, port)
     try:
-        # Non-blocking from its creation: no ioctl to make it so.
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        # Non-blocking from its creation: no ioctl to make it so. The C socket type:
+        # everything a transport asks of a socket, without the Python layer of
+        # `socket.socket` over it (three Python calls per connection, to make and close).
+        sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as e:
         factory.clientConnectionFailed(None, Failure(error.getConnectError(e)))
         return
     code = sock.connect_ex(target)
     if code in _IN_PROGRESS:
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        ready = poller.poll(0)
-        if not ready:
+        # Asking again says how it ended, with no poll object: 0 (or EISCONN) once
+        # connected, the error (ECONNREFUSED, ...) once it failed, EALREADY while it is
+        # still in progress.
+        code = sock.connect_ex(target)
+        if code in _IN_PROGRESS:
             _Connecting(reactor, sock, target, factory, timeout, family)
             return
-        # Writable alone: connected. With an error or hang-up, SO_ERROR says which.
-        code = 0
-        if ready[0][1] & (select.POLLERR | select.POLLHUP):
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
     _connected(reactor, sock, target, factory, code, family)
 
 
 def _connected(
     reactor: Any,
-    sock: socket.socket,
+    sock: _socket.socket,
     target: tuple[Any, ...],
     factory: LocalFactory,
     code: int,
@@ -206,7 +228,7 @@ class _Connecting:
     def __init__(
         self,
         reactor: Any,
-        sock: socket.socket,
+        sock: _socket.socket,
         target: tuple[Any, ...],
         factory: LocalFactory,
         timeout: float,
@@ -300,7 +322,9 @@ class _LocalProtocol(SpliceProtocol):
         connection = self.connection
         if connection is not None:
             connection.to_client += len(data)
-        write_now(self.other, data)
+        # The other side is a stream, whose write never waits: `write_now` has nothing
+        # to add to it.
+        self.other.write(data)
 
     def readConnectionLost(self) -> None:
         if self.events is not None and self.connection is not None:

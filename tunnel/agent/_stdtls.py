@@ -71,6 +71,10 @@ class StdTLSProtocol(ProtocolWrapper):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls: ssl.SSLObject | None = None
+        #: What the data path reads, writes and asks `pending` of: the `SSLObject`'s own
+        #: C object, to which those three methods of the `SSLObject` only forward (a
+        #: Python call less each, per write and per read), or the `SSLObject` itself.
+        self._io: Any = None
         self._handshake_done = False
         #: Application octets written before the handshake was done.
         self._held: list[bytes] = []
@@ -91,6 +95,7 @@ class StdTLSProtocol(ProtocolWrapper):
         `outgoing`. Call before `makeConnection`.
         """
         self._tls = tls
+        self._io = _data_path(tls)
         self._incoming = incoming
         self._outgoing = outgoing
         self._handshake_done = True
@@ -100,6 +105,7 @@ class StdTLSProtocol(ProtocolWrapper):
             self._tls = self.factory.context.wrap_bio(
                 self._incoming, self._outgoing, server_hostname=self.factory.hostname
             )
+            self._io = _data_path(self._tls)
         super().makeConnection(transport)
         if not self._handshake_done:
             self._handshake()
@@ -116,14 +122,15 @@ class StdTLSProtocol(ProtocolWrapper):
         if not self._handshake_done:
             self._held.append(bytes(data))
             return
-        tls = self._tls
-        assert tls is not None
         try:
-            tls.write(data)
+            self._io.write(data)
         except ssl.SSLError as e:
             self._fail(e)
             return
-        self._flush()
+        # `_flush`, inline: this runs for every write of the link.
+        outgoing = self._outgoing
+        if outgoing.pending and self.transport is not None:
+            write_now(self.transport, outgoing.read())
 
     def writeSequence(self, data: Any) -> None:
         self.write(b"".join(data))
@@ -201,8 +208,7 @@ class StdTLSProtocol(ProtocolWrapper):
             self._read()
 
     def _read(self) -> None:
-        tls = self._tls
-        assert tls is not None
+        tls = self._io
         incoming = self._incoming
         chunks: list[bytes] = []
         size = 0
@@ -233,7 +239,9 @@ class StdTLSProtocol(ProtocolWrapper):
             if not incoming.pending and not tls.pending() and not incoming.eof:
                 # Nothing left to decrypt: another read would only say SSLWantReadError.
                 break
-        self._deliver(chunks)
+        # `_deliver`, inline: this runs for every read of the link.
+        if chunks and self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and self.wrappedProtocol is not None:
@@ -287,6 +295,17 @@ class StdTLSProtocol(ProtocolWrapper):
         self._flush()  # an alert, if OpenSSL made one
         if self.transport is not None:
             self.transport.loseConnection()
+
+
+def _data_path(tls: ssl.SSLObject) -> Any:
+    """
+    The object whose ``read``, ``write`` and ``pending`` `tls`'s own forward to, unchanged
+    (CPython's ``_sslobj``), or `tls` itself if it has none.
+    """
+    inner = getattr(tls, "_sslobj", None)
+    if inner is None or not all(hasattr(inner, m) for m in ("read", "write", "pending")):
+        return tls
+    return inner
 
 
 class StdTLSFactory(WrappingFactory[StdTLSProtocol]):

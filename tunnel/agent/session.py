@@ -541,11 +541,15 @@ class Agent:
         except ControlError:
             stream.abortConnection(ErrorCode.PROTOCOL_ERROR)
             return
-        record = next((f for f in self.forwards if f.tunnel_id == info.tunnel_id), None)
-        if record is None:
+        tunnel_id = info.tunnel_id
+        # A loop, not a generator: this runs for every public connection.
+        for record in self.control.forwards:
+            if record.tunnel_id == tunnel_id:
+                break
+        else:
             stream.abortConnection(ErrorCode.REFUSED_STREAM)
             return
-        stream.tunnel_id = info.tunnel_id
+        stream.tunnel_id = tunnel_id
         spec = record.spec
         connection = self.events.opened(
             info.tunnel_id, spec.target, info.client_host, info.client_port

@@ -524,8 +524,15 @@ class Multiplexer:
 
         @raise LocalProtocolError: the stream is gone or already ended by us.
         """
-        stream = self._stream_for_local(stream_id)
-        _transition(stream, StreamInput.SEND_FIN, remote=False)
+        # `_stream_for_local` and `_transition`, inline on the allowed path: this runs for
+        # every stream this side ends.
+        stream = self._streams.get(stream_id)
+        if stream is None or self.state is LinkState.CLOSED:
+            raise LocalProtocolError(f"stream {stream_id} is closed")
+        try:
+            stream.state = STREAM_TRANSITIONS[stream.state, StreamInput.SEND_FIN]
+        except KeyError:
+            _transition(stream, StreamInput.SEND_FIN, remote=False)
         stream.fin_queued = True
         if not stream.scheduled:
             stream.scheduled = True
@@ -716,8 +723,14 @@ class Multiplexer:
                 self._held.extend(frames)
                 self._receive_held(events)
             else:
+                data_type = _f.FrameType.DATA
                 for frame in frames:
-                    self._handle(frame, events)
+                    # `_handle`'s dispatch of DATA (after the HELLO), inline: the
+                    # commonest frame, once or more per read.
+                    if frame.type == data_type and self.version is not None:
+                        self._on_data(frame, events)
+                    else:
+                        self._handle(frame, events)
                     if self.state is closed:
                         break
                 if decoder.failed and self.state is not closed:
@@ -827,7 +840,10 @@ class Multiplexer:
                 )
             events.append(DataReceived(stream.id, payload))
         if frame.flags & _f.FLAG_FIN:
-            _transition(stream, StreamInput.RECV_FIN, remote=True)
+            try:
+                stream.state = STREAM_TRANSITIONS[stream.state, StreamInput.RECV_FIN]
+            except KeyError:
+                _transition(stream, StreamInput.RECV_FIN, remote=True)
             events.append(StreamEnded(stream.id))
             if stream.state is StreamState.CLOSED and not stream.fin_queued:
                 self._drop(stream)
