@@ -67,13 +67,21 @@ class PublicProtocol(SpliceProtocol):
     """
 
     def __init__(
-        self, relay: Relay, tunnel_id: str, peer: Any = None, read_at_once: bool = True
+        self,
+        relay: Relay,
+        tunnel_id: str,
+        peer: Any = None,
+        read_at_once: bool = True,
+        here: Any = None,
     ) -> None:
         super().__init__(None)
         self.relay = relay
         self.tunnel_id = tunnel_id
         #: The client's address, as the factory was given it (None: ask the transport).
         self.peer = peer
+        #: The connection's own address, when the factory knows it (the listener's, bound
+        #: to one address); None: ask the transport.
+        self.here = here
         #: Whether a raw TCP connection's socket is read as soon as its stream opens (not
         #: for one the TLS front passes through: the bytes it read come first, after this).
         self._read_at_once = read_at_once
@@ -472,6 +480,10 @@ class _PublicFactory(Factory):
         self.relay = relay
         self.tunnel_id = tunnel_id
         self.tls = tls
+        #: The own address of every connection it builds for, when they all have the same
+        #: (a raw TCP listener bound to one address: `_accept.local_address`); None: each
+        #: connection's is asked of its socket.
+        self.here: Any = None
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
@@ -505,4 +517,6 @@ class _PublicFactory(Factory):
             if self.tls:
                 raise AccessDenied(f"{host or '?'} {why}")
             return None
-        return PublicProtocol(self.relay, self.tunnel_id, addr, read_at_once=not self.tls)
+        return PublicProtocol(
+            self.relay, self.tunnel_id, addr, read_at_once=not self.tls, here=self.here
+        )

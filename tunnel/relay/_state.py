@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from tunnel.link import Stream
+from tunnel.relay._accept import listen_tcp, local_address
 from tunnel.relay._auth import Permit, authenticate
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._directory import Elsewhere
@@ -293,11 +294,12 @@ class Relay:
         factory = _PublicFactory(self, record.tunnel_id, tls=False)
         for port in self.ports.candidates(record.tunnel_id, wanted):
             try:
-                listener = self.reactor.listenTCP(
-                    port, factory, backlog=128, interface=self.config.tcp_interface
-                )
+                listener = listen_tcp(self.reactor, port, factory, 128, self.config.tcp_interface)
             except error.CannotListenError:
                 continue
+            # Bound to one address, every connection's own address is the listener's: it
+            # is not asked of each connection's socket (`PublicProtocol.here`).
+            factory.here = local_address(listener)
             self.ports.take(port)
             record.tcp_port = port
             record.listener = listener
@@ -393,9 +395,9 @@ class Relay:
             return None
         transport = protocol.transport
         assert transport is not None
-        # The address its factory was given, when it kept it (`PublicProtocol.peer`).
+        # The addresses its factory gave it, when it did (`PublicProtocol.peer`, `here`).
         peer = getattr(protocol, "peer", None) or transport.getPeer()
-        here = transport.getHost()
+        here = getattr(protocol, "here", None) or transport.getHost()
         source = source_of(peer)
         from_source = record.sources.get(source, 0)
         if from_source >= config.max_connections_per_source:

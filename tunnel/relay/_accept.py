@@ -1,0 +1,199 @@
+"""
+A TCP listening port that accepts a connection with less work than Twisted's own.
+
+Twisted's `tcp.Port.doRead` spends some forty Python calls on each accepted connection
+before its protocol sees it: a log-buffering context manager and three `Logger` objects
+per turn, a generator around ``socket.accept()`` (whose ``family`` and ``type`` go
+through enum converters), the address built by a method, and `tcp.Server.__init__`
+(three constructors, the log prefix asked of the protocol, two formatted strings, the
+reactor's registration through three more calls). `LeanPort.doRead` accepts with the
+listening socket's own ``_accept`` (``accept4``), builds the `tcp.Server` transport by
+setting what its constructor would set, and registers it with the reactor in one call.
+
+What stays as it was:
+
+- the transport is a `tcp.Server`, with the same attributes and the same values
+  (``logstr``, ``repstr``, what `getHost`, `getPeer` and `logPrefix` return), so that
+  everything that looks at its type (`tunnel._splice`'s fast paths) still recognises it;
+- the accept loop's size, scaled as Twisted scales it (``numberAccepts``);
+- IPv6 peers carry their scope, as Twisted gives it;
+- an accept error other than "nothing left" (``EMFILE`` and its recovery with the
+  reserved descriptor, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``, ``ECONNABORTED``) is handed
+  to Twisted's own `tcp.Port.doRead`, which meets it again and handles (and logs) it as
+  it always did; ``EPERM`` (netfilter) is skipped, as Twisted skips it;
+- a factory that returns None has the socket closed; an exception raised by
+  ``buildProtocol`` or by the protocol's ``connectionMade`` is logged (as Twisted's
+  ``log.deferr()`` logs it) and the socket of a connection without a protocol is closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from errno import EAGAIN, EPERM, EWOULDBLOCK
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.address import IPv6Address
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import Protocol
+from twisted.python import log
+
+__all__ = ["LeanPort", "listen_tcp", "local_address", "server_transport"]
+
+_NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+_NOTHING_LEFT = (EAGAIN, EWOULDBLOCK)
+_new_server = tcp.Server.__new__
+_Server = tcp.Server
+_Socket = socket.socket
+_STREAM = socket.SOCK_STREAM
+_class_log_prefix = Protocol.logPrefix
+
+#: Each protocol class whose log prefix is its name alone (Twisted's `Protocol.logPrefix`):
+#: the prefix, or None for a class whose prefix must be asked of each instance.
+_PREFIXES: dict[type, str | None] = {}
+
+
+def _log_prefix(port: tcp.Port, protocol: Any) -> str:
+    """What `tcp.Server.__init__` puts in front of a connection's ``logstr``."""
+    cls = type(protocol)
+    try:
+        prefix = _PREFIXES[cls]
+    except KeyError:
+        prefix = cls.__name__ if getattr(cls, "logPrefix", None) is _class_log_prefix else None
+        _PREFIXES[cls] = prefix
+    if prefix is None:
+        return port._getLogPrefix(protocol)
+    return prefix
+
+
+def server_transport(
+    sock: socket.socket, protocol: Any, client: tuple[Any, ...], port: tcp.Port, sessionno: int
+) -> tcp.Server:
+    """
+    The `tcp.Server` that ``tcp.Server(sock, protocol, client, port, sessionno,
+    port.reactor)`` makes, reading from the reactor, for a non-blocking `sock`: its
+    constructor's assignments, without its calls.
+    """
+    transport: Any = _new_server(_Server)
+    host = client[0]
+    # abstract.FileDescriptor.__init__
+    transport.reactor = reactor = port.reactor
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    # tcp.Connection.__init__ (the caller made `sock` non-blocking)
+    transport.socket = sock
+    transport.fileno = sock.fileno
+    transport.protocol = protocol
+    # tcp.Server.__init__
+    if len(client) != 2:
+        transport._addressType = IPv6Address
+    transport.server = port
+    transport.client = client
+    transport.sessionno = sessionno
+    transport.hostname = host
+    transport.logstr = f"{_log_prefix(port, protocol)},{sessionno},{host}"
+    transport.repstr = f"<{type(protocol).__name__} #{sessionno} on {port._realPortNumber}>"
+    reactor.addReader(transport)
+    transport.connected = 1
+    return transport  # type: ignore[no-any-return]
+
+
+class LeanPort(tcp.Port):
+    """
+    `tcp.Port` with a leaner accept loop (see the module's docstring); all else is
+    Twisted's.
+    """
+
+    def doRead(self) -> None:
+        """
+        Accept the connections waiting, up to ``numberAccepts`` (scaled as Twisted
+        scales it), and connect each to a protocol from the factory.
+        """
+        try:
+            self._accept_some()
+        except BaseException:
+            # As Twisted's `tcp.Port.doRead`: whatever escapes is logged, the port stays.
+            log.deferr()
+
+    def _accept_some(self) -> None:
+        accept = self.socket._accept  # type: ignore[union-attr]
+        family = self.addressFamily
+        build = self.factory.buildProtocol  # type: ignore[union-attr]
+        address_type = self._addressType
+        limit = self.numberAccepts
+        accepted = 0
+        for _ in range(limit):
+            try:
+                fd, addr = accept()
+            except OSError as e:
+                if e.errno in _NOTHING_LEFT:
+                    break
+                if e.errno == EPERM:
+                    # Netfilter may have refused the connection: try the next, as Twisted.
+                    continue
+                # EMFILE (and its recovery), ENFILE, ENOBUFS, ...: Twisted's own loop meets
+                # the error again and handles it as it always did.
+                tcp.Port.doRead(self)
+                return
+            try:
+                sock = _Socket(family, _STREAM, 0, fd)
+            except BaseException:
+                socket.close(fd)
+                raise
+            try:
+                sock.setblocking(False)
+                if len(addr) == 4:
+                    # IPv6: the host with its scope id, as Twisted gives it.
+                    addr = (socket.getnameinfo(addr, _NUMERIC)[0], *addr[1:])
+                protocol = build(address_type("TCP", *addr))
+            except BaseException:
+                sock.close()
+                raise
+            accepted += 1
+            if protocol is None:
+                sock.close()
+                continue
+            s = self.sessionno
+            self.sessionno = s + 1
+            protocol.makeConnection(server_transport(sock, protocol, addr, self, s))
+        if accepted == limit:
+            self.numberAccepts = limit + 20
+        else:
+            self.numberAccepts = accepted or 1
+
+
+def listen_tcp(
+    reactor: Any, port: int, factory: Any, backlog: int = 50, interface: str = ""
+) -> Any:
+    """
+    ``reactor.listenTCP(port, factory, backlog, interface)``, with a `LeanPort` where the
+    reactor is one of Twisted's POSIX reactors (elsewhere, a test's reactor for instance,
+    the reactor's own).
+
+    @raise twisted.internet.error.CannotListenError: as ``listenTCP`` raises it.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    listening = LeanPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
+
+
+def local_address(listener: Any) -> Any:
+    """
+    The address every connection accepted by `listener` has as its own (what their
+    ``getHost()`` returns): the listener's, when it is bound to one address; None when it
+    is bound to all of them (a connection's own is the one its client reached).
+    """
+    get_host = getattr(listener, "getHost", None)
+    address = get_host() if get_host is not None else None
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        if ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified:
+            return None
+    except ValueError:
+        return None
+    return address
