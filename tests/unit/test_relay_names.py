@@ -225,6 +225,21 @@ def test_each_connection_goes_to_the_member_with_the_fewest_streams_ties_in_turn
     assert {choose(record) for _ in range(4)} == {b, c}
 
 
+def test_a_single_member_serves_while_usable_even_resting_and_never_when_skipped() -> None:
+    record, (a,) = members(1)
+    turn = record.turn
+    # Its target refused a connection just now: with no other member, it still serves.
+    record.members[0].refused_at = 100.0
+    assert choose(record, now=100.0) is a
+    assert record.turn == turn + 1
+    assert choose(record, skip=[record.members[0]]) is None
+    a.draining = True
+    assert choose(record) is None
+    a.draining = False
+    a.lost = True
+    assert choose(record) is None
+
+
 def test_lost_draining_and_refusing_members_are_out_of_rotation() -> None:
     record, (a, b) = members(2)
     a.draining = True

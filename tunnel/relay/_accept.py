@@ -49,22 +49,49 @@ _Socket = socket.socket
 _STREAM = socket.SOCK_STREAM
 _class_log_prefix = Protocol.logPrefix
 
-#: Each protocol class whose log prefix is its name alone (Twisted's `Protocol.logPrefix`):
-#: the prefix, or None for a class whose prefix must be asked of each instance.
-_PREFIXES: dict[type, str | None] = {}
+try:
+    from twisted.internet.epollreactor import EPOLLIN as _EPOLLIN
+    from twisted.internet.epollreactor import EPOLLOUT as _EPOLLOUT
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # pragma: no cover - no epoll on this platform
+    _epoll_add_reader: Any = None
+else:
+    _epoll_add_reader = EPollReactor.addReader
+
+#: The protocol classes whose log prefix is their name (Twisted's `Protocol.logPrefix`),
+#: each with its prefix; the prefix of any other is asked of each instance.
+_PREFIXES: dict[type, str] = {}
 
 
 def _log_prefix(port: tcp.Port, protocol: Any) -> str:
-    """What `tcp.Server.__init__` puts in front of a connection's ``logstr``."""
+    """
+    What `tcp.Server.__init__` puts in front of a connection's ``logstr`` (the protocol's
+    `logPrefix`), remembered for a class whose prefix is its name.
+    """
     cls = type(protocol)
-    try:
-        prefix = _PREFIXES[cls]
-    except KeyError:
-        prefix = cls.__name__ if getattr(cls, "logPrefix", None) is _class_log_prefix else None
-        _PREFIXES[cls] = prefix
-    if prefix is None:
-        return port._getLogPrefix(protocol)
-    return prefix
+    if getattr(cls, "logPrefix", None) is _class_log_prefix:
+        _PREFIXES[cls] = cls.__name__
+        return cls.__name__
+    return port._getLogPrefix(protocol)
+
+
+def _add_reader(reactor: Any, transport: Any, fd: int) -> None:
+    """
+    ``reactor.addReader(transport)``: `EPollReactor`'s, inline, for the epoll reactor
+    (what its ``_add`` does for a descriptor it does not read yet); any other reactor's own.
+    """
+    if type(reactor).addReader is not _epoll_add_reader:
+        reactor.addReader(transport)
+        return
+    reads = reactor._reads
+    if fd in reads:
+        return
+    if fd in reactor._writes:
+        reactor._poller.modify(fd, _EPOLLIN | _EPOLLOUT)
+    else:
+        reactor._poller.register(fd, _EPOLLIN)
+    reads.add(fd)
+    reactor._selectables[fd] = transport
 
 
 def server_transport(
@@ -92,9 +119,11 @@ def server_transport(
     transport.client = client
     transport.sessionno = sessionno
     transport.hostname = host
-    transport.logstr = f"{_log_prefix(port, protocol)},{sessionno},{host}"
+    prefix = _PREFIXES.get(type(protocol)) or _log_prefix(port, protocol)
+    transport.logstr = f"{prefix},{sessionno},{host}"
     transport.repstr = f"<{type(protocol).__name__} #{sessionno} on {port._realPortNumber}>"
-    reactor.addReader(transport)
+    # abstract.FileDescriptor.startReading
+    _add_reader(reactor, transport, sock.fileno())
     transport.connected = 1
     return transport  # type: ignore[no-any-return]
 

@@ -494,7 +494,9 @@ class Relay:
                 n=len(link.streams),
             )
             return None
-        of_principal = sum(len(other.streams) for other in self.principal_links.of(link.principal))
+        of_principal = 0
+        for other in self.principal_links.live(link.principal):
+            of_principal += len(other.streams)
         if of_principal >= config.max_streams_per_token:
             self.refused["streams_per_token"] += 1
             self.ratelog.warn(
