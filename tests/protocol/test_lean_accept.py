@@ -4,8 +4,9 @@ driven by hand (its ``doRead`` called as the reactor would): the transports it m
 Twisted's `tcp.Server`, with what Twisted's port gives them; it accepts every connection
 waiting in one turn, scaled as Twisted scales it; ``EMFILE`` is recovered from as Twisted
 recovers; IPv6 peers keep their address; a factory's refusal or failure closes the socket
-(the failure logged) and the port goes on. And, with a relay in this process, a raw TCP
-tunnel listens with it.
+(the failure logged) and the port goes on. The relay's TLS front listens with it too (one
+process, or workers sharing the address); with a relay in this process, so does a raw TCP
+tunnel.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import epollreactor, error, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.python import log
@@ -31,7 +33,14 @@ from twisted.python.failure import Failure
 
 from tests.protocol.inprocess import Echo, agent_for, connect, get_reactor, wait_until
 from tunnel.agent.session import parse_forward
-from tunnel.relay._accept import LeanPort, listen_tcp, local_address, server_transport
+from tunnel.relay._accept import (
+    LeanPort,
+    listen_tcp,
+    local_address,
+    server_endpoint,
+    server_transport,
+)
+from tunnel.relay._worker import listen_reuseport
 from tunnel.relay.service import RelayService
 
 
@@ -353,3 +362,38 @@ async def test_a_raw_tcp_tunnel_listens_with_it_and_knows_its_address(
             client.transport.loseConnection()
         await agent.stop()
         await echo.stopListening()
+
+
+def test_tcp_endpoints_listen_with_it_and_others_as_they_are(reactor: Any, tmp_path: Path) -> None:
+    listened: list[Any] = []
+    server_endpoint(reactor, "tcp:0:interface=127.0.0.1").listen(_Factory()).addCallback(
+        listened.append
+    )
+    [port] = listened
+    try:
+        assert type(port) is LeanPort and port.getHost().host == "127.0.0.1"
+    finally:
+        port.connectionLost(None)
+    unix = server_endpoint(reactor, f"unix:{tmp_path / 'sock'}")
+    assert type(unix) is UNIXServerEndpoint
+
+
+def test_workers_adopt_their_shared_listener_as_one(reactor: Any) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    factory = _Factory()
+    port = listen_reuseport(reactor, f"tcp:{free}:interface=127.0.0.1", factory)
+    try:
+        assert type(port) is LeanPort and port.getHost().port == free
+        [sock] = clients(port, 1)
+        port.doRead()
+        assert len(factory.made) == 1
+        drop(factory.made)
+        sock.close()
+    finally:
+        port.connectionLost(None)
+
+
+def test_the_relays_tls_front_listens_with_it(relay: RelayService) -> None:
+    assert type(relay.port) is LeanPort

@@ -33,13 +33,23 @@ import socket
 from errno import EAGAIN, EPERM, EWOULDBLOCK
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import defer, tcp
 from twisted.internet.address import IPv6Address
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol
 from twisted.python import log
+from zope.interface import implementer
 
-__all__ = ["LeanPort", "listen_tcp", "local_address", "server_transport"]
+__all__ = [
+    "LeanPort",
+    "adopt_stream_port",
+    "listen_tcp",
+    "local_address",
+    "server_endpoint",
+    "server_transport",
+]
 
 _NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
 _NOTHING_LEFT = (EAGAIN, EWOULDBLOCK)
@@ -207,6 +217,50 @@ def listen_tcp(
     listening = LeanPort(port, factory, backlog, interface, reactor)
     listening.startListening()
     return listening
+
+
+def adopt_stream_port(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """
+    ``reactor.adoptStreamPort(fd, family, factory)``, with a `LeanPort` for a TCP socket on
+    one of Twisted's POSIX reactors (elsewhere, the reactor's own).
+    """
+    if not isinstance(reactor, PosixReactorBase) or family not in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        return reactor.adoptStreamPort(fd, family, factory)
+    listening = LeanPort._fromListeningDescriptor(reactor, fd, family, factory)
+    listening.startListening()
+    return listening
+
+
+@implementer(IStreamServerEndpoint)
+class _LeanTCPEndpoint:
+    """`TCP4ServerEndpoint` / `TCP6ServerEndpoint`, listening with `listen_tcp`."""
+
+    def __init__(self, reactor: Any, port: int, backlog: int, interface: str) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._backlog = backlog
+        self._interface = interface
+
+    def listen(self, protocolFactory: Any) -> defer.Deferred[Any]:
+        return defer.execute(
+            listen_tcp, self._reactor, self._port, protocolFactory, self._backlog, self._interface
+        )
+
+
+def server_endpoint(reactor: Any, description: str) -> Any:
+    """
+    ``serverFromString(reactor, description)``, except that a ``tcp:`` or ``tcp6:``
+    endpoint listens with `listen_tcp` (a `LeanPort`).
+
+    @raise ValueError: as ``serverFromString`` raises it.
+    """
+    endpoint = serverFromString(reactor, description)
+    if type(endpoint) in (TCP4ServerEndpoint, TCP6ServerEndpoint):
+        return _LeanTCPEndpoint(reactor, endpoint._port, endpoint._backlog, endpoint._interface)
+    return endpoint
 
 
 def local_address(listener: Any) -> Any:
