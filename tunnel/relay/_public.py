@@ -36,6 +36,7 @@ from tunnel.wire import ErrorCode
 
 if TYPE_CHECKING:
     from tunnel.relay._state import Relay
+    from tunnel.relay.registry import TunnelRecord
 
 __all__ = ["PublicProtocol"]
 
@@ -73,6 +74,7 @@ class PublicProtocol(SpliceProtocol):
         peer: Any = None,
         read_at_once: bool = True,
         here: Any = None,
+        record: TunnelRecord | None = None,
     ) -> None:
         super().__init__(None)
         self.relay = relay
@@ -82,6 +84,9 @@ class PublicProtocol(SpliceProtocol):
         #: The connection's own address, when the factory knows it (the listener's, bound
         #: to one address); None: ask the transport.
         self.here = here
+        #: The tunnel's record as the factory found it, for a raw TCP connection whose
+        #: stream opens in the same call (`_open`); None: looked up when the stream opens.
+        self._record = record
         #: Whether a raw TCP connection's socket is read as soon as its stream opens (not
         #: for one the TLS front passes through: the bytes it read come first, after this).
         self._read_at_once = read_at_once
@@ -143,14 +148,16 @@ class PublicProtocol(SpliceProtocol):
     def _open(self) -> None:
         transport = self.transport
         assert transport is not None
-        stream = self.relay.open_public_stream(self.tunnel_id, self)
+        record, self._record = self._record, None
+        stream = self.relay.open_public_stream(self.tunnel_id, self, record)
         if stream is None:
             transport.abortConnection()  # type: ignore[attr-defined]
             return
         self._counted = True
         self.relay.public_connections.add(self)
         self.other = stream
-        record = self.relay.registry.get(self.tunnel_id)
+        if record is None:
+            record = self.relay.registry.get(self.tunnel_id)
         self._throttle = record.throttle if record is not None else None
         stream.registerProducer(self, True)
         if self._throttle is not None:
@@ -324,7 +331,10 @@ class PublicProtocol(SpliceProtocol):
         # resets after the whole answer (as `wrk` does on `Connection: close`) is not charged.
         agent_open = isinstance(self.other, Stream) and self.other.peer_open
         self._early = []
-        self.relay.paused_watch.discard(self)
+        self._record = None
+        if self._holds:
+            # Only a held (paused) connection is watched (`_hold`, `_release`).
+            self.relay.paused_watch.discard(self)
         if self._throttle is not None:
             self._throttle.up.forget(self)
             if self._download is not None:
@@ -518,5 +528,11 @@ class _PublicFactory(Factory):
                 raise AccessDenied(f"{host or '?'} {why}")
             return None
         return PublicProtocol(
-            self.relay, self.tunnel_id, addr, read_at_once=not self.tls, here=self.here
+            self.relay,
+            self.tunnel_id,
+            addr,
+            read_at_once=not self.tls,
+            here=self.here,
+            # A raw TCP connection's stream opens in this same call (`connectionMade`).
+            record=None if self.tls else record,
         )

@@ -373,14 +373,20 @@ class Relay:
 
     # -- public connections --------------------------------------------------------------------
 
-    def open_public_stream(self, tunnel_id: str, protocol: Protocol) -> Stream | None:
+    def open_public_stream(
+        self, tunnel_id: str, protocol: Protocol, record: TunnelRecord | None = None
+    ) -> Stream | None:
         """
         Open a stream to the agent owning `tunnel_id` for a new public connection.
 
+        @param record: `tunnel_id`'s live record, when the caller looked it up in this
+            same call (a raw TCP connection's factory, in the turn that accepted it);
+            None: it is looked up here.
         @return: the stream, or None when the tunnel is gone or over a limit (the caller
             closes the public connection).
         """
-        record = self.registry.get(tunnel_id)
+        if record is None:
+            record = self.registry.get(tunnel_id)
         if record is None or self.draining:
             return None
         config = self.config
