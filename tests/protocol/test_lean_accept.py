@@ -397,3 +397,64 @@ def test_workers_adopt_their_shared_listener_as_one(reactor: Any) -> None:
 
 def test_the_relays_tls_front_listens_with_it(relay: RelayService) -> None:
     assert type(relay.port) is LeanPort
+
+
+class _Failing:
+    """A listening socket whose next accepts fail with `errors` (then accept for real)."""
+
+    def __init__(self, real: socket.socket, *errors: int) -> None:
+        self.real = real
+        self.errors = list(errors)
+
+    def _accept(self) -> Any:
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        return self.real._accept()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def logged() -> Iterator[list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    log.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        log.removeObserver(events.append)
+
+
+def test_accept_errors_are_skipped_said_or_logged_as_twisted_does(reactor: Any) -> None:
+    factory = _Factory()
+    with listening(LeanPort(0, factory, 50, "127.0.0.1", reactor)) as port:
+        real = port.socket
+        socks = clients(port, 1)
+        # EPERM (netfilter): the next accept, in the same turn.
+        port.socket = _Failing(real, errno.EPERM)  # type: ignore[assignment]
+        port.doRead()
+        assert len(factory.made) == 1
+        # ECONNABORTED (and the like): said, and the turn ends; the next turn accepts.
+        socks += clients(port, 1)
+        port.socket = _Failing(real, errno.ECONNABORTED)  # type: ignore[assignment]
+        with logged() as events:
+            port.doRead()
+        assert len(factory.made) == 1
+        text = [log.textFromEventDict(e) or "" for e in events]
+        assert any("Could not accept new connection (ECONNABORTED)" in t for t in text)
+        port.doRead()
+        assert len(factory.made) == 2
+        # Anything else: an error logged, the port still there.
+        socks += clients(port, 1)
+        port.socket = _Failing(real, errno.EINVAL)  # type: ignore[assignment]
+        with logged() as events:
+            port.doRead()
+        errors = [e for e in events if e.get("isError")]
+        assert len(errors) == 1 and errors[0]["failure"].check(OSError)
+        port.socket = real
+        port.doRead()
+        assert len(factory.made) == 3
+        drop(factory.made)
+        for s in socks:
+            s.close()

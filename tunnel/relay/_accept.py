@@ -17,10 +17,11 @@ What stays as it was:
   everything that looks at its type (`tunnel._splice`'s fast paths) still recognises it;
 - the accept loop's size, scaled as Twisted scales it (``numberAccepts``);
 - IPv6 peers carry their scope, as Twisted gives it;
-- an accept error other than "nothing left" (``EMFILE`` and its recovery with the
-  reserved descriptor, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``, ``ECONNABORTED``) is handed
-  to Twisted's own `tcp.Port.doRead`, which meets it again and handles (and logs) it as
-  it always did; ``EPERM`` (netfilter) is skipped, as Twisted skips it;
+- the accept errors are Twisted's: ``EMFILE`` is handed to Twisted's own
+  `tcp.Port.doRead`, which meets it again and recovers with its reserved descriptor as
+  it always did; ``ENFILE``, ``ENOBUFS``, ``ENOMEM`` and ``ECONNABORTED`` are logged as
+  Twisted logs them and end the turn; ``EPERM`` (netfilter) is skipped; any other is
+  logged as an error;
 - a factory that returns None has the socket closed; an exception raised by
   ``buildProtocol`` or by the protocol's ``connectionMade`` is logged (as Twisted's
   ``log.deferr()`` logs it) and the socket of a connection without a protocol is closed.
@@ -30,7 +31,17 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from errno import EAGAIN, EPERM, EWOULDBLOCK
+from errno import (
+    EAGAIN,
+    ECONNABORTED,
+    EMFILE,
+    ENFILE,
+    ENOBUFS,
+    ENOMEM,
+    EPERM,
+    EWOULDBLOCK,
+    errorcode,
+)
 from typing import Any
 
 from twisted.internet import defer, tcp
@@ -53,6 +64,8 @@ __all__ = [
 
 _NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
 _NOTHING_LEFT = (EAGAIN, EWOULDBLOCK)
+#: What Twisted's accept loop says and stops at (`tcp._ACCEPT_ERRORS`).
+_ACCEPT_ERRORS = (EMFILE, ENOBUFS, ENFILE, ENOMEM, ECONNABORTED)
 _new_server = tcp.Server.__new__
 _Server = tcp.Server
 _Socket = socket.socket
@@ -166,15 +179,25 @@ class LeanPort(tcp.Port):
             try:
                 fd, addr = accept()
             except OSError as e:
-                if e.errno in _NOTHING_LEFT:
+                err = e.errno
+                if err in _NOTHING_LEFT:
                     break
-                if e.errno == EPERM:
+                if err == EPERM:
                     # Netfilter may have refused the connection: try the next, as Twisted.
                     continue
-                # EMFILE (and its recovery), ENFILE, ENOBUFS, ...: Twisted's own loop meets
-                # the error again and handles it as it always did.
-                tcp.Port.doRead(self)
-                return
+                if err == EMFILE:
+                    # Twisted's own loop meets it again and recovers with its reserved
+                    # descriptor (or says it cannot), as it always did.
+                    tcp.Port.doRead(self)
+                    return
+                if err in _ACCEPT_ERRORS:
+                    # Said, and the turn ends, as Twisted's loop does.
+                    self._logger.info(
+                        "Could not accept new connection ({acceptError})",
+                        acceptError=errorcode[err],
+                    )
+                    break
+                raise
             try:
                 sock = _Socket(family, _STREAM, 0, fd)
             except BaseException:
