@@ -249,7 +249,8 @@ class PublicProtocol(SpliceProtocol):
             if self._early_size > _EARLY_DATA_LIMIT and self.transport is not None:
                 self.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        self._touch()
+        if self.relay.config.idle_timeout:
+            self._touch()  # guarded here: this runs for every chunk a client sends
         if self._replay is not None:
             self._replay.append(data)
             self._replay_size += len(data)
@@ -417,7 +418,8 @@ class _Activity(SpliceProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         public = self.public
-        public._touch()
+        if public.relay.config.idle_timeout:
+            public._touch()  # guarded here: this runs for every chunk the target sends
         if not public._answered:
             public.answered()
         write_now(self.other, data)
