@@ -225,6 +225,21 @@ def test_each_connection_goes_to_the_member_with_the_fewest_streams_ties_in_turn
     assert {choose(record) for _ in range(4)} == {b, c}
 
 
+def test_a_single_member_serves_while_usable_even_resting_and_never_when_skipped() -> None:
+    record, (a,) = members(1)
+    turn = record.turn
+    # Its target refused a connection just now: with no other member, it still serves.
+    record.members[0].refused_at = 100.0
+    assert choose(record, now=100.0) is a
+    assert record.turn == turn + 1
+    assert choose(record, skip=[record.members[0]]) is None
+    a.draining = True
+    assert choose(record) is None
+    a.draining = False
+    a.lost = True
+    assert choose(record) is None
+
+
 def test_lost_draining_and_refusing_members_are_out_of_rotation() -> None:
     record, (a, b) = members(2)
     a.draining = True
@@ -339,3 +354,52 @@ def test_status_shows_pools_and_their_members() -> None:
 
 def test_member_defaults() -> None:
     assert Member(object()).streams == 0 and Member(object()).refused_at is None
+
+
+def test_a_raw_tcp_connection_opens_on_the_record_its_factory_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tunnel.relay._public import _PublicFactory
+
+    relay = relay_with_names()
+    pool_links(relay, 1)
+    record = relay.registry.get("web")
+    assert record is not None
+    client = IPv4Address("TCP", "198.51.100.7", 40000)
+    raw: Any = _PublicFactory(relay, "web", tls=False).buildProtocol(client)
+    tls: Any = _PublicFactory(relay, "web", tls=True).buildProtocol(client)
+    # Its stream opens in the same call (raw TCP); a TLS one's after its handshake, when
+    # the tunnel may have been closed and its name served again: looked up then.
+    assert raw._record is record and tls._record is None
+
+    def looked_up(tunnel_id: str) -> None:
+        raise AssertionError(f"{tunnel_id} looked up again")
+
+    monkeypatch.setattr(relay.registry, "get", looked_up)
+    assert relay.open_public_stream("web", _Public(), record) is not None  # type: ignore[arg-type]
+    assert record.connections == 1
+
+
+def test_a_paused_public_connection_that_ends_leaves_the_paused_watch() -> None:
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    from tunnel.relay._public import PublicProtocol
+
+    class _Pausable(_Transport):
+        def pauseProducing(self) -> None:
+            pass
+
+        def resumeProducing(self) -> None:
+            pass
+
+    relay = relay_with_names()
+    held, free = PublicProtocol(relay, "web"), PublicProtocol(relay, "web")
+    for p in (held, free):
+        p.transport = _Pausable()  # type: ignore[assignment]
+    held.pauseProducing()
+    assert len(relay.paused_watch) == 1
+    free.connectionLost(Failure(error.ConnectionDone()))
+    assert len(relay.paused_watch) == 1
+    held.connectionLost(Failure(error.ConnectionDone()))
+    assert len(relay.paused_watch) == 0

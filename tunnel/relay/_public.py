@@ -36,6 +36,7 @@ from tunnel.wire import ErrorCode
 
 if TYPE_CHECKING:
     from tunnel.relay._state import Relay
+    from tunnel.relay.registry import TunnelRecord
 
 __all__ = ["PublicProtocol"]
 
@@ -67,13 +68,25 @@ class PublicProtocol(SpliceProtocol):
     """
 
     def __init__(
-        self, relay: Relay, tunnel_id: str, peer: Any = None, read_at_once: bool = True
+        self,
+        relay: Relay,
+        tunnel_id: str,
+        peer: Any = None,
+        read_at_once: bool = True,
+        here: Any = None,
+        record: TunnelRecord | None = None,
     ) -> None:
         super().__init__(None)
         self.relay = relay
         self.tunnel_id = tunnel_id
         #: The client's address, as the factory was given it (None: ask the transport).
         self.peer = peer
+        #: The connection's own address, when the factory knows it (the listener's, bound
+        #: to one address); None: ask the transport.
+        self.here = here
+        #: The tunnel's record as the factory found it, for a raw TCP connection whose
+        #: stream opens in the same call (`_open`); None: looked up when the stream opens.
+        self._record = record
         #: Whether a raw TCP connection's socket is read as soon as its stream opens (not
         #: for one the TLS front passes through: the bytes it read come first, after this).
         self._read_at_once = read_at_once
@@ -135,14 +148,16 @@ class PublicProtocol(SpliceProtocol):
     def _open(self) -> None:
         transport = self.transport
         assert transport is not None
-        stream = self.relay.open_public_stream(self.tunnel_id, self)
+        record, self._record = self._record, None
+        stream = self.relay.open_public_stream(self.tunnel_id, self, record)
         if stream is None:
             transport.abortConnection()  # type: ignore[attr-defined]
             return
         self._counted = True
         self.relay.public_connections.add(self)
         self.other = stream
-        record = self.relay.registry.get(self.tunnel_id)
+        if record is None:
+            record = self.relay.registry.get(self.tunnel_id)
         self._throttle = record.throttle if record is not None else None
         stream.registerProducer(self, True)
         if self._throttle is not None:
@@ -234,7 +249,8 @@ class PublicProtocol(SpliceProtocol):
             if self._early_size > _EARLY_DATA_LIMIT and self.transport is not None:
                 self.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        self._touch()
+        if self.relay.config.idle_timeout:
+            self._touch()  # guarded here: this runs for every chunk a client sends
         if self._replay is not None:
             self._replay.append(data)
             self._replay_size += len(data)
@@ -316,7 +332,10 @@ class PublicProtocol(SpliceProtocol):
         # resets after the whole answer (as `wrk` does on `Connection: close`) is not charged.
         agent_open = isinstance(self.other, Stream) and self.other.peer_open
         self._early = []
-        self.relay.paused_watch.discard(self)
+        self._record = None
+        if self._holds:
+            # Only a held (paused) connection is watched (`_hold`, `_release`).
+            self.relay.paused_watch.discard(self)
         if self._throttle is not None:
             self._throttle.up.forget(self)
             if self._download is not None:
@@ -399,7 +418,8 @@ class _Activity(SpliceProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         public = self.public
-        public._touch()
+        if public.relay.config.idle_timeout:
+            public._touch()  # guarded here: this runs for every chunk the target sends
         if not public._answered:
             public.answered()
         write_now(self.other, data)
@@ -472,6 +492,10 @@ class _PublicFactory(Factory):
         self.relay = relay
         self.tunnel_id = tunnel_id
         self.tls = tls
+        #: The own address of every connection it builds for, when they all have the same
+        #: (a raw TCP listener bound to one address: `_accept.local_address`); None: each
+        #: connection's is asked of its socket.
+        self.here: Any = None
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
@@ -505,4 +529,12 @@ class _PublicFactory(Factory):
             if self.tls:
                 raise AccessDenied(f"{host or '?'} {why}")
             return None
-        return PublicProtocol(self.relay, self.tunnel_id, addr, read_at_once=not self.tls)
+        return PublicProtocol(
+            self.relay,
+            self.tunnel_id,
+            addr,
+            read_at_once=not self.tls,
+            here=self.here,
+            # A raw TCP connection's stream opens in this same call (`connectionMade`).
+            record=None if self.tls else record,
+        )

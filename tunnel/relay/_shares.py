@@ -8,7 +8,7 @@ Sans-IO: the clock is a function.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["Buckets", "Holdings", "ResetGuard", "TokenBucket"]
@@ -114,6 +114,10 @@ class Holdings(Generic[K, T]):
     def of(self, key: K) -> frozenset[T]:
         """What `key` holds."""
         return frozenset(self._held.get(key, ()))
+
+    def live(self, key: K) -> Collection[T]:
+        """What `key` holds, not copied: to be read at once, never kept or changed."""
+        return self._held.get(key, ())
 
     def count(self, key: K) -> int:
         return len(self._held.get(key, ()))

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from tunnel.link import Stream
+from tunnel.relay._accept import listen_tcp, local_address
 from tunnel.relay._auth import Permit, authenticate
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._directory import Elsewhere
@@ -293,11 +294,12 @@ class Relay:
         factory = _PublicFactory(self, record.tunnel_id, tls=False)
         for port in self.ports.candidates(record.tunnel_id, wanted):
             try:
-                listener = self.reactor.listenTCP(
-                    port, factory, backlog=128, interface=self.config.tcp_interface
-                )
+                listener = listen_tcp(self.reactor, port, factory, 128, self.config.tcp_interface)
             except error.CannotListenError:
                 continue
+            # Bound to one address, every connection's own address is the listener's: it
+            # is not asked of each connection's socket (`PublicProtocol.here`).
+            factory.here = local_address(listener)
             self.ports.take(port)
             record.tcp_port = port
             record.listener = listener
@@ -371,14 +373,20 @@ class Relay:
 
     # -- public connections --------------------------------------------------------------------
 
-    def open_public_stream(self, tunnel_id: str, protocol: Protocol) -> Stream | None:
+    def open_public_stream(
+        self, tunnel_id: str, protocol: Protocol, record: TunnelRecord | None = None
+    ) -> Stream | None:
         """
         Open a stream to the agent owning `tunnel_id` for a new public connection.
 
+        @param record: `tunnel_id`'s live record, when the caller looked it up in this
+            same call (a raw TCP connection's factory, in the turn that accepted it);
+            None: it is looked up here.
         @return: the stream, or None when the tunnel is gone or over a limit (the caller
             closes the public connection).
         """
-        record = self.registry.get(tunnel_id)
+        if record is None:
+            record = self.registry.get(tunnel_id)
         if record is None or self.draining:
             return None
         config = self.config
@@ -393,9 +401,9 @@ class Relay:
             return None
         transport = protocol.transport
         assert transport is not None
-        # The address its factory was given, when it kept it (`PublicProtocol.peer`).
+        # The addresses its factory gave it, when it did (`PublicProtocol.peer`, `here`).
         peer = getattr(protocol, "peer", None) or transport.getPeer()
-        here = transport.getHost()
+        here = getattr(protocol, "here", None) or transport.getHost()
         source = source_of(peer)
         from_source = record.sources.get(source, 0)
         if from_source >= config.max_connections_per_source:
@@ -492,7 +500,9 @@ class Relay:
                 n=len(link.streams),
             )
             return None
-        of_principal = sum(len(other.streams) for other in self.principal_links.of(link.principal))
+        of_principal = 0
+        for other in self.principal_links.live(link.principal):
+            of_principal += len(other.streams)
         if of_principal >= config.max_streams_per_token:
             self.refused["streams_per_token"] += 1
             self.ratelog.warn(

@@ -38,6 +38,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tunnel.relay._accept import adopt_stream_port
 from tunnel.relay._clienthello import ClientHello
 from tunnel.relay._directory import Elsewhere, Replica
 from tunnel.relay._handoff import (
@@ -169,7 +170,7 @@ def listen_reuseport(reactor: Any, description: str, factory: Factory) -> IListe
         sock.listen(backlog)
         sock.setblocking(False)
         # The reactor takes its own copy of the descriptor.
-        listening: IListeningPort = reactor.adoptStreamPort(sock.fileno(), family, factory)
+        listening: IListeningPort = adopt_stream_port(reactor, sock.fileno(), family, factory)
     finally:
         sock.close()
     return listening

@@ -357,7 +357,14 @@ class TunnelRecord:
         turn. Members whose target refused their last connection less than `pause` seconds
         ago are out of rotation, unless no other is left.
         """
-        live = [m for m in self.members if m not in skip and usable(m.link)]
+        members = self.members
+        if len(members) == 1 and not skip:
+            # One member (a random id's owner, a pool of one): it, whatever its rest.
+            if not usable(members[0].link):
+                return None
+            self.turn += 1
+            return members[0]
+        live = [m for m in members if m not in skip and usable(m.link)]
         in_rotation = [m for m in live if not m.resting(now, pause)] or live
         if not in_rotation:
             return None

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tunnel.relay import _memory
+from tunnel.relay._accept import server_endpoint
 from tunnel.relay._control import FEATURES
 from tunnel.relay._link import RelayLink
 from tunnel.relay._public import PublicProtocol
@@ -73,7 +74,7 @@ class RelayService(service.MultiService):
             max_pending_handshakes=relay.config.max_pending_handshakes,
             max_pending_per_source=relay.config.max_pending_per_source,
         )
-        self.endpoint = serverFromString(reactor, listen)
+        self.endpoint = server_endpoint(reactor, listen)
         self.port: Any = None
         self.admin_port: Any = None
         self._collector: LoopingCall | None = None
