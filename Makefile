@@ -4,7 +4,7 @@
 # The venv's interpreter: the distribution's CPython (/usr/bin/python3) when it is 3.11 or
 # newer and can make a venv, else python3 from PATH. Debian's is linked statically and built
 # with PGO and LTO; a default source build (pyenv's: a shared libpython, no
-# --enable-optimizations) runs the daemons' Python about a third slower per event
+# --enable-optimizations) costs the daemons 15-30 % more CPU per connection and request
 # (docs/performance.md, "The interpreter"). `make PYTHON=...` chooses another; an existing
 # .venv is kept (remove .venv to make it again with another).
 PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \

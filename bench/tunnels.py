@@ -131,7 +131,9 @@ class TunnelTls(_Tunnel):
         ]  # fmt: skip
         p = subprocess.run(argv, capture_output=True, text=True, timeout=60 + count * 5)
         if p.returncode:
-            raise RuntimeError(f"bench.coldstart failed: {(p.stderr or p.stdout)[-400:]}")
+            raise RuntimeError(
+                f"bench.coldstart failed: {(p.stderr or p.stdout)[-400:]}{self._refusals()}"
+            )
         summary = json.loads(p.stdout.strip().splitlines()[-1])
         self.reports["coldstart.md"] = coldstart.markdown(summary)
         out: dict[str, tuple[str, list[float]]] = {}
@@ -140,6 +142,16 @@ class TunnelTls(_Tunnel):
             out[f"coldstart_{phase}_p50_ms"] = ("ms", [st["p50_ms"]])
             out[f"coldstart_{phase}_p99_ms"] = ("ms", [st["p99_ms"]])
         return out
+
+    def _refusals(self) -> str:
+        """The relay log's lines about refused sources (the reset guard, the rate limits),
+        the last five, for an error message: why the relay turned a bench client away."""
+        try:
+            text = (self.dir / "relay.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        lines = [ln for ln in text.splitlines() if "refus" in ln or "resets" in ln][-5:]
+        return "\nrelay log:\n" + "\n".join(lines) if lines else ""
 
     def _idle_rss(self, count: int) -> dict[str, tuple[str, list[float]]]:
         """RSS per idle TLS connection at the relay and per idle stream at the agent."""
