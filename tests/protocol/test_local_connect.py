@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tests.e2e.harness import recv_all
 from tests.protocol.inprocess import Echo, get_reactor, wait_until
 from tunnel._splice import ConnectedTCP
 from tunnel.agent._local import connect_local
@@ -158,10 +159,7 @@ async def test_write_now_half_close_and_close_now_on_a_real_connection() -> None
         assert transport not in reactor.getReaders()
         assert transport not in reactor.getWriters()
         peer.settimeout(5)
-        received = b""
-        while chunk := peer.recv(100):
-            received += chunk
-        assert received == b"sent at once"
+        assert recv_all(peer) == b"sent at once"
         peer.close()
     finally:
         listener.close()
@@ -256,10 +254,7 @@ async def test_a_close_after_both_fins_asks_the_reactor_nothing_more() -> None:
         assert reactor.asked == ["addReader"]
         assert sock.shutdowns == [socket.SHUT_WR]
         assert sock.fileno() == -1
-        received = b""
-        while chunk := peer.recv(100):
-            received += chunk
-        assert received == b"the answer"
+        assert recv_all(peer) == b"the answer"
         peer.close()
     finally:
         listener.close()
