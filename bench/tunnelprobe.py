@@ -79,6 +79,11 @@ async def _hold(args: argparse.Namespace) -> None:
     await loop.run_in_executor(None, sys.stdin.read)
     for writer in writers:
         writer.close()
+    # Each close sends a close_notify; wait (bounded) until they are out rather than
+    # leaving them to the process's exit.
+    await asyncio.wait_for(
+        asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True), 60
+    )
 
 
 def main() -> None:

@@ -15,7 +15,11 @@ batches its own writes, that is most of the CPU spent per megabyte outside OpenS
 - writes are not delayed: the caller decides when to write.
 
 Semantics (handshake, errors, shutdown, producers) are Twisted's: only the three methods
-above are replaced, each keeping the error handling of the original.
+above are replaced, each keeping the error handling of the original, with one difference: a
+peer's close_notify read while the connection is open makes its end a clean one
+(``ConnectionDone``) whatever the TCP connection does afterwards, where Twisted reports the
+TCP transport's reason (a reset, when the peer closed its socket before our close_notify
+reached it).
 
 The record work reaches under pyOpenSSL's public API (falling back to it when the private
 names are missing), because its wrappers cost more than the encryption of a small record:
@@ -260,8 +264,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                             # its FIN), as the ZeroReturnError below, without the exception.
                             self._deliver(chunks)
                             chunks, size = [], 0
-                            self._shutdownTLS()
-                            self._tlsShutdownFinished(None)
+                            self._peer_closed()
                             continue
                         connection._raise_ssl_error(ssl, result)
                     data = _buffer(_SCRATCH, result)[:]
@@ -272,8 +275,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             except ZeroReturnError:
                 self._deliver(chunks)
                 chunks, size = [], 0
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
+                self._peer_closed()
             except Error as e:
                 failure = _untraced(e)
                 self._deliver(chunks)
@@ -295,6 +297,21 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                     break
         self._deliver(chunks)
         self._flushSendBIO()
+
+    def _peer_closed(self) -> None:
+        """
+        The peer ended TLS in order: its close_notify read while the connection was open
+        (or, during `connectionLost`, the end of a connection whose context ignores an
+        EOF without one). The first is a clean close whatever TCP does next: a client that
+        closes its socket right after its close_notify (Go's, asyncio's, Java's) resets
+        the connection when our own close_notify reaches it, and that reset is no reason to
+        report the close as a loss. During `connectionLost` the transport's reason stands
+        (a reset without a close_notify is still a reset).
+        """
+        if not self._eof and self._reason is None:
+            self._reason = connectionDone
+        self._shutdownTLS()
+        self._tlsShutdownFinished(None)
 
     def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and not self._aborted:

@@ -2,7 +2,8 @@
 Public clients that open connections and end them with a TCP reset, through a raw TCP and a
 TLS tunnel of a real relay and agent: the agent's link never ends for it (the relay answers
 for its clients), and one source past ``--source-reset-rate`` is refused before any stream,
-counted, while other clients are served during and after.
+counted, while other clients are served during and after. A close after the whole
+answer, or right after a TLS close_notify, is no reset and is never refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.e2e.reliability_harness import (
     echo_roundtrip,
     http_handler,
 )
+from tests.e2e.test_tls_close import close_notify_then_close
 
 RSS_GROWTH_KIB = 64 * 1024
 FD_GROWTH = 64
@@ -83,6 +85,28 @@ def tls_reset(port: int, ca: Path, host: str, source: str) -> bool:
         with ctx.wrap_socket(raw, server_hostname=host) as sock:
             sock.sendall(b"x")
             return sock.recv(1) == b"x"
+    except OSError:
+        return False
+    finally:
+        raw.close()
+
+
+def tls_close_notify_then_close(port: int, ca: Path, host: str, source: str) -> bool:
+    """From `source`, a TLS connection that echoes a byte (the agent's side still open),
+    sends its close_notify and closes its socket at once, as Go's, asyncio's and Java's
+    clients do (the relay's close_notify then meets a closed socket, and TCP resets);
+    whether it was served."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.bind((source, 0))
+    raw.settimeout(10)
+    try:
+        raw.connect(("127.0.0.1", port))
+        ctx = ssl.create_default_context(cafile=str(ca))
+        sock = ctx.wrap_socket(raw, server_hostname=host)
+        sock.sendall(b"x")
+        served = sock.recv(1) == b"x"
+        close_notify_then_close(sock)
+        return served
     except OSError:
         return False
     finally:
@@ -150,6 +174,13 @@ def test_resetting_clients_never_end_the_agents_link_and_one_source_is_refused(
     #    since such a reset costs the agent nothing.
     for _ in range(2 * BURST):
         assert reset_after_answer(answers_tunnel.tcp_port, "127.0.0.5")  # type: ignore[arg-type]
+    status = relay.status()
+    assert status["refused_resets_per_source"] == 0, status
+
+    # 1c. One source whose TLS clients end with a close_notify and close their sockets at
+    #    once: twice its burst, never refused, since such a close is clean.
+    for _ in range(2 * BURST):
+        assert tls_close_notify_then_close(relay.port, relay.ca, tls_echo_tunnel.host, "127.0.0.6")
     status = relay.status()
     assert status["refused_resets_per_source"] == 0, status
 

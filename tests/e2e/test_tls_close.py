@@ -1,14 +1,17 @@
 """
 How a public TLS client's close reaches the local server, with a real relay and agent: a
 client that closes its TCP connection without a TLS close_notify (as curl, browsers and
-Python's `ssl` do) has closed cleanly, so the local server reads an end of file; a client
-that resets its connection resets the local one too.
+Python's `ssl` do) has closed cleanly, so the local server reads an end of file; so has one
+that sends its close_notify and closes its socket at once (as Go's, asyncio's and Java's
+do), though the relay's own close_notify then meets a closed socket and the TCP connection
+resets; a client that resets its connection resets the local one too.
 """
 
 from __future__ import annotations
 
 import queue
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -69,6 +72,27 @@ def test_a_close_without_close_notify_reaches_the_server_as_an_end_of_file(
     for _ in range(3):
         # SSLSocket.close() sends no close_notify: only the TCP FIN.
         _echo_once(world, tunnel).close()
+        assert seen.get(timeout=DEADLINE) == "eof"
+
+
+def close_notify_then_close(sock: ssl.SSLSocket) -> None:
+    """Send a close_notify and close the socket without waiting for the peer's."""
+    sock.setblocking(False)
+    try:
+        sock.unwrap()
+    except ssl.SSLWantReadError:
+        pass  # sent; the peer's answer is not awaited
+    sock.close()
+
+
+def test_a_close_notify_then_a_close_reaches_the_server_as_an_end_of_file(
+    world: World, ends: tuple[Endpoint, queue.Queue[str]]
+) -> None:
+    tunnel, seen = ends
+    # The relay's answering close_notify reaches a closed socket each time: each of these
+    # TCP connections can end with a reset, which must not reach the server.
+    for _ in range(20):
+        close_notify_then_close(_echo_once(world, tunnel))
         assert seen.get(timeout=DEADLINE) == "eof"
 
 
