@@ -119,7 +119,11 @@ def _calls_of_one_grant(links_holding: int) -> int:
 
 def test_a_grant_costs_the_same_with_many_links_held() -> None:
     _calls_of_one_grant(5)  # first-use costs (imports, caches) out of the way
-    few, many = _calls_of_one_grant(5), _calls_of_one_grant(300)
+    # The fewest of three each: in a full run of the suite, what else the process holds
+    # (log observers, other tests' state) now and then adds calls to one grant (once 243
+    # against 306; alone 288 against 291), not to all three.
+    few = min(_calls_of_one_grant(5) for _ in range(3))
+    many = min(_calls_of_one_grant(300) for _ in range(3))
     # The same code path either way; a scan of every tunnel per grant adds ~3 calls for each
     # tunnel held (~900 here, well over the margin).
     assert many <= few + 60, (few, many)
