@@ -38,13 +38,29 @@ SOURCES, PER_SOURCE = 12, BURST - 20
 _LINGER_0 = struct.pack("ii", 1, 0)
 
 
-def _resetting_socket(source: str) -> socket.socket:
-    """A socket bound to `source` whose close is a TCP reset (SO_LINGER 0), as the flood's."""
+def _socket_from(source: str) -> socket.socket:
+    """A TCP socket bound to `source`, with a 10 s timeout."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
     sock.bind((source, 0))
     sock.settimeout(10)
     return sock
+
+
+def _resetting_socket(source: str) -> socket.socket:
+    """A socket bound to `source` whose close is a TCP reset (SO_LINGER 0), as the flood's."""
+    sock = _socket_from(source)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+    return sock
+
+
+def _tls_echo(raw: socket.socket, port: int, ca: Path, host: str) -> tuple[ssl.SSLSocket, bool]:
+    """Connect `raw` to the relay, TLS to tunnel `host` over it, echo a byte: the TLS socket
+    and whether the byte came back."""
+    raw.connect(("127.0.0.1", port))
+    ctx = ssl.create_default_context(cafile=str(ca))
+    sock = ctx.wrap_socket(raw, server_hostname=host)
+    sock.sendall(b"x")
+    return sock, sock.recv(1) == b"x"
 
 
 def raw_reset(port: int, source: str) -> bool:
@@ -80,11 +96,9 @@ def tls_reset(port: int, ca: Path, host: str, source: str) -> bool:
     open); whether it was served."""
     raw = _resetting_socket(source)
     try:
-        raw.connect(("127.0.0.1", port))
-        ctx = ssl.create_default_context(cafile=str(ca))
-        with ctx.wrap_socket(raw, server_hostname=host) as sock:
-            sock.sendall(b"x")
-            return sock.recv(1) == b"x"
+        sock, served = _tls_echo(raw, port, ca, host)
+        sock.close()
+        return served
     except OSError:
         return False
     finally:
@@ -96,15 +110,9 @@ def tls_close_notify_then_close(port: int, ca: Path, host: str, source: str) -> 
     sends its close_notify and closes its socket at once, as Go's, asyncio's and Java's
     clients do (the relay's close_notify then meets a closed socket, and TCP resets);
     whether it was served."""
-    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    raw.bind((source, 0))
-    raw.settimeout(10)
+    raw = _socket_from(source)
     try:
-        raw.connect(("127.0.0.1", port))
-        ctx = ssl.create_default_context(cafile=str(ca))
-        sock = ctx.wrap_socket(raw, server_hostname=host)
-        sock.sendall(b"x")
-        served = sock.recv(1) == b"x"
+        sock, served = _tls_echo(raw, port, ca, host)
         close_notify_then_close(sock)
         return served
     except OSError:
